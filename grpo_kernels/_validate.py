@@ -1,0 +1,186 @@
+"""Input validation of SPEC section 4, in one place, used by every backend before any kernel launches.
+
+Errors are ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, value, device or
+layout) and always name the argument and what was expected.
+
+Out-of-range ids at unmasked positions: on CPU tensors a ``ValueError`` here (the check is free there).
+On a GPU the check would need a host sync, so it only runs with ``GRPO_KERNELS_DEBUG=1``; otherwise the
+fused kernels write ``logp = NaN`` for such a row, so the loss is NaN, never a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import ADVANTAGE_SCALES, GRPOConfig
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def debug_checks_enabled() -> bool:
+    return os.environ.get("GRPO_KERNELS_DEBUG", "0") not in ("", "0")
+
+
+def check_tensor(name: str, t, *, ndim=None, floating=False, integer=False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_logits(logits) -> torch.Tensor:
+    check_tensor("logits", logits)
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16 (float64 for the reference), got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(
+            f"logits must have stride 1 in its last dimension, got strides {logits.stride()}; "
+            "pass logits.contiguous() (other strides of a view are accepted without a copy)"
+        )
+    return logits
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_same_device(ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {ref.device}; put every tensor on one device")
+
+
+def check_ids_in_range(ids: torch.Tensor, vocab: int, mask: Optional[torch.Tensor], name: str) -> None:
+    """Raise ValueError for an id outside [0, V) at an unmasked position (CPU, or any device in debug mode)."""
+    if ids.device.type != "cpu" and not debug_checks_enabled():
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} holds {int(ids[idx])} at index {idx}, outside the vocabulary [0, {vocab}) of logits "
+            "(at a position the completion_mask keeps)"
+        )
+
+
+@dataclass
+class LossInputs:
+    """Validated inputs of grpo_loss: everything a backend needs, nothing of size N x V but the logits."""
+
+    logits: torch.Tensor  # [B, T, V]
+    ids: torch.Tensor  # [B, T] integer
+    mask: torch.Tensor  # [B, T] bool
+    advantages: torch.Tensor  # [B] or [B, T], compute dtype
+    old_logps: Optional[torch.Tensor]
+    ref_logps: Optional[torch.Tensor]
+    max_completion_length: Optional[int]
+    num_items_in_batch: object
+
+
+def validate_loss_inputs(
+    logits,
+    completion_ids,
+    cfg: GRPOConfig,
+    *,
+    completion_mask=None,
+    advantages=None,
+    rewards=None,
+    group_size=None,
+    old_logps=None,
+    ref_logps=None,
+    max_completion_length=None,
+    num_items_in_batch=None,
+    scale="group",
+) -> LossInputs:
+    from .reference import compute_dtype, group_advantages
+
+    check_logits(logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
+    if tuple(completion_ids.shape) != (B, T):
+        raise ValueError(f"completion_ids must have shape [B, T] = {(B, T)} to match logits, got {tuple(completion_ids.shape)}")
+
+    if completion_mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+    else:
+        check_tensor("completion_mask", completion_mask, ndim=2)
+        if tuple(completion_mask.shape) != (B, T):
+            raise ValueError(f"completion_mask must have shape [B, T] = {(B, T)}, got {tuple(completion_mask.shape)}")
+        mask = completion_mask if completion_mask.dtype == torch.bool else completion_mask != 0
+
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages= (shape [B] or [B, T]) or rewards= (shape [B], with group_size=)")
+    if rewards is not None:
+        check_tensor("rewards", rewards, ndim=1, floating=True)
+        if rewards.shape[0] != B:
+            raise ValueError(f"rewards must have shape [B] = [{B}], got {tuple(rewards.shape)}")
+        check_same_device(logits, rewards=rewards)
+        check_group_size(group_size, B)
+        if scale not in ADVANTAGE_SCALES:
+            raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+        advantages = group_advantages(rewards, group_size, scale)
+    else:
+        check_tensor("advantages", advantages, ndim=(1, 2), floating=True)
+        if tuple(advantages.shape) not in ((B,), (B, T)):
+            raise ValueError(f"advantages must have shape [B] = [{B}] or [B, T] = {[B, T]}, got {tuple(advantages.shape)}")
+    cdt = compute_dtype(logits)
+    advantages = advantages.to(cdt)
+
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None:
+            check_tensor(name, t, ndim=2, floating=True)
+            if tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must have shape [B, T] = {(B, T)}, got {tuple(t.shape)}")
+    if cfg.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when beta != 0 (beta={cfg.beta}): pass the reference model's log-probs")
+    check_same_device(
+        logits, completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
+        old_logps=old_logps, ref_logps=ref_logps,
+    )
+    if max_completion_length is not None and (
+        isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1
+    ):
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got shape {tuple(num_items_in_batch.shape)}")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
+            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+    check_ids_in_range(completion_ids, V, mask, "completion_ids")
+    return LossInputs(
+        logits, completion_ids, mask, advantages,
+        None if old_logps is None else old_logps.to(cdt),
+        None if ref_logps is None else ref_logps.to(cdt),
+        max_completion_length, num_items_in_batch,
+    )
+
+
+def check_group_size(group_size, batch: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {group_size}")
+    if batch % group_size != 0:
+        raise ValueError(f"the batch size B={batch} must be a multiple of group_size={group_size}")
+    return group_size

@@ -4,21 +4,27 @@ One pass over the logits computes per-token log-probs, entropy, the clipped impo
 the KL penalty, without materialising the full-vocabulary softmax. See README.md and SPEC.md.
 """
 
+from . import vocab_parallel  # vocab_parallel.token_logprobs / .grpo_loss over torch.distributed
 from .api import GRPOLoss, GRPOLossOutput, group_advantages, grpo_loss, grpo_loss_with_config, token_logprobs
 from .backends import BackendUnavailableError, available_backends
 from .config import GRPOConfig
+from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_grpo_loss_with_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FusedLinearGRPOLoss",
     "GRPOConfig",
     "GRPOLoss",
     "GRPOLossOutput",
     "available_backends",
+    "fused_linear_grpo_loss",
+    "fused_linear_grpo_loss_with_config",
     "group_advantages",
     "grpo_loss",
     "grpo_loss_with_config",
     "token_logprobs",
+    "vocab_parallel",
     "__version__",
 ]

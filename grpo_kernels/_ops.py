@@ -212,5 +212,8 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     else:
         logp, _, ent = ops["fwd"](logits, ids, tau, True, inplace)
         logp, ent = logp.view(B, T), ent.view(B, T).detach()
+        # Masked rows may hold garbage logits (logp NaN): where() makes their g_logp exactly 0, where a
+        # NaN logp would give 0 * NaN = NaN through exp() of the KL term / the sequence mean.
+        logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
         loss, metrics = reference.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
     return loss, logp.detach(), metrics

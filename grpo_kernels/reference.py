@@ -109,6 +109,14 @@ def token_terms(
     """The per-token loss of SPEC section 1 (TRL's GRPOTrainer._compute_loss), differentiable in logp."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     old = logp.detach() if old_logps is None else old_logps
+    # Garbage (NaN) at masked positions of old / ref / [B, T] advantages must not reach the gradient: a
+    # per-sequence c1 [B, 1] sums cotangent * value over the row, and 0 * NaN = NaN there.
+    fill = logp.detach()
+    old = torch.where(mask, old, fill)
+    if ref_logps is not None:
+        ref_logps = torch.where(mask, ref_logps, fill)
+    if adv.shape == mask.shape:
+        adv = torch.where(mask, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
     coef_1 = torch.exp(log_importance_weights(logp, old, mask, cfg.importance_sampling_level))
 
     kl = None
@@ -121,7 +129,7 @@ def token_terms(
     if cfg.loss_type == "cispo":
         loss_tok = -torch.clamp(coef_1, max=cfg.eps_high).detach() * adv * logp
     elif cfg.loss_type == "sapo":
-        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(logp.dtype)
+        tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         loss_tok = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
     else:
         coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.eps_high)
@@ -171,9 +179,12 @@ def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items
     return _masked_sum(loss_tok, mask) / normaliser
 
 
-def _mean_metric(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over tokens; a per-sequence flag [B, 1] is averaged over B (TRL's global_masked_mean)."""
-    if x.shape[-1] == 1 and mask.shape[-1] != 1:
+def _mean_metric(x: torch.Tensor, mask: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+    """Masked mean over tokens; a per-sequence flag [B, 1] is averaged over B (TRL's global_masked_mean).
+
+    ``per_sequence`` is explicit: at T = 1 a [B, 1] tensor is also a per-token shape.
+    """
+    if per_sequence and x.shape[-1] == 1:
         return x.sum() / max(x.shape[0], 1)
     return _masked_sum(x, mask) / mask.sum().clamp(min=1)
 
@@ -186,14 +197,15 @@ def metrics(terms: TokenTerms, entropy, mask, cfg: GRPOConfig) -> dict[str, torc
     if terms.kl is not None:
         out["kl"] = _mean_metric(terms.kl.detach(), mask)
     c1, adv = terms.coef_1.detach(), terms.adv
+    seq = cfg.importance_sampling_level == "sequence"
     if cfg.loss_type == "cispo":
-        out["cispo_clip_ratio"] = _mean_metric(((c1 > cfg.eps_high) & (adv > 0)).to(c1.dtype), mask)
+        out["cispo_clip_ratio"] = _mean_metric(((c1 > cfg.eps_high) & (adv > 0)).to(c1.dtype), mask, seq)
     elif cfg.loss_type != "sapo":
         low = (c1 < 1 - cfg.epsilon_low) & (adv < 0)
         high = (c1 > 1 + cfg.eps_high) & (adv > 0)
-        out["clip_ratio/low_mean"] = _mean_metric(low.to(c1.dtype), mask)
-        out["clip_ratio/high_mean"] = _mean_metric(high.to(c1.dtype), mask)
-        out["clip_ratio/region_mean"] = _mean_metric((low | high).to(c1.dtype), mask)
+        out["clip_ratio/low_mean"] = _mean_metric(low.to(c1.dtype), mask, seq)
+        out["clip_ratio/high_mean"] = _mean_metric(high.to(c1.dtype), mask, seq)
+        out["clip_ratio/region_mean"] = _mean_metric((low | high).to(c1.dtype), mask, seq)
     return {k: v.detach().float() for k, v in out.items()}
 
 
@@ -259,7 +271,7 @@ def token_loss_grad(logp, cfg: GRPOConfig, adv, old=None, ref=None):
     if cfg.loss_type == "cispo":
         d = -torch.clamp(c1, max=cfg.eps_high) * adv
     elif cfg.loss_type == "sapo":
-        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(logp.dtype)
+        tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         s = torch.sigmoid(tau * (c1 - 1))
         d = -4 * adv * s * (1 - s) * c1
     else:

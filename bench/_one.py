@@ -1,0 +1,77 @@
+"""Peak CPU memory of one forward+backward of one implementation, in this fresh process.
+
+    python -m bench._one '{"op": "loss", "impl": "eager", "args": {...}}'
+
+Prints one JSON line: ``peak_extra_bytes`` = peak RSS during the measured forward+backward minus the RSS
+just before it, with the inputs allocated and the implementation warmed up (compiled, thread pools
+started). The peak counter (VmHWM, the ru_maxrss of this process's live threads) is reset with
+``/proc/self/clear_refs`` after the warm-up; where that is not possible, :func:`cold_run` measures one
+cold forward+backward instead (one-off allocations included; a lower bound where building the inputs
+peaked higher, which it then says).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import resource
+import sys
+
+import torch
+
+from bench import runner
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main(spec_json: str) -> dict:
+    spec = json.loads(spec_json)
+    args = argparse.Namespace(**spec["args"])
+    module = importlib.import_module(f"bench.{spec['op']}")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    inputs = module.make_inputs(args, device)
+    case = module.build(spec["impl"], inputs, args)
+
+    if not runner.reset_peak_rss():
+        return cold_run(case)
+    for _ in range(max(1, args.warmup)):
+        case.backward(case.forward())
+        for t in case.leaves:
+            t.grad = None
+    gc.collect()
+    runner.reset_peak_rss()
+    base = runner.proc_status_kib("VmRSS") * 1024
+    state = case.forward()
+    case.backward(state)
+    peak = runner.proc_status_kib("VmHWM") * 1024
+    return {"peak_extra_bytes": peak - base, "memory_method":
+            "CPU peak RSS (VmHWM) of a fresh process per implementation during one fwd+bwd, minus its RSS just "
+            "before (inputs allocated, warmed up; peak reset via /proc/self/clear_refs)"}
+
+
+def cold_run(case) -> dict:
+    """Without a resettable peak: ru_maxrss after one cold fwd+bwd minus the RSS before it. Building the
+    inputs may have peaked higher than the fwd+bwd; then the number is only a lower bound, and says so."""
+    try:
+        base = runner.proc_status_kib("VmRSS") * 1024
+    except (OSError, RuntimeError):
+        return {"peak_extra_bytes": None, "memory_error": "peak RSS needs Linux /proc/self/status"}
+    before = _maxrss_bytes()
+    state = case.forward()
+    case.backward(state)
+    peak = _maxrss_bytes()
+    out = {"peak_extra_bytes": peak - base, "memory_method":
+           "CPU ru_maxrss of a fresh process after one cold fwd+bwd (no warm-up: includes one-off allocations "
+           "such as compilation) minus its RSS just before"}
+    if peak == before:
+        out["memory_method"] += "; LOWER BOUND: building the inputs peaked higher than the fwd+bwd"
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1])))

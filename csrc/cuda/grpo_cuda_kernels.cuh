@@ -1,0 +1,375 @@
+// grpo_cuda_kernels.cuh: the CUDA kernels (templates over the storage dtype and the entropy flag).
+//
+// One block per row of V logits (row n = b*T + t at element offset b*sb + t*st, 64-bit), blockDim.x a
+// multiple of 32 (several warps). Per row, with z = x * inv_tau (all arithmetic fp32):
+//   forward   each thread folds its elements into an online state (m, s, t) with s = sum e^{z-m},
+//             t = sum e^{z-m} (z-m) (grpo_math.h); warp shuffles + shared memory merge the states with
+//             gk::lse_merge -> lse = m + log s, entropy H = log s - t/s, logp = z[id] - lse.
+//   backward  out_v = -p_v (a + b (z_v - lse + H)) with p_v = e^{z_v - lse}, a = g_logp/tau, b = g_ent/tau,
+//             and out[id] += a (written by thread 0 after a barrier with gk::grad_elem, see below).
+//   fused     forward, then g = coef * dloss/dlogp(logp) (gk::dloss_dlogp), then the backward with b = 0.
+// Memory access: a row is split into a scalar head (up to the first 16-byte boundary of the row), an
+// unmasked main loop of 16-byte vectors (float4 = 4 fp32, uint4 = 8 bf16/fp16), 4 independent vectors in
+// flight per thread, and a scalar tail; rows of any stride / V therefore use 128-bit loads except for at
+// most 2 x 7 elements. Stores are 128-bit when the output row has the same alignment as the input row
+// (same offset mod 16 bytes), else per element.
+// Exponentials: p = e^d for d = z - (max or lse) <= 0 is computed as exp2f(d * log2 e) (one FMUL + MUFU.EX2;
+// error <= 2 ulp + |d| 2^-24 relative, i.e. absolute <= ~3e-7 on p <= 1). d is clamped below at -127:
+// e^-127 already underflows to 0 in fp32 (the smallest denormal is e^-103.3), so the clamp changes no value
+// but makes a -inf logit give p = 0 and p * d = 0 (not 0 * -inf = NaN); NaN passes the clamp (the
+// comparison is false) and propagates.
+// Inplace (out == x): every element is read and then written by the same thread in the same iteration;
+// z[id] is read before the first barrier that precedes any write.
+#pragma once
+
+#include <stdint.h>
+
+#include "grpo_cuda.cuh"
+#include "grpo_math.h"
+
+#ifndef GK_SHARED
+#define GK_SHARED(name, T, N) __shared__ T name[N]
+#endif
+
+namespace gkcuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kDMin = -127.f;
+
+GK_HD float clamp_d(float d) { return d < kDMin ? kDMin : d; }
+GK_HD float exp_nonpos(float d) { return exp2f(d * kLog2e); }
+
+// ---- 16 bytes of a row ---------------------------------------------------------------------------------
+template <int DT>
+struct Vec {  // bf16 / fp16: 8 elements as uint4
+  static constexpr int N = 8;
+  typedef uint4 Raw;
+  static GK_HD void unpack(const Raw& r, float* f) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = gk::Elem<DT>::load(static_cast<uint16_t>(w[i] & 0xffffu));
+      f[2 * i + 1] = gk::Elem<DT>::load(static_cast<uint16_t>(w[i] >> 16));
+    }
+  }
+  static GK_HD Raw pack(const float* f) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = unsigned(gk::Elem<DT>::store(f[2 * i])) | (unsigned(gk::Elem<DT>::store(f[2 * i + 1])) << 16);
+    Raw r;
+    r.x = w[0];
+    r.y = w[1];
+    r.z = w[2];
+    r.w = w[3];
+    return r;
+  }
+};
+
+template <>
+struct Vec<gk::DT_F32> {
+  static constexpr int N = 4;
+  typedef float4 Raw;
+  static GK_HD void unpack(const Raw& r, float* f) {
+    f[0] = r.x;
+    f[1] = r.y;
+    f[2] = r.z;
+    f[3] = r.w;
+  }
+  static GK_HD Raw pack(const float* f) {
+    Raw r;
+    r.x = f[0];
+    r.y = f[1];
+    r.z = f[2];
+    r.w = f[3];
+    return r;
+  }
+};
+
+// Elements [0, head) and [tail, V) are scalar, [head, tail) = nvec 16-byte vectors starting at a 16-byte
+// boundary. A pointer that is not even element-aligned (never the case for torch tensors) is all scalar.
+struct Span {
+  int64_t head, nvec, tail;
+};
+
+template <int DT>
+GK_HD Span split_row(const void* p, int64_t V) {
+  constexpr int ES = sizeof(typename gk::Elem<DT>::T), N = Vec<DT>::N;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  Span s;
+  if (a % ES != 0) {
+    s.head = V;
+    s.nvec = 0;
+    s.tail = V;
+    return s;
+  }
+  int64_t h = int64_t((16u - (a & 15u)) & 15u) / ES;
+  s.head = h < V ? h : V;
+  s.nvec = (V - s.head) / N;
+  s.tail = s.head + s.nvec * N;
+  return s;
+}
+
+// Visits a row: f.scalar(i, x_i) for the head and tail, f.vec(k, xs) for vector k (elements head + k*N ...),
+// each thread taking every blockDim.x-th item; the main loop keeps 4 vector loads in flight per thread.
+template <int DT, class F>
+__device__ __forceinline__ void visit_row(const typename gk::Elem<DT>::T* row, int64_t V, const Span& sp, F& f) {
+  typedef Vec<DT> Vc;
+  constexpr int N = Vc::N;
+  const int64_t tid = threadIdx.x, bs = blockDim.x;
+  for (int64_t i = tid; i < sp.head; i += bs) f.scalar(i, gk::Elem<DT>::load(row[i]));
+  for (int64_t i = sp.tail + tid; i < V; i += bs) f.scalar(i, gk::Elem<DT>::load(row[i]));
+  const typename Vc::Raw* vp = reinterpret_cast<const typename Vc::Raw*>(row + sp.head);
+  int64_t k = tid;
+  for (; k + 3 * bs < sp.nvec; k += 4 * bs) {
+    typename Vc::Raw r[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) r[u] = vp[k + u * bs];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      float xs[N];
+      Vc::unpack(r[u], xs);
+      f.vec(k + u * bs, xs);
+    }
+  }
+  for (; k < sp.nvec; k += bs) {
+    float xs[N];
+    Vc::unpack(vp[k], xs);
+    f.vec(k, xs);
+  }
+}
+
+// ---- forward: per-thread online state -----------------------------------------------------------------
+template <bool ENT>
+struct StatsOp {
+  float it;  // 1 / tau
+  float m, s, t;
+
+  template <int K>
+  GK_HD void push(const float* x) {
+    float z[K];
+    float vm = z[0] = x[0] * it;
+#pragma unroll
+    for (int i = 1; i < K; ++i) {
+      z[i] = x[i] * it;
+      vm = z[i] > vm ? z[i] : vm;
+    }
+    if (vm > m) {  // rescale to the new max: s' = s e^{m-m'}, t' = e^{m-m'} (t + (m-m') s)   (grpo_math.h)
+      if (s != 0.f) {
+        const float d = m - vm, c = exp_nonpos(d);
+        if (ENT) t = c * fmaf(d, s, t);
+        s *= c;
+      }
+      m = vm;
+    }
+    if (m == gk::neg_inf()) return;  // all elements so far are -inf: nothing to add
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const float d = clamp_d(z[i] - m), e = exp_nonpos(d);
+      s += e;
+      if (ENT) t = fmaf(e, d, t);
+    }
+  }
+  GK_HD void scalar(int64_t, float x) { push<1>(&x); }
+  template <int N>
+  GK_HD void vec(int64_t, const float (&xs)[N]) {
+    push<N>(xs);
+  }
+};
+
+template <bool ENT>
+__device__ __forceinline__ gk::LseState warp_reduce(gk::LseState st) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    gk::LseState b;
+    b.m = __shfl_xor_sync(0xffffffffu, st.m, o);
+    b.s = __shfl_xor_sync(0xffffffffu, st.s, o);
+    b.t = ENT ? __shfl_xor_sync(0xffffffffu, st.t, o) : 0.f;
+    gk::lse_merge(st, b);
+  }
+  return st;
+}
+
+// Block-wide merge of the per-thread states; every thread gets the result. sh: 33 entries of shared memory
+// (32 warp partials + the broadcast slot). Called once per kernel (no barrier protects a second use).
+template <bool ENT>
+__device__ __forceinline__ gk::LseState block_reduce(gk::LseState st, gk::LseState* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  st = warp_reduce<ENT>(st);
+  if (lane == 0) sh[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    gk::LseState v;
+    if (lane < nwarps) v = sh[lane];
+    else gk::lse_init(v);
+    v = warp_reduce<ENT>(v);
+    if (lane == 0) sh[32] = v;
+  }
+  __syncthreads();
+  return sh[32];
+}
+
+template <int DT, bool ENT>
+__device__ __forceinline__ gk::LseState row_state(const typename gk::Elem<DT>::T* row, int64_t V, float it,
+                                                  const Span& sp, gk::LseState* sh) {
+  StatsOp<ENT> op{it, gk::neg_inf(), 0.f, 0.f};
+  visit_row<DT>(row, V, sp, op);
+  gk::LseState st;
+  st.m = op.m;
+  st.s = op.s;
+  st.t = op.t;
+  return block_reduce<ENT>(st, sh);
+}
+
+// ---- backward: gradient of every element but the target ----------------------------------------------
+template <int DT, bool ENT>
+struct GradOp {
+  typedef typename gk::Elem<DT>::T ET;
+  float it, lse, H, a, b;  // a = g_logp / tau, b = g_ent / tau
+  ET* orow;
+  int64_t head;
+  bool vec_out;
+
+  GK_HD float g(float x) const {
+    const float d = clamp_d(fmaf(x, it, -lse)), p = exp_nonpos(d);
+    return ENT ? -p * fmaf(b, d + H, a) : -p * a;
+  }
+  GK_HD void scalar(int64_t i, float x) { orow[i] = gk::Elem<DT>::store(g(x)); }
+  template <int N>
+  GK_HD void vec(int64_t k, const float (&xs)[N]) {
+    float o[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) o[j] = g(xs[j]);
+    ET* dst = orow + head + k * N;
+    if (vec_out) {
+      *reinterpret_cast<typename Vec<DT>::Raw*>(dst) = Vec<DT>::pack(o);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) dst[j] = gk::Elem<DT>::store(o[j]);
+    }
+  }
+};
+
+template <int DT>
+__device__ __forceinline__ void zero_row(typename gk::Elem<DT>::T* orow, int64_t V) {
+  typedef Vec<DT> Vc;
+  const Span sp = split_row<DT>(orow, V);
+  const int64_t tid = threadIdx.x, bs = blockDim.x;
+  const typename gk::Elem<DT>::T zero = gk::Elem<DT>::store(0.f);
+  for (int64_t i = tid; i < sp.head; i += bs) orow[i] = zero;
+  for (int64_t i = sp.tail + tid; i < V; i += bs) orow[i] = zero;
+  float zs[Vc::N];
+#pragma unroll
+  for (int j = 0; j < Vc::N; ++j) zs[j] = 0.f;
+  const typename Vc::Raw zv = Vc::pack(zs);
+  typename Vc::Raw* vp = reinterpret_cast<typename Vc::Raw*>(orow + sp.head);
+  for (int64_t k = tid; k < sp.nvec; k += bs) vp[k] = zv;
+}
+
+// Writes the gradient of row `xrow` into `orow` (every element but the target; see GradOp), then, after a
+// barrier (the main loop may have written out[id] with the non-target value), out[id] from z_id with the
+// target term, by thread 0 through the shared gk::grad_elem. valid: id in [0, V).
+template <int DT, bool ENT>
+__device__ __forceinline__ void write_grad(const typename gk::Elem<DT>::T* xrow, typename gk::Elem<DT>::T* orow,
+                                           int64_t V, const Span& sp, float it, float lse, float H, float g_logp,
+                                           float g_ent, bool valid, int64_t id, float z_id) {
+  const uintptr_t rel = reinterpret_cast<uintptr_t>(orow) - reinterpret_cast<uintptr_t>(xrow);
+  GradOp<DT, ENT> op{it, lse, H, g_logp * it, g_ent * it, orow, sp.head, (rel & 15u) == 0};
+  visit_row<DT>(xrow, V, sp, op);
+  __syncthreads();
+  if (threadIdx.x == 0 && valid) orow[id] = gk::Elem<DT>::store(gk::grad_elem(z_id, lse, H, 1, g_logp, g_ent, it));
+}
+
+// ---- kernel arguments (one struct for every kernel, passed by value) ---------------------------------
+struct KArgs {
+  const void* x;
+  void* out;
+  const int64_t* ids;
+  int64_t T, V, sb, st, osb, ost;
+  float inv_tau;
+  const float* lse_in;  // backward inputs
+  const float* ent_in;
+  const float* g_logp;
+  const float* g_ent;
+  float* logp;  // forward outputs
+  float* lse;
+  float* ent;
+  const float* old;  // fused inputs
+  const float* ref;
+  const float* adv;
+  const float* coef;
+  gk::LossParams lp;
+};
+
+__device__ __forceinline__ int64_t row_offset(int64_t n, int64_t T, int64_t sb, int64_t st) {
+  const int64_t b = n / T, t = n - b * T;
+  return b * sb + t * st;
+}
+
+// ---- kernels -----------------------------------------------------------------------------------------
+template <int DT, bool ENT>
+__global__ void __launch_bounds__(kMaxBlock) fwd_kernel(KArgs a) {
+  typedef typename gk::Elem<DT>::T ET;
+  GK_SHARED(sh, gk::LseState, 33);
+  const int64_t n = blockIdx.x;
+  const ET* row = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
+  const Span sp = split_row<DT>(row, a.V);
+  const gk::LseState st = row_state<DT, ENT>(row, a.V, a.inv_tau, sp, sh);
+  if (threadIdx.x == 0) {
+    const float lse = gk::lse_value(st);
+    const int64_t id = a.ids[n];
+    a.logp[n] = (id >= 0 && id < a.V) ? gk::Elem<DT>::load(row[id]) * a.inv_tau - lse : gk::quiet_nan();
+    a.lse[n] = lse;
+    if (ENT) a.ent[n] = gk::entropy_value(st);
+  }
+}
+
+template <int DT, bool ENT>
+__global__ void __launch_bounds__(kMaxBlock) bwd_kernel(KArgs a) {
+  typedef typename gk::Elem<DT>::T ET;
+  const int64_t n = blockIdx.x;
+  ET* orow = static_cast<ET*>(a.out) + row_offset(n, a.T, a.osb, a.ost);
+  const float g_logp = a.g_logp[n], g_ent = ENT ? a.g_ent[n] : 0.f;
+  if (g_logp == 0.f && g_ent == 0.f) {  // masked row: exact zeros, its logits are not read (uniform branch)
+    zero_row<DT>(orow, a.V);
+    return;
+  }
+  const ET* xrow = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
+  const int64_t id = a.ids[n];
+  const bool valid = id >= 0 && id < a.V;
+  const float z_id = (threadIdx.x == 0 && valid) ? gk::Elem<DT>::load(xrow[id]) * a.inv_tau : 0.f;
+  __syncthreads();  // inplace: x[id] is read before any thread overwrites it
+  write_grad<DT, ENT>(xrow, orow, a.V, split_row<DT>(xrow, a.V), a.inv_tau, a.lse_in[n], ENT ? a.ent_in[n] : 0.f,
+                      g_logp, g_ent, valid, id, z_id);
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kMaxBlock) fused_kernel(KArgs a) {
+  typedef typename gk::Elem<DT>::T ET;
+  GK_SHARED(sh, gk::LseState, 33);
+  const int64_t n = blockIdx.x;
+  const ET* xrow = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
+  ET* orow = static_cast<ET*>(a.out) + row_offset(n, a.T, a.osb, a.ost);
+  const int64_t id = a.ids[n];
+  const bool valid = id >= 0 && id < a.V;
+  const float z_id = valid ? gk::Elem<DT>::load(xrow[id]) * a.inv_tau : gk::quiet_nan();  // same address: one load
+  const Span sp = split_row<DT>(xrow, a.V);
+  // the barriers inside row_state order every read of x above before any write below (inplace)
+  const gk::LseState st = row_state<DT, true>(xrow, a.V, a.inv_tau, sp, sh);
+  const float lse = gk::lse_value(st), H = gk::entropy_value(st);
+  const float logp = z_id - lse;  // NaN for an invalid id
+  if (threadIdx.x == 0) {
+    a.logp[n] = logp;
+    a.ent[n] = H;
+  }
+  const float coef = a.coef[n];
+  if (coef == 0.f) {  // masked row: exact zeros whatever its logits (uniform branch)
+    zero_row<DT>(orow, a.V);
+    return;
+  }
+  const float g = coef * gk::dloss_dlogp(logp, a.old != nullptr, a.old ? a.old[n] : 0.f, a.ref != nullptr,
+                                         a.ref ? a.ref[n] : 0.f, a.adv[n], a.lp);
+  write_grad<DT, false>(xrow, orow, a.V, sp, a.inv_tau, lse, H, g, 0.f, valid, id, z_id);
+}
+
+}  // namespace gkcuda

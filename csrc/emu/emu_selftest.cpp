@@ -1,0 +1,217 @@
+// emu_selftest: a standalone driver of the CUDA kernels under the CPU emulator, built by
+// tests/test_cuda_emu.py with and without -fsanitize=thread.
+//
+//   emu_selftest kernels   runs the forward, backward and fused kernels on a few rows of every dtype (fp32,
+//                          bf16, fp16; several warps, a ragged V, unaligned rows, inplace) against a
+//                          double-precision computation, and checks the emulator itself (shuffles, shared
+//                          memory, divergent-barrier and deadlock reports). Prints "ok" and exits 0.
+//   emu_selftest race      a kernel with a deliberately missing __syncthreads(): under ThreadSanitizer
+//                          (halt_on_error=1) it must be reported (the test asserts that it is), which shows
+//                          the sanitizer build sees the races that a missing barrier creates.
+#include "cuda_emu.h"
+
+#include "../cuda/grpo_cuda.cu"
+
+#include <math.h>
+#include <stdio.h>
+
+#include <random>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, double got = 0, double want = 0) {
+  if (!ok) {
+    ++failures;
+    fprintf(stderr, "FAIL: %s (got %.9g, want %.9g)\n", what, got, want);
+  }
+}
+
+// ---- emulator checks ---------------------------------------------------------------------------------
+__global__ void shuffle_kernel(int* out) {
+  const int lane = threadIdx.x & 31;
+  int v = lane + 100 * (threadIdx.x >> 5);
+  int sum = v;
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const int down = __shfl_down_sync(0xffffffffu, v, 3);
+  const int bcast = __shfl_sync(0xffffffffu, v, 5);
+  GK_SHARED(sh, int, 64);
+  sh[threadIdx.x] = sum;
+  __syncthreads();
+  out[blockIdx.x * 256 + threadIdx.x] = sh[(threadIdx.x + 1) % blockDim.x];
+  out[blockIdx.x * 256 + 64 + threadIdx.x] = down;
+  out[blockIdx.x * 256 + 128 + threadIdx.x] = bcast;
+}
+
+__global__ void divergent_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void early_return_kernel(int* out) {
+  if (threadIdx.x == 3) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void fresh_shared_kernel(float* out) {
+  GK_SHARED(sh, float, 4);
+  if (blockIdx.x == 0 && threadIdx.x == 0) sh[0] = 1.f;  // block 1 must not see block 0's value
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = sh[0];
+}
+
+void check_emulator() {
+  std::vector<int> out(2 * 256, -1);
+  GK_LAUNCH(shuffle_kernel, 2, 64, 0, nullptr, out.data());
+  expect(cudaGetLastError() == cudaSuccess, "shuffle kernel launch");
+  for (int b = 0; b < 2; ++b)
+    for (int t = 0; t < 64; ++t) {
+      const int nb = (t + 1) % 64, w = nb / 32;
+      expect(out[b * 256 + t] == 496 + 3200 * w, "xor-shuffle warp sum via shared memory", out[b * 256 + t],
+             496 + 3200 * w);
+      const int lane = t & 31, v = lane + 100 * (t / 32);
+      expect(out[b * 256 + 64 + t] == (lane + 3 < 32 ? v + 3 : v), "shfl_down", out[b * 256 + 64 + t]);
+      expect(out[b * 256 + 128 + t] == 5 + 100 * (t / 32), "shfl broadcast", out[b * 256 + 128 + t]);
+    }
+  std::vector<int> o2(64, 0);
+  GK_LAUNCH(divergent_kernel, 1, 64, 0, nullptr, o2.data());
+  expect(cudaGetLastError() == cudaErrorLaunchFailure, "divergent __syncthreads must fail the launch");
+  expect(gk_emu::last_error_message().find("divergent") != std::string::npos, "divergent barrier message");
+  (void)cudaGetLastError();
+  {  // the error message is sticky until the next failed launch; reset by a fresh failure below
+  }
+  GK_LAUNCH(early_return_kernel, 1, 64, 0, nullptr, o2.data());
+  expect(cudaGetLastError() == cudaErrorLaunchFailure, "early return + __syncthreads must fail the launch");
+  std::vector<float> f(2, 0.f);
+  GK_LAUNCH(fresh_shared_kernel, 2, 32, 0, nullptr, f.data());
+  expect(cudaGetLastError() == cudaSuccess, "fresh shared launch");
+  expect(f[0] == 1.f && isnan(f[1]), "shared memory is garbage (NaN) at the start of each block", f[1]);
+}
+
+// ---- a deliberate race: thread 0 reads what thread 1 writes, with no barrier in between ---------------
+__global__ void racy_kernel(float* out) {
+  GK_SHARED(sh, float, 64);
+  sh[threadIdx.x] = float(threadIdx.x);
+  // missing __syncthreads()
+  out[threadIdx.x] = sh[(threadIdx.x + 1) % blockDim.x];
+}
+
+// ---- kernels against double precision ------------------------------------------------------------------
+template <int DT>
+void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::mt19937& rng) {
+  typedef typename gk::Elem<DT>::T ET;
+  const int64_t st = V + pad, sb = T * st + 3, N = B * T;
+  std::vector<ET> buf(size_t(B * sb + 8));
+  std::normal_distribution<float> nd(0.f, 3.f);
+  for (auto& e : buf) e = gk::Elem<DT>::store(nd(rng));
+  const ET* x = buf.data() + 1;  // an odd element offset: rows start off the 16-byte grid
+  std::vector<int64_t> ids(N);
+  for (int64_t n = 0; n < N; ++n) ids[n] = int64_t(rng() % uint32_t(V));
+  const float tau = 0.8f, it = 1.f / tau;
+  const gkcuda::Rows rows{x, DT, B, T, V, sb, st};
+
+  // double-precision reference of each row (from the dtype-rounded logits)
+  std::vector<double> lse_r(N), ent_r(N), logp_r(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const ET* row = x + (n / T) * sb + (n % T) * st;
+    double m = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) m = fmax(m, double(gk::Elem<DT>::load(row[v])) / tau);
+    double s = 0, sz = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const double z = double(gk::Elem<DT>::load(row[v])) / tau, e = exp(z - m);
+      s += e;
+      sz += e * z;
+    }
+    lse_r[n] = m + log(s);
+    ent_r[n] = lse_r[n] - sz / s;
+    logp_r[n] = double(gk::Elem<DT>::load(row[ids[n]])) / tau - lse_r[n];
+  }
+  std::vector<float> logp(N), lse(N), ent(N);
+  expect(gkcuda::logprobs_fwd(rows, ids.data(), it, logp.data(), lse.data(), ent.data(), block, nullptr) ==
+             cudaSuccess,
+         "forward launch");
+  for (int64_t n = 0; n < N; ++n) {
+    expect(fabs(lse[n] - lse_r[n]) < 1e-5 * fmax(1.0, fabs(lse_r[n])), "lse", lse[n], lse_r[n]);
+    expect(fabs(ent[n] - ent_r[n]) < 1e-5 * fmax(1.0, fabs(ent_r[n])), "entropy", ent[n], ent_r[n]);
+    expect(fabs(logp[n] - logp_r[n]) < 1e-5 * fmax(1.0, fabs(logp_r[n])), "logp", logp[n], logp_r[n]);
+  }
+  // backward, inplace into a copy of the logits (row n = 1 masked: exact zeros)
+  std::vector<ET> xin(buf);
+  ET* xo = xin.data() + 1;
+  std::vector<float> gl(N), ge(N);
+  for (int64_t n = 0; n < N; ++n) {
+    gl[n] = n == 1 ? 0.f : nd(rng);
+    ge[n] = n == 1 ? 0.f : nd(rng);
+  }
+  expect(gkcuda::logprobs_bwd(gkcuda::Rows{xo, DT, B, T, V, sb, st}, ids.data(), lse.data(), ent.data(), gl.data(),
+                              ge.data(), it, gkcuda::Out{xo, sb, st}, block, nullptr) == cudaSuccess,
+         "backward launch");
+  // dtype rounding of the output: half an ulp of the 16-bit format (2^-9 bf16, 2^-12 fp16) relative
+  const double rel = DT == gk::DT_F32 ? 1e-6 : (DT == gk::DT_BF16 ? 4e-3 : 5e-4);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t off = (n / T) * sb + (n % T) * st;
+    for (int64_t v = 0; v < V; ++v) {
+      const double z = double(gk::Elem<DT>::load(x[off + v])) / tau, p = exp(z - lse_r[n]);
+      const double want = (gl[n] * ((v == ids[n]) - p) - ge[n] * p * (z - lse_r[n] + ent_r[n])) / tau;
+      const double got = gk::Elem<DT>::load(xo[off + v]);
+      if (n == 1) expect(got == 0.0, "masked row: exact zero", got, 0.0);
+      else expect(fabs(got - want) <= rel * fabs(want) + 2e-6 * (fabs(gl[n]) + fabs(ge[n])), "inplace gradient", got, want);
+    }
+  }
+  // fused (grpo clip loss with KL), out of place
+  std::vector<float> adv(N), coef(N), old(N), ref(N), logp2(N), ent2(N);
+  for (int64_t n = 0; n < N; ++n) {
+    adv[n] = nd(rng) / 3.f;
+    coef[n] = n == 0 ? 0.f : 0.1f;
+    old[n] = float(logp_r[n]) + 0.1f * nd(rng) / 3.f;
+    ref[n] = float(logp_r[n]) + 0.1f * nd(rng) / 3.f;
+  }
+  std::vector<ET> out(size_t(N * V));
+  const gkcuda::FusedArgs fa{old.data(), ref.data(), adv.data(), coef.data(),
+                             gk::LossParams{gk::LOSS_CLIP, 0.2f, 0.28f, 0, 0.f, 0.04f, 1, 1.f, 1.05f}};
+  expect(gkcuda::fused_fwd_bwd(rows, ids.data(), it, fa, logp2.data(), ent2.data(), gkcuda::Out{out.data(), T * V, V},
+                               block, nullptr) == cudaSuccess,
+         "fused launch");
+  for (int64_t n = 0; n < N; ++n) {
+    expect(logp2[n] == logp[n] && ent2[n] == ent[n], "fused forward equals the forward kernel", logp2[n], logp[n]);
+    const double g = coef[n] * gk::dloss_dlogp(float(logp_r[n]), 1, old[n], 1, ref[n], adv[n], fa.p);
+    const int64_t off = (n / T) * sb + (n % T) * st;
+    for (int64_t v = 0; v < V; ++v) {
+      const double z = double(gk::Elem<DT>::load(x[off + v])) / tau, p = exp(z - lse_r[n]);
+      const double want = g * ((v == ids[n]) - p) / tau;
+      const double got = gk::Elem<DT>::load(out[n * V + v]);
+      expect(fabs(got - want) <= rel * fabs(want) + 1e-5 * fabs(g), "fused gradient", got, want);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "kernels";
+  if (mode == "race") {
+    std::vector<float> out(64);
+    GK_LAUNCH(racy_kernel, 1, 64, 0, nullptr, out.data());
+    printf("race kernel ran\n");
+    return 0;
+  }
+  check_emulator();
+  std::mt19937 rng(1234);
+  run_kernels<gk::DT_F32>(2, 2, 1003, 5, 96, rng);  // 3 warps, ragged V, unaligned rows
+  run_kernels<gk::DT_BF16>(1, 3, 1003, 3, 64, rng);
+  run_kernels<gk::DT_F16>(2, 1, 517, 1, 128, rng);
+  run_kernels<gk::DT_BF16>(1, 2, 64, 0, 32, rng);  // one warp, fully vectorised rows
+  if (failures) {
+    fprintf(stderr, "%d failures\n", failures);
+    return 1;
+  }
+  printf("ok\n");
+  return 0;
+}

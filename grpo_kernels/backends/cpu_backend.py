@@ -1,0 +1,93 @@
+"""``backend="cpu"``: the launchers of the C++ CPU kernels (``csrc/cpu/grpo_cpu.cpp`` via ``grpo_kernels._C``).
+
+The extension takes raw pointers, shapes, element strides and dtype codes (it links no libtorch); this
+module turns tensors into those and allocates the outputs (see ``base.py`` for the layout contract).
+The kernels use ``torch.get_num_threads()`` OpenMP threads, so ``torch.set_num_threads`` governs both.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _C
+from .base import TokenLossParams
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _rows(logits: torch.Tensor) -> tuple:
+    """-> (ptr, dtype code, B, T, V, stride_b, stride_t) of a [B, T, V] tensor with stride 1 along V."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPE_CODE:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.device.type != "cpu":
+        raise ValueError(f"the cpu backend needs cpu tensors, got logits on {logits.device}")
+    B, T, V = logits.shape
+    if V > 1 and logits.stride(2) != 1:
+        raise ValueError(f"logits must have stride 1 along V, got strides {logits.stride()}")
+    return (logits.data_ptr(), _DTYPE_CODE[logits.dtype], B, T, V, logits.stride(0), logits.stride(1))
+
+
+def _vec(t: Optional[torch.Tensor], n: int, name: str, dtype=torch.float32) -> int:
+    """Pointer of an [n] contiguous vector (0 for None), after checking what the kernel relies on."""
+    if t is None:
+        return 0
+    if t.dtype != dtype or t.numel() != n or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a contiguous cpu {dtype} tensor of {n} elements, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    return t.data_ptr()
+
+
+def _out(out: torch.Tensor, logits: torch.Tensor) -> tuple:
+    if out.shape != logits.shape or out.dtype != logits.dtype or (out.shape[2] > 1 and out.stride(2) != 1):
+        raise ValueError(f"out must be {logits.dtype} of shape {tuple(logits.shape)} with stride 1 along V, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    return (out.data_ptr(), out.stride(0), out.stride(1))
+
+
+class CpuLaunchers:
+    """The :class:`~grpo_kernels.backends.base.Launchers` of the C++ CPU kernels."""
+
+    @staticmethod
+    def logprobs_fwd(logits, ids, tau, want_entropy):
+        rows = _rows(logits)
+        n = rows[2] * rows[3]
+        logp = torch.empty(n, dtype=torch.float32)
+        lse = torch.empty(n, dtype=torch.float32)
+        ent = torch.empty(n if want_entropy else 0, dtype=torch.float32)
+        _C.logprobs_fwd(*rows, _vec(ids, n, "ids", torch.int64), float(tau), logp.data_ptr(), lse.data_ptr(),
+                        ent.data_ptr() if want_entropy else 0, torch.get_num_threads())
+        return logp, lse, ent
+
+    @staticmethod
+    def logprobs_bwd(logits, ids, lse, entropy, g_logp, g_ent, tau, out):
+        rows = _rows(logits)
+        n = rows[2] * rows[3]
+        if (entropy is None) != (g_ent is None):
+            raise ValueError("entropy and g_ent must both be given or both be None")
+        _C.logprobs_bwd(*rows, _vec(ids, n, "ids", torch.int64), _vec(lse, n, "lse"), _vec(entropy, n, "entropy"),
+                        _vec(g_logp, n, "g_logp"), _vec(g_ent, n, "g_ent"), float(tau), *_out(out, logits),
+                        torch.get_num_threads())
+
+    @staticmethod
+    def fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, out):
+        rows = _rows(logits)
+        n = rows[2] * rows[3]
+        if params.beta != 0.0 and ref is None:
+            raise ValueError("ref (reference log-probs) is required when beta != 0")
+        logp = torch.empty(n, dtype=torch.float32)
+        ent = torch.empty(n, dtype=torch.float32)
+        _C.fused_fwd_bwd(
+            *rows, _vec(ids, n, "ids", torch.int64), float(tau), _vec(old, n, "old"),
+            _vec(ref if params.beta != 0.0 else None, n, "ref"), _vec(adv, n, "adv"), _vec(coef, n, "coef"),
+            int(params.loss_code), params.epsilon_low, params.epsilon_high, bool(params.has_delta), params.delta,
+            params.beta, bool(params.bias_correction_kl), params.sapo_temperature_pos, params.sapo_temperature_neg,
+            logp.data_ptr(), ent.data_ptr(), *_out(out, logits), torch.get_num_threads(),
+        )
+        return logp, ent
+
+
+LAUNCHERS = CpuLaunchers()

@@ -1,0 +1,608 @@
+"""Fused LM head + GRPO loss: the loss and its gradients from hidden states, never all N x V logits.
+
+``fused_linear_grpo_loss(hidden [B, T, H], lm_head_weight [V, H], completion_ids [B, T], ...)`` equals
+``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` (same options, same
+outputs) but processes the N = B*T rows in chunks of ``chunk_size`` rows. Per chunk c (rows r):
+
+    logits_c  = hidden[r] @ W^T (+ b)                      [n, V], in the input dtype
+    dlogits_c = dL/dlogits_c from the backend              [n, V], written over logits_c on fused backends
+    dL/dhidden[r] = dlogits_c @ W                          [n, H]
+    dL/dW        += dlogits_c^T @ hidden[r]                [V, H], accumulated in fp32
+    dL/db        += dlogits_c.sum(0)                       [V],    accumulated in fp32
+
+so at most one chunk of logits (and its gradient) exists at a time. Like the fused losses of Liger or
+Cut Cross-Entropy, the gradients are computed in the forward pass; the backward only scales them by the
+upstream gradient (in place). Two schedules:
+
+- token-level importance weights: the per-token gradient weight g_t = coef_t * dloss_tok/dlogp_t depends
+  on the token alone once the reduction weights ``coef`` (mask + global normaliser, incl.
+  ``num_items_in_batch`` / ``max_completion_length``) are known, so ONE pass: 3 matmuls per chunk.
+- sequence-level weights (GSPO): g_t depends on every log-prob of its sequence, so the forward is pass 1
+  (log-probs of all chunks, no gradient), autograd of ``loss_from_logps`` gives g = dL/dlogp [B, T] in
+  torch, and the backward is pass 2: recompute each chunk's logits and apply the log-prob backward with
+  g (4 matmuls per chunk; the gradients then exist only during backward).
+
+The loss value and the metrics always come from :func:`reference.loss_from_logps` on the gathered [B, T]
+log-probs and entropies, the one copy of the loss math, so they equal ``grpo_loss`` on the full logits.
+
+Precision. The chunk's logits are ``F.linear`` in the input dtype, exactly what the model's lm_head
+computes in the unfused path; we rely on torch's matmul accumulating bf16/fp16 products in fp32 (cuBLAS
+with CUBLAS_COMPUTE_32F, oneDNN / the ATen CPU GEMM), then rounding the output once to the input dtype.
+(``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` and TF32 affect this matmul as they
+affect the model's own lm_head.) The backends read that chunk and compute in fp32. dL/dW and dL/db sum
+over all chunks, so they are accumulated in fp32 buffers and cast once at the end.
+
+torch.compile: each chunk loop is a custom op with a fake kernel (dynamo does not look inside):
+``grpo_kernels::fused_linear_grpo`` (single pass, gradients as outputs; ``fused_linear_attach`` carries them
+through autograd), ``fused_linear_logprobs`` (pass 1, with ``register_autograd`` whose backward is the op
+``fused_linear_logprobs_bwd``, pass 2). The loss value is plain torch. No autograd runs inside an op (an
+op's implementation runs below the Autograd dispatch keys), so the "torch" backend writes the softmax
+backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``reference.token_loss_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.library import custom_op
+
+from . import _validate, reference
+from ._ops import _scalar_is_one
+from .api import GRPOLossOutput
+from .backends import BACKENDS, launchers, resolve_backend
+from .backends.base import TokenLossParams
+from .config import GRPOConfig
+
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# --------------------------------------------------------------------------------------------------
+# chunk size
+# --------------------------------------------------------------------------------------------------
+# Why these numbers. The chunk is the only O(n x V) memory of the op, so its budget is what the caller
+# pays. (1) At most 1/16 of the full N x V logits: the op is then always >= 16x smaller than the unfused
+# logits it replaces. (2) At most 256 MiB: beyond a few hundred rows a larger chunk buys nothing (below).
+# (3) At least 128 rows (unless N is smaller): the three matmuls per chunk have M = n rows; GEMM
+# throughput on CPU (AVX-512 blocking) and on tensor cores (128-row tiles) is near its peak from ~128
+# rows, while smaller n wastes the weight read (each chunk reads all V x H of W: the W traffic is
+# ceil(N/n) * V*H, and at n >= 128 it stays below the n x V logits traffic for H <= 128 * 4).
+# On a GPU the budget is also capped at 1/8 of the free device memory.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+CHUNK_FRACTION_OF_LOGITS = 16
+CHUNK_MIN_ROWS = 128
+
+
+def _bytes_per_logit(backend: str, dtype: torch.dtype) -> int:
+    """Bytes a chunk needs per logit: fused backends write the gradient over the chunk's logits (one
+    buffer in the input dtype); the reference also holds an fp32 copy, the log-softmax, its exp and the
+    fp32 gradient (about 4 fp32 buffers) next to the logits and their gradient in the input dtype."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return elem if backend != "torch" else 2 * elem + 4 * 4
+
+
+def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str) -> int:
+    """Rows per chunk from the memory budget explained above (always in [1, n_rows])."""
+    per_row = vocab * _bytes_per_logit(backend, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    budget = min(CHUNK_BUDGET_BYTES, n_rows * vocab * elem // CHUNK_FRACTION_OF_LOGITS)
+    cap = CHUNK_BUDGET_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cap = min(cap, free // 8)
+    rows = max(budget // per_row, CHUNK_MIN_ROWS)
+    rows = min(rows, max(cap // per_row, 1))
+    return int(max(1, min(rows, n_rows)))
+
+
+# --------------------------------------------------------------------------------------------------
+# the chunk loop (runs inside the custom op: real tensors only)
+# --------------------------------------------------------------------------------------------------
+def _pack_config(cfg: GRPOConfig) -> list[float]:
+    return [cfg.beta, cfg.epsilon_low, cfg.eps_high, math.nan if cfg.delta is None else cfg.delta, cfg.temperature,
+            float(cfg.use_bias_correction_kl), cfg.sapo_temperature_pos, cfg.sapo_temperature_neg]
+
+
+def _unpack_config(v: list[float], loss_type: str, level: str) -> GRPOConfig:
+    return GRPOConfig(beta=v[0], epsilon_low=v[1], epsilon_high=v[2], delta=None if math.isnan(v[3]) else v[3],
+                      temperature=v[4], use_bias_correction_kl=bool(v[5]), sapo_temperature_pos=v[6],
+                      sapo_temperature_neg=v[7], loss_type=loss_type, importance_sampling_level=level)
+
+
+class _Rows:
+    """Row chunks of hidden [B, T, H] as [n, H], masked rows zeroed (garbage there must not reach dW)."""
+
+    def __init__(self, hidden: Tensor, mask_flat: Tensor):
+        B, T, H = hidden.shape
+        self.T, self.H, self.hidden, self.mask = T, H, hidden, mask_flat
+        try:
+            self.flat = hidden.view(B * T, H)  # no copy for contiguous rows
+        except RuntimeError:
+            self.flat = None  # e.g. hidden_states[:, P-1:-1]: gather each chunk's rows instead
+
+    def __call__(self, n0: int, n1: int) -> Tensor:
+        if self.flat is not None:
+            h = self.flat[n0:n1]
+        else:
+            idx = torch.arange(n0, n1, device=self.hidden.device)
+            h = self.hidden[idx // self.T, idx % self.T]
+        m = self.mask[n0:n1].unsqueeze(-1)
+        return torch.where(m, h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+class _Accumulator:
+    """dL/dhidden [N, H] (input dtype), dL/dW [V, H] and dL/db [V] (fp32 sums over chunks)."""
+
+    def __init__(self, hidden, weight, bias, want: list[bool]):
+        N, H = hidden.shape[0] * hidden.shape[1], hidden.shape[2]
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # (separate empty tensors: a custom op's outputs must not alias each other)
+        self.gh = hidden.new_empty(N, H) if want[0] else hidden.new_empty(0)
+        self.gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else hidden.new_empty(0)
+        want_b = want[2] and bias is not None
+        self.gb = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else hidden.new_empty(0)
+        self.weight, self.want = weight, want
+
+    def add(self, n0: int, n1: int, h_c: Tensor, dlogits: Tensor) -> None:
+        # dlogits [n, V] and h_c [n, H] in the input dtype; each matmul accumulates in fp32 internally.
+        if self.want[0]:
+            torch.mm(dlogits, self.weight, out=self.gh[n0:n1])
+        if self.want[1]:
+            if self.gw.dtype == dlogits.dtype:
+                self.gw.addmm_(dlogits.t(), h_c)
+            else:  # bf16/fp16: one rounded [V, H] product per chunk, summed in fp32
+                self.gw.add_(torch.mm(dlogits.t(), h_c))
+        if self.gb.numel():
+            self.gb.add_(dlogits.sum(0, dtype=self.gb.dtype))
+
+    def result(self, hidden, weight, bias):
+        gh = self.gh.view(hidden.shape) if self.want[0] else self.gh
+        gw = self.gw.to(weight.dtype) if self.want[1] else self.gw
+        gb = self.gb.to(bias.dtype) if self.gb.numel() else self.gb
+        return gh, gw, gb
+
+
+def _ref_logprob_grad(logits: Tensor, ids: Tensor, tau: float, g: Tensor) -> Tensor:
+    """backend "torch": dL/dlogits [n, V] of a chunk for dL/dlogp = g [n], in the logits' dtype.
+
+    With z = x / tau, logp = z[id] - logsumexp(z):  dlogp/dx_v = (onehot(id)_v - softmax(z)_v) / tau.
+    Written out rather than by autograd: a custom op's implementation runs below the Autograd dispatch
+    keys, where autograd records nothing (the float64 tests compare with autograd of the unfused path)."""
+    z = logits.to(reference.compute_dtype(logits)) / tau
+    p = torch.softmax(z, dim=-1)  # [n, V]
+    d = p.mul_(-g.to(p.dtype).unsqueeze(-1))
+    d.scatter_add_(-1, ids.unsqueeze(-1), g.to(d.dtype).unsqueeze(-1))
+    return d.div_(tau).to(logits.dtype)
+
+
+def _chunks(N: int, chunk: int):
+    for n0 in range(0, N, chunk):
+        yield n0, min(n0 + chunk, N)
+
+
+def _logits_of(rows: _Rows, weight, bias, n0, n1):
+    h_c = rows(n0, n1)
+    return h_c, F.linear(h_c, weight, bias)  # [n, V] in the input dtype (fp32 accumulation in the GEMM)
+
+
+def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, cfg, chunk, backend, want):
+    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk."""
+    B, T, _ = hidden.shape
+    N = B * T
+    tau = cfg.temperature
+    L = None if backend == "torch" else launchers(backend)
+    mflat, iflat = mask.reshape(-1), ids.reshape(-1)
+    rows = _Rows(hidden, mflat)
+    cdt = reference.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
+    logp_out = torch.zeros(N, dtype=cdt, device=hidden.device)
+    ent_out = torch.zeros(N, dtype=cdt, device=hidden.device)
+    acc = _Accumulator(hidden, weight, bias, want)
+    # coef [N]: the reduction's weight of each token (mask and global normaliser); known before any logit
+    coef = reference.reduction_weights(mask, cfg.loss_type, max_len, num_items, dtype=cdt).reshape(-1)
+    flat = lambda t: None if t is None else t.reshape(-1).to(cdt if L is None else torch.float32).contiguous()  # noqa: E731
+    adv_f = flat((adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T))
+    old_f, ref_f = flat(old), flat(ref) if cfg.beta != 0.0 else None
+    coef_f = flat(coef)
+    params = TokenLossParams.from_config(cfg)
+    sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
+    for n0, n1 in _chunks(N, chunk):
+        h_c, logits = _logits_of(rows, weight, bias, n0, n1)
+        ids_c, lg3 = iflat[n0:n1], None
+        if L is None:
+            # the reference's log-probs, and g = coef * dloss_tok/dlogp as specified by token_loss_grad
+            lp, ent = reference.token_logprobs(logits, ids_c, tau, True)
+            g = coef_f[n0:n1] * reference.token_loss_grad(lp, cfg, adv_f[n0:n1], sl(old_f, n0, n1),
+                                                          sl(ref_f, n0, n1))
+            dlogits = _ref_logprob_grad(logits, ids_c, tau, torch.where(mflat[n0:n1], g, 0.0))
+        else:
+            lg3 = logits.unsqueeze(0)  # [1, n, V]; the kernel writes dL/dlogits over the logits
+            lp, ent = L.fused_fwd_bwd(lg3, ids_c, tau, sl(old_f, n0, n1), sl(ref_f, n0, n1), adv_f[n0:n1],
+                                      coef_f[n0:n1], params, lg3)
+            dlogits = logits
+        logp_out[n0:n1], ent_out[n0:n1] = lp, ent
+        acc.add(n0, n1, h_c, dlogits)
+        del logits, dlogits, lg3  # the next chunk's logits must not coexist with this one's
+    return logp_out.view(B, T), ent_out.view(B, T), *acc.result(hidden, weight, bias)
+
+
+def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
+    """Pass 1: logp, entropy [B, T] (compute dtype) and lse [N] fp32, one chunk of logits at a time."""
+    B, T, _ = hidden.shape
+    N = B * T
+    L = None if backend == "torch" else launchers(backend)
+    mflat, iflat = mask.reshape(-1), ids.reshape(-1)
+    rows = _Rows(hidden, mflat)
+    cdt = reference.compute_dtype(hidden)
+    logp, ent = (torch.zeros(N, dtype=cdt, device=hidden.device) for _ in range(2))
+    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    for n0, n1 in _chunks(N, chunk):
+        _, logits = _logits_of(rows, weight, bias, n0, n1)
+        if L is None:
+            logp[n0:n1], ent[n0:n1] = reference.token_logprobs(logits, iflat[n0:n1], tau, True)
+            lse[n0:n1] = torch.logsumexp(logits.to(cdt) / tau, -1)
+        else:
+            logp[n0:n1], lse[n0:n1], ent[n0:n1] = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, True)
+        del logits
+    return logp.view(B, T), ent.view(B, T), lse
+
+
+def _logprobs_grad_pass(hidden, weight, bias, ids, mask, lse, g, tau, chunk, backend, want):
+    """Pass 2: given g = dL/dlogp [B, T], recompute each chunk's logits and accumulate the gradients."""
+    N = ids.numel()
+    L = None if backend == "torch" else launchers(backend)
+    mflat, iflat = mask.reshape(-1), ids.reshape(-1)
+    rows = _Rows(hidden, mflat)
+    acc = _Accumulator(hidden, weight, bias, want)
+    g = torch.where(mask, g, 0.0).reshape(-1)  # masked positions: exactly zero rows
+    g_f = g.to(torch.float32).contiguous()
+    for n0, n1 in _chunks(N, chunk):
+        h_c, logits = _logits_of(rows, weight, bias, n0, n1)
+        lg3 = None
+        if L is None:
+            dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1])
+        else:
+            lg3 = logits.unsqueeze(0)
+            L.logprobs_bwd(lg3, iflat[n0:n1], lse[n0:n1], None, g_f[n0:n1], None, tau, lg3)
+            dlogits = logits
+        acc.add(n0, n1, h_c, dlogits)
+        del logits, dlogits, lg3
+    return acc.result(hidden, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------------
+def _grad_fakes(hidden, weight, bias, want):
+    gh = hidden.new_empty(hidden.shape) if want[0] else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if want[1] else hidden.new_empty(0)
+    gb = bias.new_empty(bias.shape) if (want[2] and bias is not None) else hidden.new_empty(0)
+    return gh, gw, gb
+
+
+def _cdt(hidden) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@custom_op("grpo_kernels::fused_linear_grpo", mutates_args=())
+def _fused_linear_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, advantages: Tensor,
+    old_logps: Tensor | None, ref_logps: Tensor | None, num_items_in_batch: Tensor | None,
+    max_completion_length: int | None, config: list[float], loss_type: str, chunk_size: int, backend: str,
+    want_grads: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Token-level single pass. -> logp [B, T], entropy [B, T] (fp32; float64 for float64 hidden) and the
+    loss's gradients w.r.t. hidden [B, T, H], weight [V, H], bias [V] (an empty tensor where
+    ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions."""
+    cfg = _unpack_config(config, loss_type, "token")
+    return _single_pass(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
+                        max_completion_length, cfg, chunk_size, backend, want_grads)
+
+
+@_fused_linear_op.register_fake
+def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
+      max_completion_length, config, loss_type, chunk_size, backend, want_grads):
+    B, T = ids.shape
+    return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
+            *_grad_fakes(hidden, weight, bias, want_grads))
+
+
+@custom_op("grpo_kernels::fused_linear_logprobs", mutates_args=())
+def _logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, tau: float,
+                 chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1 -> logp [B, T], entropy [B, T] (compute dtype), lse [N] fp32. Differentiable in logp: its
+    backward is pass 2 (:func:`_logprobs_bwd_op`) with the upstream g = dL/dlogp."""
+    return _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk_size, backend)
+
+
+@_logprobs_op.register_fake
+def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
+    B, T = ids.shape
+    return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
+            hidden.new_empty(B * T, dtype=torch.float32))
+
+
+@custom_op("grpo_kernels::fused_linear_logprobs_bwd", mutates_args=())
+def _logprobs_bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, lse: Tensor,
+                     g_logp: Tensor, tau: float, chunk_size: int, backend: str,
+                     want_grads: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 2 -> dL/dhidden, dL/dW, dL/db for dL/dlogp = ``g_logp`` [B, T] (empty where not wanted)."""
+    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, lse, g_logp, tau, chunk_size, backend, want_grads)
+
+
+@_logprobs_bwd_op.register_fake
+def _(hidden, weight, bias, ids, mask, lse, g_logp, tau, chunk_size, backend, want_grads):
+    return _grad_fakes(hidden, weight, bias, want_grads)
+
+
+def _logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, ids, mask, tau, chunk_size, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2])
+    ctx.args = (tau, chunk_size, backend)
+    ctx.mark_non_differentiable(output[1], output[2])  # the entropy is a metric; lse is internal
+
+
+def _logprobs_backward(ctx, g_logp, g_ent, g_lse):
+    hidden, weight, bias, ids, mask, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    want = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
+    if g_logp is None or not any(want):
+        return (None,) * 8
+    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, lse, g_logp.contiguous(), *ctx.args, want)
+    pick = lambda t, w: t if w else None  # noqa: E731
+    return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), None, None, None, None, None
+
+
+_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
+
+
+@custom_op("grpo_kernels::fused_linear_attach", mutates_args=())
+def _attach(value: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, g_hidden: Tensor,
+            g_weight: Tensor, g_bias: Tensor) -> Tensor:
+    """Returns ``value``; its gradients w.r.t. hidden / weight / bias are the precomputed ones (times the
+    upstream gradient). An empty precomputed gradient means that input gets none."""
+    return value.clone()
+
+
+_attach.register_fake(lambda value, *rest: torch.empty_like(value))
+
+
+def _attach_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[4:7])
+    ctx.used = False
+
+
+def _attach_backward(ctx, g):
+    if ctx.used:
+        raise RuntimeError(
+            "grpo_kernels: fused_linear_grpo_loss computes its gradients in the forward pass; they serve one "
+            "backward only (retain_graph=True with a second backward is not supported)"
+        )
+    ctx.used = True
+    grads = list(ctx.saved_tensors)
+    if not _scalar_is_one(g):
+        grads = [t.mul_(g.to(t.dtype)) for t in grads]  # in place: no second [V, H] buffer
+    gh, gw, gb = (t if t.numel() else None for t in grads)
+    return None, gh, gw, gb, None, None, None
+
+
+_attach.register_autograd(_attach_backward, setup_context=_attach_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None (chosen from a memory budget) or a positive int, got {chunk_size!r}")
+
+
+def _check_head(hidden, weight, bias, completion_ids):
+    _validate.check_tensor("hidden", hidden, ndim=3, floating=True)
+    if hidden.dtype not in HIDDEN_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 for the reference), got {hidden.dtype}")
+    B, T, H = hidden.shape
+    _validate.check_tensor("lm_head_weight", weight, ndim=2, floating=True)
+    if weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"lm_head_weight must have shape [V, H] with H = hidden.shape[-1] = {H} and V >= 1, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"lm_head_weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _validate.check_tensor("lm_head_bias", bias, ndim=1, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"lm_head_bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"lm_head_bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"lm_head_bias is on {bias.device} but hidden is on {hidden.device}")
+    _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
+    if tuple(completion_ids.shape) != (B, T):
+        raise ValueError(f"completion_ids must have shape [B, T] = {(B, T)} to match hidden, got "
+                         f"{tuple(completion_ids.shape)}")
+    if completion_ids.device != hidden.device:
+        raise ValueError(f"completion_ids is on {completion_ids.device} but hidden is on {hidden.device}")
+
+
+def fused_linear_grpo_loss_with_config(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    completion_ids: Tensor,
+    config: GRPOConfig,
+    *,
+    lm_head_bias: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    advantages: Tensor | None = None,
+    rewards: Tensor | None = None,
+    group_size: int | None = None,
+    old_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """:func:`fused_linear_grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
+    B, T, _ = hidden.shape
+    V = lm_head_weight.shape[0]
+    _check_chunk_size(chunk_size)
+    # The loss inputs are validated exactly as grpo_loss validates them, against a [B, T, V] stand-in for
+    # the logits that never exist (a V-element buffer expanded with stride 0; its values are never read).
+    stand_in = hidden.new_empty(V).expand(B, T, V)
+    x = _validate.validate_loss_inputs(
+        stand_in, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
+        group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+    )
+    name = resolve_backend(backend, hidden.device)
+    if name != "torch" and hidden.dtype == torch.float64:
+        raise TypeError(f"hidden of dtype float64 runs only on backend='torch' (the reference), not {name!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name)
+
+    mask = x.mask
+    zero = torch.zeros((), dtype=x.advantages.dtype, device=hidden.device)
+    # masked positions may hold garbage ids / old / ref / advantages: make them harmless before the kernels
+    ids = torch.where(mask, x.ids, 0).long()
+    adv = x.advantages if x.advantages.dim() == 1 else torch.where(mask, x.advantages, zero)
+    old = None if x.old_logps is None else torch.where(mask, x.old_logps, zero)
+    ref = None if x.ref_logps is None else torch.where(mask, x.ref_logps, zero)
+    num_items = x.num_items_in_batch
+    if num_items is not None:
+        num_items = torch.as_tensor(num_items, device=hidden.device).reshape(()).to(x.advantages.dtype)
+
+    grad_on = torch.is_grad_enabled()
+    want = [grad_on and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)]
+    loss_args = (adv, mask, old, ref)
+    if any(want) and config.importance_sampling_level == "token":
+        # single pass: the gradients are computed now; the loss carries them to backward
+        bias_d = None if lm_head_bias is None else lm_head_bias.detach()
+        logp, ent, gh, gw, gb = _fused_linear_op(
+            hidden.detach(), lm_head_weight.detach(), bias_d, ids, mask, adv, old, ref, num_items,
+            x.max_completion_length, _pack_config(config), config.loss_type, int(chunk_size), name, want,
+        )
+        logp = torch.where(mask, logp, 0.0)
+        with torch.no_grad():
+            loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items)
+        loss = _attach(loss, hidden, lm_head_weight, lm_head_bias, gh, gw, gb)
+    else:
+        # two passes (or only the first, without gradients): log-probs now; autograd of the loss below
+        # gives g = dL/dlogp [B, T] (GSPO's sequence mean couples a row's tokens), and the backward of
+        # _logprobs_op recomputes each chunk's logits to turn g into dL/dhidden, dL/dW, dL/db.
+        logp, ent, _ = _logprobs_op(hidden, lm_head_weight, lm_head_bias, ids, mask, config.temperature,
+                                    int(chunk_size), name)
+        logp = torch.where(mask, logp, 0.0)
+        loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items)
+    return GRPOLossOutput(loss, logp.detach().float(), metrics)
+
+
+def fused_linear_grpo_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    completion_ids: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    completion_mask: Tensor | None = None,
+    advantages: Tensor | None = None,
+    rewards: Tensor | None = None,
+    group_size: int | None = None,
+    old_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    use_bias_correction_kl: bool = True,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` without the logits.
+
+    hidden ``[B, T, H]`` (the hidden states aligned with ``completion_ids``, e.g. ``h[:, P-1:-1]``; any
+    strides), lm_head_weight ``[V, H]``, lm_head_bias ``[V]`` or None, all of one dtype. The N = B*T rows are
+    processed ``chunk_size`` at a time (default: from a memory budget, see :func:`default_chunk_size`), so
+    only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss`; the loss
+    is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
+    """
+    config = GRPOConfig(
+        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+    )
+    return fused_linear_grpo_loss_with_config(
+        hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
+        advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+        backend=backend,
+    )
+
+
+class FusedLinearGRPOLoss(nn.Module):
+    """The fused LM head + GRPO loss configured once, reading the model's head at every call.
+
+    ``FusedLinearGRPOLoss(model.lm_head, loss_type="grpo", beta=0.04)(hidden, completion_ids, advantages=A,
+    ref_logps=R)``, or ``FusedLinearGRPOLoss(weight=W, bias=b, ...)``. The head is referenced, not
+    registered: the loss module owns no parameters or state (the model does; tied embeddings, FSDP and
+    optimizer state are unaffected), and the current ``weight``/``bias`` tensors are read at each call.
+    """
+
+    def __init__(self, lm_head: nn.Module | None = None, *, weight: Tensor | None = None,
+                 bias: Tensor | None = None, config: GRPOConfig | None = None, chunk_size: int | None = None,
+                 backend: str = "auto", **options):
+        super().__init__()
+        if (lm_head is None) == (weight is None):
+            raise ValueError("pass exactly one of lm_head (a module with .weight [V, H] and .bias) or weight= [V, H]")
+        if lm_head is not None:
+            if bias is not None:
+                raise ValueError("bias= is taken from lm_head.bias when lm_head is given; do not pass both")
+            if not isinstance(getattr(lm_head, "weight", None), Tensor):
+                raise TypeError(
+                    f"lm_head must have a .weight tensor [V, H] (an nn.Linear), got {type(lm_head).__name__}"
+                )
+        elif not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor [V, H], got {type(weight).__name__}")
+        if config is not None and options:
+            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
+        unknown = set(options) - set(GRPOConfig.field_names())
+        if unknown:
+            raise TypeError(
+                f"unknown FusedLinearGRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_chunk_size(chunk_size)
+        self.config = config if config is not None else GRPOConfig(**options)
+        self.backend, self.chunk_size = backend, chunk_size
+        # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
+        self._head = (lm_head, weight, bias)
+
+    def head(self) -> tuple[Tensor, Tensor | None]:
+        lm_head, weight, bias = self._head
+        if lm_head is not None:
+            return lm_head.weight, getattr(lm_head, "bias", None)
+        return weight, bias
+
+    def forward(self, hidden: Tensor, completion_ids: Tensor, **inputs) -> GRPOLossOutput:
+        weight, bias = self.head()
+        inputs.setdefault("chunk_size", self.chunk_size)
+        inputs.setdefault("backend", self.backend)
+        return fused_linear_grpo_loss_with_config(hidden, weight, completion_ids, self.config, lm_head_bias=bias,
+                                                  **inputs)
+
+    def extra_repr(self) -> str:
+        w, _ = self.head()
+        return (f"vocab={w.shape[0]}, hidden={w.shape[1]}, {self.config}, chunk_size={self.chunk_size}, "
+                f"backend={self.backend!r}")

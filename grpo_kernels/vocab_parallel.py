@@ -1,0 +1,240 @@
+"""Vocab-parallel log-probs and GRPO loss: logits sharded over V across a torch.distributed group.
+
+Tensor-parallel LM heads leave each rank with the logits of its own vocabulary columns
+``[vocab_start, vocab_start + V_r)``; gathering the full ``[N, V]`` would undo the sharding. Per row, with
+z = x / tau, everything the loss needs is a handful of sums over V, so each rank reduces its shard to O(N)
+numbers and two all-reduces combine them:
+
+    MAX:  m = max_v z_v                                     (for a stable exp)
+    SUM:  s = sum_v e^{z_v - m},  u = sum_v e^{z_v - m} z_v,  t = z[id] (only the owning rank adds it),
+          found = [id in this shard]  (sums to 1; 0 means id outside the global vocabulary)
+
+    lse = m + log s,  logp = t - lse,  entropy = lse - u / s   (= lse - sum_v p_v z_v)
+
+Backward needs no communication: with p_v = e^{z_v - lse} (the GLOBAL lse), each rank's gradient is
+    dL/dx_v = ( g_logp * ([v == id] - p_v) - g_ent * p_v * (z_v - lse + entropy) ) / tau
+on its own columns, and g_logp, g_ent are the same on every rank because the loss is computed from the
+all-reduced log-probs on every rank (no all-reduce of an N x V gradient).
+
+The per-shard arithmetic is torch (an fp32 copy of the shard and its exp, O(N x V_r)); the loss math is
+:func:`reference.loss_from_logps`, the same as every other path. Every rank must call these functions
+with the same N, ids and loss inputs (they are collectives), and call ``backward`` on its loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _validate, reference
+from .api import GRPOLossOutput
+from .config import GRPOConfig
+
+
+def _check_group(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("grpo_kernels.vocab_parallel needs torch.distributed to be initialised "
+                           "(dist.init_process_group) before the call")
+    return dist.group.WORLD if group is None else group
+
+
+def _check_shard(logits_shard, ids, vocab_start, group):
+    _validate.check_tensor("logits_shard", logits_shard, floating=True)
+    if logits_shard.dtype not in _validate.LOGIT_DTYPES:
+        raise TypeError(f"logits_shard must be float32, bfloat16, float16 or float64, got {logits_shard.dtype}")
+    if logits_shard.dim() < 1 or logits_shard.shape[-1] < 1:
+        raise ValueError(f"logits_shard must have a non-empty last (vocabulary shard) dimension, got "
+                         f"{tuple(logits_shard.shape)}")
+    _validate.check_tensor("ids", ids, integer=True)
+    if tuple(ids.shape) != tuple(logits_shard.shape[:-1]):
+        raise ValueError(f"ids must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}, "
+                         f"got {tuple(ids.shape)}")
+    if ids.device != logits_shard.device:
+        raise ValueError(f"ids is on {ids.device} but logits_shard is on {logits_shard.device}")
+    if vocab_start is None:
+        # equal shards in rank order: rank r holds columns [r * V_r, (r + 1) * V_r)
+        return dist.get_rank(group) * logits_shard.shape[-1]
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0 (the first global vocabulary index of this rank's "
+                         f"columns), got {vocab_start!r}")
+    return vocab_start
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard, ids, vocab_start: int, tau: float, group, mask):
+        # shard [N, V_r]; ids [N] global; mask [N] bool or None (rows that may hold garbage logits)
+        cdt = reference.compute_dtype(shard)
+        z = shard.to(cdt) / tau
+        if mask is not None:
+            z = z.masked_fill(~mask.unsqueeze(-1), 0.0)
+        V_r = shard.shape[-1]
+        local = ids.long() - vocab_start
+        in_shard = (local >= 0) & (local < V_r)
+        local = torch.where(in_shard, local, 0)
+
+        m = z.amax(-1)  # [N]
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(z - m.unsqueeze(-1))  # [N, V_r]; z = -inf gives 0
+        z_fin = z.masked_fill(torch.isneginf(z), 0.0)  # p_v * z_v with z_v = -inf is 0, not NaN
+        t = torch.where(in_shard, z.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
+        stats = torch.stack([e.sum(-1), (e * z_fin).sum(-1), t, in_shard.to(cdt)], -1)  # [N, 4]
+        del e, z_fin
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        s, u, t, found = stats.unbind(-1)
+        lse = m + torch.log(s)
+        logp = torch.where(found > 0, t - lse, torch.full_like(t, float("nan")))
+        ent = lse - u / s
+        ctx.save_for_backward(shard, local, in_shard, lse, ent, mask)
+        ctx.tau = tau
+        return logp, ent, found
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_found):
+        shard, local, in_shard, lse, ent, mask = ctx.saved_tensors
+        cdt = lse.dtype
+        z = shard.to(cdt) / ctx.tau
+        if mask is not None:
+            z = z.masked_fill(~mask.unsqueeze(-1), 0.0)
+        p = torch.exp(z - lse.unsqueeze(-1))  # [N, V_r] global softmax on this rank's columns
+        d = torch.zeros_like(p)
+        if g_logp is not None:
+            d -= g_logp.to(cdt).unsqueeze(-1) * p
+            d.scatter_add_(-1, local.unsqueeze(-1), torch.where(in_shard, g_logp.to(cdt), 0.0).unsqueeze(-1))
+        if g_ent is not None:
+            # dH/dz_v = -p_v (z_v - lse + H); zero where p_v = 0 (z_v = -inf) instead of 0 * inf
+            term = p * (z - (lse - ent).unsqueeze(-1))
+            d -= g_ent.to(cdt).unsqueeze(-1) * torch.where(p > 0, term, 0.0)
+        d /= ctx.tau
+        if mask is not None:
+            d = d.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return d.to(shard.dtype), None, None, None, None, None
+
+
+def _logprobs(logits_shard, ids, vocab_start, tau, group, mask, check_mask):
+    lead = ids.shape
+    shard = logits_shard.reshape(-1, logits_shard.shape[-1])
+    flat_mask = None if mask is None else mask.reshape(-1)
+    logp, ent, found = _VocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, flat_mask)
+    if shard.device.type == "cpu" or _validate.debug_checks_enabled():
+        # every rank sees the same all-reduced `found`, so every rank raises together (no hang)
+        bad = found != 1
+        if check_mask is not None:
+            bad &= check_mask.reshape(-1)
+        if bool(bad.any()):
+            n = int(bad.nonzero()[0])
+            what = ("which no rank's vocabulary shard contains (outside the global vocabulary)" if found[n] == 0
+                    else f"which {int(found[n])} ranks' shards contain: vocab_start must give disjoint shards")
+            raise ValueError(f"ids holds {int(ids.reshape(-1)[n])} at flat position {n}, {what}")
+    return logp.view(lead), ent.view(lead)
+
+
+def token_logprobs(
+    logits_shard: Tensor,
+    ids: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs (and entropy) of ``softmax(logits / temperature)`` over the GLOBAL vocabulary.
+
+    logits_shard ``[..., V_r]``: this rank's columns ``[vocab_start, vocab_start + V_r)`` (default
+    ``vocab_start = rank * V_r``, equal shards in rank order); ids ``[...]`` global vocabulary indices, the
+    same on every rank. Returns logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank,
+    differentiable w.r.t. this rank's shard. An id in no shard raises ``ValueError`` on CPU tensors (every
+    rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``).
+    """
+    group = _check_group(group)
+    vocab_start = _check_shard(logits_shard, ids, vocab_start, group)
+    tau = _validate.check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, group, None, None)
+    return (logp, ent) if return_entropy else logp
+
+
+def grpo_loss_with_config(
+    logits_shard: Tensor,
+    completion_ids: Tensor,
+    config: GRPOConfig,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    completion_mask: Tensor | None = None,
+    advantages: Tensor | None = None,
+    rewards: Tensor | None = None,
+    group_size: int | None = None,
+    old_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+) -> GRPOLossOutput:
+    """:func:`grpo_loss` with the options as one :class:`GRPOConfig`."""
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    group = _check_group(group)
+    _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
+    if logits_shard.dim() != 3:
+        raise ValueError(f"logits_shard must have shape [B, T, V_r], got {tuple(logits_shard.shape)}")
+    vocab_start = _check_shard(logits_shard, completion_ids, vocab_start, group)
+    # The ids are global (not < V_r): their range is checked after the all-reduce; the rest is validated
+    # as grpo_loss validates it.
+    x = _validate.validate_loss_inputs(
+        logits_shard, torch.zeros_like(completion_ids), config, completion_mask=completion_mask,
+        advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+    )
+    mask = x.mask
+    # masked ids may be garbage: give each rank an id of its own shard there (rows zeroed, g = 0, no error)
+    ids = torch.where(mask, completion_ids, vocab_start)
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask, mask)
+    logp = torch.where(mask, logp, 0.0)
+    loss, metrics = reference.loss_from_logps(
+        logp, config, x.advantages, mask, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
+        x.num_items_in_batch,
+    )
+    return GRPOLossOutput(loss, logp.detach().float(), metrics)
+
+
+def grpo_loss(
+    logits_shard: Tensor,
+    completion_ids: Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    completion_mask: Tensor | None = None,
+    advantages: Tensor | None = None,
+    rewards: Tensor | None = None,
+    group_size: int | None = None,
+    old_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    use_bias_correction_kl: bool = True,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+) -> GRPOLossOutput:
+    """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary: ``logits_shard [B, T, V_r]`` holds
+    this rank's columns (see :func:`token_logprobs`), ``completion_ids`` are global ids. The loss, logps and
+    metrics are identical on every rank; ``loss.backward()`` on each rank gives the gradient of its shard."""
+    config = GRPOConfig(
+        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+    )
+    return grpo_loss_with_config(
+        logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,
+        advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+    )

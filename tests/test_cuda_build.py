@@ -1,0 +1,246 @@
+"""The CUDA module without a GPU: it compiles, the compiler made the fast kind of code, the installed
+extension has the right architectures and links, and asking for it without a GPU fails cleanly.
+
+- nvcc compiles csrc/cuda/grpo_cuda.cu to cubins for sm_80 and sm_90; ptxas (-Xptxas -v) must report every
+  kernel instantiation (forward x {fp32, bf16, fp16} x {entropy, none}, backward likewise, fused x dtype)
+  with 0 bytes of spill stores / loads and no stack frame;
+- the SASS (cuobjdump --dump-sass, PyPI nvidia-cuda-cuobjdump; nvdisasm from PyPI or Triton's copy) of every
+  kernel holds 128-bit global loads (LDG.E.128), the gradient kernels 128-bit stores (STG.E.128), and no
+  local-memory access (LDL / STL);
+- the installed grpo_kernels._cuda: cuobjdump --list-elf shows sm_80 and sm_90 code (and PTX for newer
+  GPUs), ldd shows no libtorch / libc10 / shared libcudart (cudart is static);
+- without a GPU, backend="cuda" raises BackendUnavailableError saying "no CUDA device" (no crash).
+
+What these checks cannot see: run time, occupancy actually reached, bank conflicts, L2 behaviour; the
+kernels' results are checked on the CPU emulator (tests/test_cuda_emu.py) and, where a GPU exists, by
+``test_gpu_matches_reference`` here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("80", "90")
+# 3 dtypes x (forward with/without entropy, backward with/without entropy, fused)
+KERNELS = {f"{k}<{dt}{flag}>" for dt in (0, 1, 2) for k, flag in
+           (("fwd_kernel", ", true"), ("fwd_kernel", ", false"), ("bwd_kernel", ", true"), ("bwd_kernel", ", false"),
+            ("fused_kernel", ""))}
+
+
+def _nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _nvidia_tool(name: str) -> str | None:
+    """A CUDA binary tool: on PATH, else from the PyPI nvidia-* wheels (site-packages/nvidia/*/bin), else
+    Triton's bundled copy."""
+    found = shutil.which(name)
+    if found:
+        return found
+    roots = []
+    for mod in ("nvidia", "triton"):
+        spec = importlib.util.find_spec(mod)
+        if spec and spec.submodule_search_locations:
+            roots += [Path(p) for p in spec.submodule_search_locations]
+    for root in roots:
+        for cand in sorted(root.glob(f"**/bin/{name}")):
+            if os.access(cand, os.X_OK):
+                return str(cand)
+    return None
+
+
+NVCC = _nvcc()
+CUOBJDUMP = _nvidia_tool("cuobjdump")
+NVDISASM = _nvidia_tool("nvdisasm")
+needs_nvcc = pytest.mark.skipif(NVCC is None,
+                                reason="nvcc not found (CUDA_HOME or PATH): the CUDA sources cannot be compiled here")
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        pytest.skip("c++filt is needed to read kernel names")
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    short = {}
+    for mangled, full in zip(names, out.splitlines(), strict=False):
+        m = re.search(r"gkcuda::(\w+<[^>]*>)", full)
+        short[mangled] = m.group(1) if m else full
+    return short
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{arch: (cubin path, {kernel: {"registers", "spill_stores", "spill_loads", "stack", "smem"}})}."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    d = tmp_path_factory.mktemp("cubin")
+    res = {}
+    for arch in ARCHS:
+        cubin = d / f"grpo_cuda.sm_{arch}.cubin"
+        cmd = [NVCC, "-O3", "-std=c++17", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cuda'}",
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-Xptxas", "-v",
+               str(ROOT / "csrc/cuda/grpo_cuda.cu"), "-o", str(cubin)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        assert p.returncode == 0, f"nvcc failed for sm_{arch}:\n{p.stderr[-6000:]}"
+        res[arch] = (cubin, _parse_ptxas(p.stderr))
+    return res
+
+
+def _parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    stats: dict[str, dict[str, int]] = {}
+    cur = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            cur = m.group(1)
+            stats[cur] = {}
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            stats[cur].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            stats[cur]["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            stats[cur]["smem"] = int(s.group(1)) if s else 0
+    names = _demangle(list(stats))
+    return {names[k]: v for k, v in stats.items()}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles_without_spills(compiled, arch):
+    _, stats = compiled[arch]
+    assert set(stats) == KERNELS, f"sm_{arch}: kernels {sorted(stats)}"
+    for name, s in stats.items():
+        assert {"registers", "spill_stores", "spill_loads", "stack"} <= set(s), f"{name}: ptxas said {s}"
+        assert s["spill_stores"] == 0 and s["spill_loads"] == 0, f"sm_{arch} {name}: spills {s}"
+        assert s["stack"] == 0, f"sm_{arch} {name}: stack frame {s['stack']} bytes"
+        # __launch_bounds__(512): 64K registers / 512 threads = 128 per thread at most; 2 blocks of 512 per SM
+        # need <= 64
+        assert s["registers"] <= 64, f"sm_{arch} {name}: {s['registers']} registers (occupancy)"
+
+
+def _sass_by_kernel(cubin: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    if NVDISASM:
+        env["PATH"] = str(Path(NVDISASM).parent) + os.pathsep + env.get("PATH", "")
+    p = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    parts = re.split(r"\n\s*Function : (\w+)\n", "\n" + p.stdout)
+    mangled = parts[1::2]
+    names = _demangle(mangled)
+    return {names[m]: body for m, body in zip(mangled, parts[2::2], strict=False)}
+
+
+@needs_nvcc
+@pytest.mark.skipif(CUOBJDUMP is None or NVDISASM is None,
+                    reason="cuobjdump / nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sass_has_128bit_accesses_and_no_local_memory(compiled, arch):
+    sass = _sass_by_kernel(compiled[arch][0])
+    assert set(sass) == KERNELS
+    for name, body in sass.items():
+        assert re.search(r"\bLDG\.E\.128\b", body), f"sm_{arch} {name}: no 128-bit global load"
+        if not name.startswith("fwd_kernel"):
+            assert re.search(r"\bSTG\.E\.128\b", body), f"sm_{arch} {name}: no 128-bit global store"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"sm_{arch} {name}: local memory traffic"
+
+
+# --------------------------------------------------------------------------------------------------
+# the installed extension
+# --------------------------------------------------------------------------------------------------
+def _installed_module() -> str:
+    spec = importlib.util.find_spec("grpo_kernels._cuda")
+    if spec is None or not spec.origin:
+        pytest.skip("grpo_kernels._cuda is not built (no nvcc at install time, or GRPO_KERNELS_SKIP_CUDA=1)")
+    return spec.origin
+
+
+@pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+def test_installed_module_has_sm80_sm90_and_ptx():
+    so = _installed_module()
+    elf = subprocess.run([CUOBJDUMP, "--list-elf", so], capture_output=True, text=True)
+    assert elf.returncode == 0, elf.stderr
+    for arch in ARCHS:
+        assert f"sm_{arch}" in elf.stdout, f"no sm_{arch} code in {so}:\n{elf.stdout}"
+    ptx = subprocess.run([CUOBJDUMP, "--list-ptx", so], capture_output=True, text=True)
+    has_ptx = ptx.returncode == 0 and re.search(r"PTX file .*\.ptx", ptx.stdout)
+    assert has_ptx, f"no PTX for newer GPUs in {so}:\n{ptx.stdout}"
+
+
+def test_installed_module_links_no_torch_and_static_cudart():
+    so = _installed_module()
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("ldd is not available")
+    libs = subprocess.run([ldd, so], capture_output=True, text=True, check=True).stdout
+    for bad in ("libtorch", "libc10", "libcudart.so"):
+        assert bad not in libs, f"{so} links {bad}:\n{libs}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_backend_without_gpu_raises_cleanly():
+    """In a fresh interpreter: importing grpo_kernels (and the extension, if built) works without a GPU, and
+    backend="cuda" raises BackendUnavailableError naming the reason."""
+    code = (
+        "import importlib.util, torch, grpo_kernels as gk\n"
+        "if importlib.util.find_spec('grpo_kernels._cuda'):\n"
+        "    import grpo_kernels._cuda\n"
+        "try:\n"
+        "    gk.token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), backend='cuda')\n"
+        "except gk.BackendUnavailableError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "RAISED" in p.stdout and "no CUDA device" in p.stdout, p.stdout + p.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# on a GPU: the real kernels against the float64 reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("V", [7, 1007, 32007, 151936])
+def test_gpu_matches_reference(dtype, V):
+    _installed_module()
+    from test_cuda_emu import assert_rule, check_loss, loss_inputs
+
+    import grpo_kernels as gk
+    from grpo_kernels.config import GRPOConfig
+
+    x = (torch.randn(3, 5, V + 3, device="cuda") * 3).to(dtype)[:, :, 1:-2]  # unaligned rows
+    ids = torch.randint(0, V, (3, 5), device="cuda")
+    w1, w2 = torch.randn(3, 5, device="cuda"), torch.randn(3, 5, device="cuda")
+
+    def run(inp, backend):
+        inp = inp.detach().requires_grad_()
+        logp, ent = gk.token_logprobs(inp, ids, temperature=0.8, return_entropy=True, backend=backend)
+        ((logp * w1).sum() + (ent * w2).sum()).backward()
+        return logp.detach(), ent.detach(), inp.grad
+
+    k, r, s = run(x, "cuda"), run(x.double(), "torch"), run(x, "torch")
+    for name, kv, rv, sv in zip(("logp", "entropy", "grad"), k, r, s, strict=False):
+        assert_rule(kv.cpu(), rv.cpu(), sv.cpu(), f"{name} {dtype} V={V}")
+    if V == 1007:
+        for level in ("token", "sequence"):
+            cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04, delta=1.5)
+            args = [a.cuda() for a in loss_inputs(3, 4, V, dtype, strided=True)]
+            check_loss(args, cfg, "cuda")

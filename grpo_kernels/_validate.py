@@ -73,6 +73,9 @@ def check_ids_in_range(ids: torch.Tensor, vocab: int, mask: Optional[torch.Tenso
     bad = (ids < 0) | (ids >= vocab)
     if mask is not None:
         bad &= mask
+    if torch.compiler.is_compiling():  # no host sync in a graph: the same check as an op of the graph
+        torch._assert_async(~bad.any(), f"{name} holds an id outside the vocabulary [0, {vocab}) of logits")
+        return
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(

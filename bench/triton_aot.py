@@ -193,7 +193,8 @@ def report(arch: int, name: str, plan) -> dict:
     ptx = k.asm["ptx"]
     body = [w for lp in loops(ptx) for w in load_widths(lp)]
     return {
-        "arch": arch, "kernel": name, "BLOCK": plan.constexprs["BLOCK"], "ALIGN": plan.constexprs.get("ALIGN"), "num_warps": plan.num_warps,
+        "arch": arch, "kernel": name, "BLOCK": plan.constexprs["BLOCK"], "ALIGN": plan.constexprs.get("ALIGN"),
+        "num_warps": plan.num_warps,
         "loop_load_widths": sorted(set(body)), "all_load_widths": sorted(set(load_widths(ptx.splitlines()))),
         "n_loops": len(loops(ptx)), "local_memory_ops": len(re.findall(r"\b(?:ld|st)\.local", ptx)),
         **ptxas_usage(ptx, arch),

@@ -1,14 +1,7 @@
 """The C++ CPU backend (``backend="cpu"``, grpo_kernels._C) against the float64 eager reference.
 
-Tolerance rule (the FlashAttention rule, per element set): with ``ref64`` the reference on the same
-(dtype-rounded) inputs in float64 and ``same`` the eager reference run on the inputs in their own dtype
-(fp32 arithmetic, outputs in the inputs' dtype),
-
-    max |kernel - ref64|  <=  2 * max |same - ref64|  +  8 * eps_fp32 * max(1, max |ref64|).
-
-The first term carries what the dtype itself costs (a bf16 / fp16 gradient is rounded to its dtype, so
-the kernel may be off by the same half-ulp as torch); the second is the slack of fp32 arithmetic (the
-kernels sum in a different order and use their own exp, <= 2 ulp) at the scale of the values.
+Tolerance rule: the one of ``tests/kernel_checks.py`` (twice torch's own error in the same dtype, plus 8
+fp32 ulps at the scale of the values).
 
 Every numerical test runs on both row-kernel instruction sets of the module (AVX2 and baseline), where
 the CPU has AVX2.
@@ -22,16 +15,29 @@ import subprocess
 
 import pytest
 import torch
+from kernel_checks import (
+    DTYPES,
+    EPS32,
+    KL,
+    LOSS_DELTA,
+    check_all_banned_but_one,
+    check_fused_launcher,
+    check_inplace,
+    check_large_magnitude_entropy,
+    check_logprobs,
+    check_logprobs_no_entropy,
+    check_loss,
+    loss_inputs,
+    make_logits,
+)
 
 import grpo_kernels as gk
-from grpo_kernels import _C, reference
+from grpo_kernels import _C
 from grpo_kernels._ops import ops_for
 from grpo_kernels.backends.base import TokenLossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
-EPS32 = torch.finfo(torch.float32).eps
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ISAS = ["baseline"] + (["avx2"] if _C.set_isa("avx2") else [])
 _DEFAULT_ISA = _C.isa()
 
@@ -41,30 +47,6 @@ def isa(request):
     assert _C.set_isa(request.param)
     yield request.param
     _C.set_isa(_DEFAULT_ISA)
-
-
-def assert_rule(kernel, ref64, same, what):
-    """The tolerance rule of the module docstring; NaN/inf must sit where the reference has them."""
-    kernel, ref64, same = kernel.double(), ref64.double(), same.double()
-    assert kernel.shape == ref64.shape, what
-    fin = torch.isfinite(ref64)
-    assert torch.equal(torch.isfinite(kernel), fin), f"{what}: non-finite values where the reference has none"
-    if not bool(fin.any()):
-        return
-    err = (kernel - ref64)[fin].abs().max().item()
-    err_same = (same - ref64)[fin].abs().max().item()
-    scale = max(1.0, ref64[fin].abs().max().item())
-    bound = 2 * err_same + 8 * EPS32 * scale
-    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch same-dtype error {err_same:.3g})"
-
-
-def make_logits(B, T, V, dtype, strided=False, scale=3.0):
-    """[B, T, V] logits; ``strided`` gives a view with row stride V + 5, a sliced batch and an offset."""
-    if strided:
-        x = (torch.randn(2 * B, T + 3, V + 5) * scale).to(dtype)[::2, 1:-2, 2:-3]  # row stride V + 5
-        assert not x.is_contiguous()
-        return x
-    return (torch.randn(B, T, V) * scale).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,96 +64,24 @@ def test_token_logprobs_values_and_grads(isa, dtype, B, T, V, tau, strided):
     if V > 7:
         x[0, 0, :3] = float("-inf")  # banned tokens
     ids = torch.randint(0, V, (B, T))
-    w_logp, w_ent = torch.randn(B, T), torch.randn(B, T)
-
-    def run(inp, backend):
-        inp = inp.detach().requires_grad_()
-        logp, ent = gk.token_logprobs(inp, ids, temperature=tau, return_entropy=True, backend=backend)
-        ((logp * w_logp).sum() + (ent * w_ent).sum()).backward()
-        return logp.detach(), ent.detach(), inp.grad
-
-    k_logp, k_ent, k_grad = run(x, "cpu")
-    r_logp, r_ent, r_grad = run(x.double(), "torch")
-    s_logp, s_ent, s_grad = run(x, "torch")
-    assert k_grad.dtype == x.dtype and k_grad.shape == x.shape
-    assert_rule(k_logp, r_logp, s_logp, "logp")
-    assert_rule(k_ent, r_ent, s_ent, "entropy")
-    assert_rule(k_grad, r_grad, s_grad, "dL/dlogits")
-
-    # without the entropy: the other forward/backward instantiation
-    xi = x.detach().requires_grad_()
-    logp = gk.token_logprobs(xi, ids, temperature=tau, backend="cpu")
-    (logp * w_logp).sum().backward()
-    xr = x.double().requires_grad_()
-    (reference.token_logprobs(xr, ids, tau) * w_logp).sum().backward()
-    xs = x.detach().requires_grad_()
-    (reference.token_logprobs(xs, ids, tau) * w_logp).sum().backward()
-    assert_rule(logp.detach(), r_logp, s_logp, "logp (no entropy)")
-    assert_rule(xi.grad, xr.grad, xs.grad, "dL/dlogits (no entropy)")
+    check_logprobs(x, ids, tau, "cpu")
+    check_logprobs_no_entropy(x, ids, tau, "cpu")  # the other forward / backward instantiation
 
 
 def test_large_magnitude_entropy(isa):
-    """|z| ~ 1e4: the entropy through (s, t) has no cancellation (lse - sum p z would lose ~1e-3)."""
-    x = torch.randn(3, 4, 1007) * 2 + 1e4
-    ids = torch.randint(0, 1007, (3, 4))
-    logp, ent = gk.token_logprobs(x, ids, return_entropy=True, backend="cpu")
-    r_logp, r_ent = reference.token_logprobs(x.double(), ids, return_entropy=True)
-    assert (ent.double() - r_ent).abs().max() < 2e-5
-    assert (logp.double() - r_logp).abs().max() < 1e-2  # logp = z - lse with |z| ~ 1e4: fp32 ulp 1e-3
+    check_large_magnitude_entropy("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
 # the loss: every loss type x importance level x KL x delta, with masks and NaN garbage
 # --------------------------------------------------------------------------------------------------
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
-KL = [(0.0, True), (0.04, True), (0.04, False)]  # (beta, use_bias_correction_kl)
-
-
-def loss_inputs(B, T, V, dtype, strided=False):
-    x = make_logits(B, T, V, dtype, strided)
-    ids = torch.randint(0, V, (B, T))
-    mask = torch.rand(B, T) > 0.25
-    mask[1] = False  # a fully masked row ...
-    mask[0, 0] = True
-    with torch.no_grad():  # ... whose logits are garbage
-        x[1] = float("nan")
-    ids[1] = V + 5  # and whose ids are out of range (allowed where masked)
-    lp = reference.token_logprobs(x.double(), torch.where(mask, ids, 0), mask=mask).float()
-    # ratios exp(logp - old) spread over [~0.6, ~1.6]: both clip bounds and the delta are crossed
-    old = lp + 0.25 * torch.randn(B, T)
-    ref = lp + 0.3 * torch.randn(B, T)
-    adv = torch.randn(B)
-    return x, ids, mask, old, ref, adv
-
-
-def run_loss(x, ids, mask, old, ref, adv, cfg, backend, inplace=False, on_policy=False):
-    leaf = x.detach().clone().requires_grad_() if inplace else x.detach().requires_grad_()
-    inp = leaf * 1 if inplace else leaf  # inplace needs a non-leaf whose storage may be overwritten
-    out = gk.grpo_loss_with_config(
-        inp, ids, cfg, completion_mask=mask, advantages=adv, old_logps=None if on_policy else old,
-        ref_logps=ref if cfg.beta != 0 else None, inplace=inplace, backend=backend,
-    )
-    out.loss.backward()
-    return out.loss.detach(), out.logps, leaf.grad
-
-
-# delta is a parameter of the clip family only
-LOSS_DELTA = [(lt, None) for lt in LOSS_TYPES] + [(lt, 1.3) for lt in ("grpo", "bnpo", "dr_grpo", "dapo")]
-
-
 @pytest.mark.parametrize("loss_type,delta", LOSS_DELTA)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta,bias", KL)
 def test_loss_matrix_fp32(isa, loss_type, level, beta, bias, delta):
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, use_bias_correction_kl=bias,
                      delta=delta, epsilon_high=4.0 if loss_type == "cispo" else 0.28, temperature=0.9)
-    args = loss_inputs(4, 9, 301, torch.float32)
-    k = run_loss(*args, cfg, "cpu")
-    r = run_loss(args[0].double(), *args[1:], cfg, "torch")
-    s = run_loss(*args, cfg, "torch")
-    for name, kv, rv, sv in zip(("loss", "logps", "grad"), k, r, s):
-        assert_rule(kv, rv, sv, name)
-    assert torch.all(k[2][1] == 0), "a fully masked row must get an exact zero gradient"
+    check_loss(loss_inputs(4, 9, 301, torch.float32), cfg, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -179,13 +89,9 @@ def test_loss_matrix_fp32(isa, loss_type, level, beta, bias, delta):
                                              ("sapo", "token")])
 @pytest.mark.parametrize("strided", [False, True])
 def test_loss_half_dtypes(isa, dtype, loss_type, level, strided):
-    cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04, delta=1.5 if loss_type == "grpo" else None)
-    args = loss_inputs(4, 6, 1007, dtype, strided)
-    k = run_loss(*args, cfg, "cpu")
-    r = run_loss(args[0].double(), *args[1:], cfg, "torch")
-    s = run_loss(*args, cfg, "torch")
-    for name, kv, rv, sv in zip(("loss", "logps", "grad"), k, r, s):
-        assert_rule(kv, rv, sv, f"{name} {dtype}")
+    cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                     delta=1.5 if loss_type == "grpo" else None)
+    k = check_loss(loss_inputs(4, 6, 1007, dtype, strided), cfg, "cpu")
     assert k[2].dtype == dtype
 
 
@@ -193,55 +99,17 @@ def test_loss_half_dtypes(isa, dtype, loss_type, level, strided):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_inplace_matches_out_of_place(isa, dtype, level):
     """inplace=True writes the gradient into the logits' storage: same values as the out-of-place path."""
-    cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04)
-    args = loss_inputs(3, 5, 1007, dtype)
-    k = run_loss(*args, cfg, "cpu")
-    leaf = args[0].detach().clone().requires_grad_()
-    inp = leaf * 1
-    storage = inp.data_ptr()
-    out = gk.grpo_loss_with_config(inp, args[1], cfg, completion_mask=args[2], advantages=args[5],
-                                   old_logps=args[3], ref_logps=args[4], inplace=True, backend="cpu")
-    out.loss.backward()
-    assert torch.equal(out.loss.detach(), k[0]) and torch.equal(out.logps, k[1])
-    assert torch.equal(leaf.grad, k[2])
-    assert torch.equal(inp.detach(), k[2]), "the gradient must be written into the logits' storage"
-    assert inp.data_ptr() == storage
+    check_inplace(loss_inputs(3, 5, 1007, dtype), GRPOConfig(loss_type="grpo", importance_sampling_level=level,
+                                                            beta=0.04), "cpu")
 
 
 def test_on_policy_and_grad_in_forward_path(isa):
     """old_logps=None (ratio 1, d(logp-old)/dlogp = 1) through the single pass, against the reference."""
-    cfg = GRPOConfig(loss_type="dapo", beta=0.04)
-    args = loss_inputs(4, 7, 513, torch.float32)
-    k = run_loss(*args, cfg, "cpu", on_policy=True)
-    r = run_loss(args[0].double(), *args[1:], cfg, "torch", on_policy=True)
-    s = run_loss(*args, cfg, "torch", on_policy=True)
-    for name, kv, rv, sv in zip(("loss", "logps", "grad"), k, r, s):
-        assert_rule(kv, rv, sv, name)
+    check_loss(loss_inputs(4, 7, 513, torch.float32), GRPOConfig(loss_type="dapo", beta=0.04), "cpu", on_policy=True)
 
 
 def test_fused_launcher_matches_token_loss_grad(isa):
-    """The single-pass launcher's per-row weight is coef * token_loss_grad (checked at the launcher level,
-    including ties of torch.min: on-policy ratio 1 = 1 +- 0 sits exactly on both clip bounds)."""
-    B, T, V = 3, 5, 211
-    x = torch.randn(B, T, V)
-    ids = torch.randint(0, V, (B * T,))
-    for loss_type in LOSS_TYPES:
-        for old_given in (False, True):
-            cfg = GRPOConfig(loss_type=loss_type, beta=0.1, epsilon_high=3.0 if loss_type == "cispo" else None)
-            lp64 = reference.token_logprobs(x.double(), ids.view(B, T)).view(-1)
-            old = (lp64 + 0.3 * torch.randn(B * T)).float() if old_given else None
-            ref = (lp64 + 0.2 * torch.randn(B * T)).float()
-            adv, coef = torch.randn(B * T), torch.rand(B * T)
-            coef[3] = 0.0
-            out = torch.empty_like(x)
-            logp, ent = LAUNCHERS.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, TokenLossParams.from_config(cfg), out)
-            g = coef.double() * reference.token_loss_grad(lp64, cfg, adv.double(), None if old is None else old.double(),
-                                                          ref.double())
-            xr = x.double().requires_grad_()
-            (reference.token_logprobs(xr, ids.view(B, T)).view(-1) * g).sum().backward()
-            err = (out.double() - xr.grad).abs().max().item()
-            assert err <= 16 * EPS32 * max(1.0, g.abs().max().item()), f"{loss_type} old={old_given}: {err}"
-            assert torch.all(out.view(-1, V)[3] == 0)
+    check_fused_launcher(LAUNCHERS, TokenLossParams.from_config, B=3, T=5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,16 +135,7 @@ def test_masked_rows_are_zero_without_reading_and_bad_id_is_nan(isa, dtype):
 
 
 def test_all_banned_but_one_and_v1(isa):
-    """A row with every logit -inf but the target: logp = 0, entropy = 0, gradient finite (zero)."""
-    x = torch.full((1, 2, 9), float("-inf"))
-    x[0, 0, 4] = 2.0
-    x[0, 1, 0] = -1.0
-    ids = torch.tensor([4, 0])
-    xi = x.clone().requires_grad_()
-    logp, ent = gk.token_logprobs(xi, ids.view(1, 2), return_entropy=True, backend="cpu")
-    (logp.sum() + ent.sum()).backward()
-    assert torch.equal(logp, torch.zeros(1, 2)) and torch.equal(ent, torch.zeros(1, 2))
-    assert torch.equal(xi.grad, torch.zeros_like(x))
+    check_all_banned_but_one("cpu")
 
 
 def test_isas_agree_on_fp32_forward():
@@ -290,7 +149,7 @@ def test_isas_agree_on_fp32_forward():
         _C.set_isa(name)
         res[name] = LAUNCHERS.logprobs_fwd(x, ids, 1.0, True)
     _C.set_isa(_DEFAULT_ISA)
-    for a, b in zip(res["baseline"], res["avx2"]):
+    for a, b in zip(res["baseline"], res["avx2"], strict=True):
         assert (a - b).abs().max().item() <= 8 * EPS32 * max(1.0, a.abs().max().item())
 
 
@@ -304,7 +163,7 @@ def test_thread_count_does_not_change_results():
     finally:
         torch.set_num_threads(n)
     many = LAUNCHERS.logprobs_fwd(x, ids, 1.0, True)
-    for a, b in zip(one, many):
+    for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)  # rows are independent: the partition of rows cannot change a row's result
 
 

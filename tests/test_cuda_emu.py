@@ -34,8 +34,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_checks import (
+    DTYPES,
+    KL,
+    LOSS_DELTA,
+    assert_rule,
+    check_all_banned_but_one,
+    check_fused_launcher,
+    check_inplace,
+    check_large_magnitude_entropy,
+    check_logprobs,
+    check_logprobs_no_entropy,
+    check_loss,
+    loss_inputs,
+    make_logits,
+)
 
-import grpo_kernels as gk
 import grpo_kernels.backends as backends
 from grpo_kernels import reference
 from grpo_kernels.backends.base import BackendInfo, TokenLossParams
@@ -43,8 +57,6 @@ from grpo_kernels.backends.cuda_backend import CudaLaunchers
 from grpo_kernels.config import GRPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-EPS32 = torch.finfo(torch.float32).eps
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is needed to build the CUDA emulation module")
@@ -113,50 +125,6 @@ def b64(emu):
     return emu_backend(emu, 64)
 
 
-def assert_rule(kernel, ref64, same, what):
-    """The tolerance rule of the module docstring; NaN/inf must sit where the reference has them."""
-    kernel, ref64, same = kernel.double(), ref64.double(), same.double()
-    assert kernel.shape == ref64.shape, what
-    fin = torch.isfinite(ref64)
-    assert torch.equal(torch.isfinite(kernel), fin), f"{what}: non-finite values where the reference has none"
-    if not bool(fin.any()):
-        return
-    err = (kernel - ref64)[fin].abs().max().item()
-    err_same = (same - ref64)[fin].abs().max().item()
-    scale = max(1.0, ref64[fin].abs().max().item())
-    bound = 2 * err_same + 8 * EPS32 * scale
-    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch same-dtype error {err_same:.3g})"
-
-
-def make_logits(B, T, V, dtype, strided=False, scale=3.0):
-    """[B, T, V] logits; ``strided`` gives a view with row stride V + 5 (rows off the 16-byte grid), a sliced
-    batch and a storage offset."""
-    if strided:
-        x = (torch.randn(2 * B, T + 3, V + 5) * scale).to(dtype)[::2, 1:-2, 2:-3]
-        assert not x.is_contiguous()
-        return x
-    return (torch.randn(B, T, V) * scale).to(dtype)
-
-
-def logprob_grads(x, ids, tau, backend, w_logp, w_ent):
-    inp = x.detach().requires_grad_()
-    logp, ent = gk.token_logprobs(inp, ids, temperature=tau, return_entropy=True, backend=backend)
-    ((logp * w_logp).sum() + (ent * w_ent).sum()).backward()
-    return logp.detach(), ent.detach(), inp.grad
-
-
-def check_logprobs(x, ids, tau, backend):
-    B, T = ids.shape
-    w_logp, w_ent = torch.randn(B, T), torch.randn(B, T)
-    k = logprob_grads(x, ids, tau, backend, w_logp, w_ent)
-    r = logprob_grads(x.double(), ids, tau, "torch", w_logp, w_ent)
-    s = logprob_grads(x, ids, tau, "torch", w_logp, w_ent)
-    assert k[2].dtype == x.dtype and k[2].shape == x.shape
-    for name, kv, rv, sv in zip(("logp", "entropy", "dL/dlogits"), k, r, s, strict=True):
-        assert_rule(kv, rv, sv, f"{name} {x.dtype}")
-    return k
-
-
 # --------------------------------------------------------------------------------------------------
 # log-probs, entropy and their gradients (forward kernel, backward kernel)
 # --------------------------------------------------------------------------------------------------
@@ -169,13 +137,7 @@ def test_logprobs_values_and_grads(b64, dtype, B, T, V, strided):
         x[0, 0, :3] = float("-inf")  # banned tokens
     ids = torch.randint(0, V, (B, T))
     check_logprobs(x, ids, 0.7 if V != 7 else 1.0, b64)
-    # without the entropy: the other forward / backward instantiation
-    w = torch.randn(B, T)
-    xi, xr, xs = (x.detach().clone().requires_grad_(), x.double().requires_grad_(), x.detach().clone().requires_grad_())
-    (gk.token_logprobs(xi, ids, temperature=0.7, backend=b64) * w).sum().backward()
-    (reference.token_logprobs(xr, ids, 0.7) * w).sum().backward()
-    (reference.token_logprobs(xs, ids, 0.7) * w).sum().backward()
-    assert_rule(xi.grad, xr.grad, xs.grad, f"dL/dlogits (no entropy) {dtype}")
+    check_logprobs_no_entropy(x, ids, 0.7, b64)  # the other forward / backward instantiation
 
 
 @pytest.mark.parametrize("block", [32, 96, 512])
@@ -222,60 +184,12 @@ def test_every_row_alignment(emu, dtype):
 
 
 def test_large_magnitude_entropy(b64):
-    """|z| ~ 1e4: the entropy through (s, t) has no cancellation (lse - sum p z would lose ~1e-3)."""
-    x = torch.randn(2, 3, 1007) * 2 + 1e4
-    ids = torch.randint(0, 1007, (2, 3))
-    logp, ent = gk.token_logprobs(x, ids, return_entropy=True, backend=b64)
-    r_logp, r_ent = reference.token_logprobs(x.double(), ids, return_entropy=True)
-    assert (ent.double() - r_ent).abs().max() < 2e-5
-    assert (logp.double() - r_logp).abs().max() < 1e-2  # logp = z - lse with |z| ~ 1e4: fp32 ulp 1e-3
+    check_large_magnitude_entropy(b64)
 
 
 # --------------------------------------------------------------------------------------------------
 # the loss: every loss type x importance level x KL x delta, with masks and NaN garbage
 # --------------------------------------------------------------------------------------------------
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
-KL = [(0.0, True), (0.04, True), (0.04, False)]  # (beta, use_bias_correction_kl)
-LOSS_DELTA = [(lt, None) for lt in LOSS_TYPES] + [(lt, 1.3) for lt in ("grpo", "bnpo", "dr_grpo", "dapo")]
-
-
-def loss_inputs(B, T, V, dtype, strided=False):
-    x = make_logits(B, T, V, dtype, strided)
-    ids = torch.randint(0, V, (B, T))
-    mask = torch.rand(B, T) > 0.25
-    mask[1] = False  # a fully masked row ...
-    mask[0, 0] = True
-    with torch.no_grad():  # ... whose logits are garbage
-        x[1] = float("nan")
-    ids[1] = V + 5  # and whose ids are out of range (allowed where masked)
-    lp = reference.token_logprobs(x.double(), torch.where(mask, ids, 0), mask=mask).float()
-    old = lp + 0.25 * torch.randn(B, T)  # ratios over ~[0.6, 1.6]: both clip bounds and the delta are crossed
-    ref = lp + 0.3 * torch.randn(B, T)
-    adv = torch.randn(B)
-    return x, ids, mask, old, ref, adv
-
-
-def run_loss(x, ids, mask, old, ref, adv, cfg, backend, inplace=False, on_policy=False):
-    leaf = x.detach().clone().requires_grad_() if inplace else x.detach().requires_grad_()
-    inp = leaf * 1 if inplace else leaf  # inplace needs a non-leaf whose storage may be overwritten
-    out = gk.grpo_loss_with_config(
-        inp, ids, cfg, completion_mask=mask, advantages=adv, old_logps=None if on_policy else old,
-        ref_logps=ref if cfg.beta != 0 else None, inplace=inplace, backend=backend,
-    )
-    out.loss.backward()
-    return out.loss.detach(), out.logps, leaf.grad
-
-
-def check_loss(args, cfg, backend, **kw):
-    k = run_loss(*args, cfg, backend, **kw)
-    r = run_loss(args[0].double(), *args[1:], cfg, "torch", **kw)
-    s = run_loss(*args, cfg, "torch", **kw)
-    for name, kv, rv, sv in zip(("loss", "logps", "grad"), k, r, s, strict=True):
-        assert_rule(kv, rv, sv, f"{name} {args[0].dtype}")
-    assert torch.all(k[2][1] == 0), "a fully masked row must get an exact zero gradient"
-    return k
-
-
 @pytest.mark.parametrize("loss_type,delta", LOSS_DELTA)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta,bias", KL)
@@ -300,22 +214,11 @@ def test_loss_half_dtypes(b64, dtype, loss_type, level, strided):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_inplace_matches_out_of_place(b64, dtype, level):
-    """inplace=True writes the gradient into the logits' storage: the same values as out of place."""
+    """inplace=True writes the gradient into the logits' storage: the same values as out of place. Contiguous
+    inputs: bit-equality needs the same row alignments (the split of a row into scalar head / vectors / tail,
+    hence the order of the fp32 sums, follows the alignment), and ``leaf * 1`` is contiguous."""
     cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04)
-    # contiguous: `leaf * 1` below is contiguous, and bit-equality needs the same row alignments (the split of
-    # a row into scalar head / vectors / tail, hence the order of the fp32 sums, follows the alignment)
-    args = loss_inputs(3, 4, 1007, dtype)
-    k = run_loss(*args, cfg, b64)
-    leaf = args[0].detach().clone().requires_grad_()
-    inp = leaf * 1
-    storage = inp.data_ptr()
-    out = gk.grpo_loss_with_config(inp, args[1], cfg, completion_mask=args[2], advantages=args[5],
-                                   old_logps=args[3], ref_logps=args[4], inplace=True, backend=b64)
-    out.loss.backward()
-    assert torch.equal(out.loss.detach(), k[0]) and torch.equal(out.logps, k[1])
-    assert torch.equal(leaf.grad, k[2])
-    assert torch.equal(inp.detach(), k[2]), "the gradient must be written into the logits' storage"
-    assert inp.data_ptr() == storage
+    check_inplace(loss_inputs(3, 4, 1007, dtype), cfg, b64)
 
 
 def test_on_policy_and_entropy_temperature(b64):
@@ -325,29 +228,7 @@ def test_on_policy_and_entropy_temperature(b64):
 
 
 def test_fused_launcher_matches_token_loss_grad(emu):
-    """The single-pass launcher's per-row weight is coef * token_loss_grad (at the launcher level, including
-    ties of torch.min: on-policy ratio 1 sits on both clip bounds +- 0)."""
-    B, T, V = 2, 3, 211
-    L = CudaLaunchers(emu, "cpu", block=64)
-    x = torch.randn(B, T, V)
-    ids = torch.randint(0, V, (B * T,))
-    for loss_type in LOSS_TYPES:
-        for old_given in (False, True):
-            cfg = GRPOConfig(loss_type=loss_type, beta=0.1, epsilon_high=3.0 if loss_type == "cispo" else None)
-            lp64 = reference.token_logprobs(x.double(), ids.view(B, T)).view(-1)
-            old = (lp64 + 0.3 * torch.randn(B * T)).float() if old_given else None
-            ref = (lp64 + 0.2 * torch.randn(B * T)).float()
-            adv, coef = torch.randn(B * T), torch.rand(B * T)
-            coef[3] = 0.0
-            out = torch.empty_like(x)
-            logp, ent = L.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, TokenLossParams.from_config(cfg), out)
-            g = coef.double() * reference.token_loss_grad(lp64, cfg, adv.double(),
-                                                          None if old is None else old.double(), ref.double())
-            xr = x.double().requires_grad_()
-            (reference.token_logprobs(xr, ids.view(B, T)).view(-1) * g).sum().backward()
-            err = (out.double() - xr.grad).abs().max().item()
-            assert err <= 16 * EPS32 * max(1.0, g.abs().max().item()), f"{loss_type} old={old_given}: {err}"
-            assert torch.all(out.view(-1, V)[3] == 0)
+    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64), TokenLossParams.from_config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,16 +261,7 @@ def test_masked_rows_zero_and_bad_id_nan_without_oob(emu, dtype):
 
 
 def test_all_banned_but_one_and_v1(b64):
-    """A row with every logit -inf but the target: logp = 0, entropy = 0, gradient zero (no NaN)."""
-    x = torch.full((1, 2, 9), float("-inf"))
-    x[0, 0, 4] = 2.0
-    x[0, 1, 0] = -1.0
-    ids = torch.tensor([[4, 0]])
-    xi = x.clone().requires_grad_()
-    logp, ent = gk.token_logprobs(xi, ids, return_entropy=True, backend=b64)
-    (logp.sum() + ent.sum()).backward()
-    assert torch.equal(logp, torch.zeros(1, 2)) and torch.equal(ent, torch.zeros(1, 2))
-    assert torch.equal(xi.grad.abs(), torch.zeros_like(x))
+    check_all_banned_but_one(b64)
 
 
 def test_binding_rejects_bad_arguments(emu):

@@ -16,16 +16,10 @@ import os
 
 import pytest
 import torch
-
-import grpo_kernels as gk
-from grpo_kernels import reference
-from grpo_kernels.backends import unavailable_reason
-from grpo_kernels.config import GRPOConfig
 from kernel_checks import (
     DTYPES,
     KL,
     LOSS_DELTA,
-    assert_rule,
     check_all_banned_but_one,
     check_fused_launcher,
     check_inplace,
@@ -37,17 +31,21 @@ from kernel_checks import (
     make_logits,
 )
 
+import grpo_kernels as gk
+from grpo_kernels.backends import unavailable_reason
+from grpo_kernels.config import GRPOConfig
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REASON = unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
 
 if REASON is None:
+    import triton
+    import triton.language as tl
+
     from grpo_kernels._ops import ops_for
     from grpo_kernels.backends import triton_backend as tb
     from grpo_kernels.backends.base import TokenLossParams
-
-    import triton
-    import triton.language as tl
     from grpo_kernels.backends.triton_kernels import _row_offset
 
     @triton.jit

@@ -75,7 +75,8 @@ def test_no_local_memory_and_no_spills(rows):
 
 def test_negative_control_is_caught(rows):
     """The checker sees the scalar loads that a per-chunk mask causes for V % 16 != 0."""
-    ctrl = {(r["arch"], r["kernel"].split()[1]): r["loop_load_widths"] for r in rows if r["kernel"].startswith("control:")}
+    ctrl = {(r["arch"], r["kernel"].split()[1]): r["loop_load_widths"]
+            for r in rows if r["kernel"].startswith("control:")}
     for arch in ARCHS:
         assert ctrl[(arch, "V=50257")] == [16], ctrl
         assert ctrl[(arch, "V=32000")] == [128], ctrl  # V % 16 == 0: the mask is constant over 16 lanes

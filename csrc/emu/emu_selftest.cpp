@@ -96,11 +96,26 @@ void check_emulator() {
 }
 
 // ---- a deliberate race: thread 0 reads what thread 1 writes, with no barrier in between ---------------
+// A handshake through relaxed atomics (which give ThreadSanitizer no happens-before edge) makes the two
+// accesses overlap in time on every run: thread 1 writes only after thread 0 has left the block's start
+// barrier, and thread 0 reads only after the write. Without it, a loaded machine could let thread 1 reach
+// the end-of-block barrier before thread 0 woke from the start barrier; the barrier's mutex then orders the
+// write before the read and the race goes unreported.
+int race_started = 0, race_written = 0;
+
 __global__ void racy_kernel(float* out) {
   GK_SHARED(sh, float, 64);
-  sh[threadIdx.x] = float(threadIdx.x);
-  // missing __syncthreads()
-  out[threadIdx.x] = sh[(threadIdx.x + 1) % blockDim.x];
+  if (threadIdx.x == 0) {
+    __atomic_store_n(&race_started, 1, __ATOMIC_RELAXED);
+    while (!__atomic_load_n(&race_written, __ATOMIC_RELAXED)) {
+    }
+    out[0] = sh[1];  // missing __syncthreads() between the write below and this read
+  } else if (threadIdx.x == 1) {
+    while (!__atomic_load_n(&race_started, __ATOMIC_RELAXED)) {
+    }
+    sh[1] = 1.f;
+    __atomic_store_n(&race_written, 1, __ATOMIC_RELAXED);
+  }
 }
 
 // ---- kernels against double precision ------------------------------------------------------------------

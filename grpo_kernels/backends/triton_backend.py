@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -63,7 +62,7 @@ def _aligned(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     mis = (t.data_ptr() % 16) // es
     if t.data_ptr() % es or t.storage_offset() < mis:  # storage itself off the grid: no alignment to gain
         return t, 0
-    extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride()) if d > 0)
+    extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True) if d > 0)
     return t.as_strided((mis + extent,), (1,), t.storage_offset() - mis), mis
 
 
@@ -80,7 +79,7 @@ def _rows(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int, 
     return base, shift, B, T, V, logits.stride(0), logits.stride(1)
 
 
-def _vec(t: Optional[torch.Tensor], n: int, name: str, like: torch.Tensor, dtype=torch.float32):
+def _vec(t: torch.Tensor | None, n: int, name: str, like: torch.Tensor, dtype=torch.float32):
     if t is None:
         return None
     if t.dtype != dtype or t.numel() != n or not t.is_contiguous() or t.device != like.device:

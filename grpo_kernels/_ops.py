@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import reference
+from ._memory import empty_grad
 from .backends import launchers
 from .backends.base import TokenLossParams
 from .config import GRPOConfig
@@ -91,7 +92,7 @@ def ops_for(name: str) -> dict:
         if ctx.inplace:
             bwd_inplace(logits, *args)
             return logits, None, None, None, None
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out = empty_grad(logits.shape, logits.dtype, logits.device)
         bwd(logits, *args, out)
         return out, None, None, None, None
 
@@ -203,7 +204,7 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
             grad = logits.detach()
             logp, ent = ops["fused_inplace"](grad, *args)
         else:
-            grad = torch.empty((B, T, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+            grad = empty_grad((B, T, logits.shape[-1]), logits.dtype, logits.device)
             logp, ent = ops["fused"](logits.detach(), *args, grad)
         logp, ent = logp.view(B, T), ent.view(B, T)
         with torch.no_grad():

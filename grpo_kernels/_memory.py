@@ -33,9 +33,12 @@ if sys.platform.startswith("linux"):
 
 def hint_huge_pages(t: torch.Tensor) -> None:
     """Advise huge pages for the 2 MiB-aligned interior of a CPU tensor's (untouched) storage."""
-    if _madvise is None or t.device.type != "cpu":
+    if _madvise is None or t.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    start, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    try:
+        start, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    except RuntimeError:  # a fake / functional tensor while tracing (torch.compile, opcheck): no memory
+        return
     if nbytes < _MIN_BYTES:
         return
     lo = (start + _HUGE - 1) // _HUGE * _HUGE

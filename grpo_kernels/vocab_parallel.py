@@ -16,7 +16,18 @@ Backward needs no communication: with p_v = e^{z_v - lse} (the GLOBAL lse), each
 on its own columns, and g_logp, g_ent are the same on every rank because the loss is computed from the
 all-reduced log-probs on every rank (no all-reduce of an N x V gradient).
 
-The per-shard arithmetic is torch (an fp32 copy of the shard and its exp, O(N x V_r)); the loss math is
+With a fused backend (``backend="auto"``: the C++ CPU kernels on CPU tensors, CUDA / Triton on GPUs) each
+rank runs the ordinary fused forward kernel on its shard with shard-local ids (-1 where the id is another
+rank's: no target term), which gives per row the shard's own ``lse_r``, entropy ``H_r`` and ``logp_r``; one
+MAX and one SUM all-reduce combine them, with ``e_r = e^{lse_r - M}``, ``M = max_r lse_r``, ``S = sum_r e_r``:
+
+    lse = M + log S,   H = sum_r (e_r / S) H_r + log S - sum_r (e_r / S)(lse_r - M),
+    logp = logp_r + (lse_r - lse)  on the rank that owns the id
+
+(``H = -sum p log p`` split by shard, ``p_v = (e_r / S) q_v`` with ``q`` the shard softmax). The backward is
+the ordinary fused backward kernel fed the GLOBAL lse and H: O(N) saved, nothing of size N x V_r but the
+gradient. With ``backend="torch"`` (and for float64 shards, the reference's dtype) the per-shard arithmetic is
+eager torch (an fp32 / float64 copy of the shard and its exp, O(N x V_r)). The loss math is
 :func:`reference.loss_from_logps`, the same as every other path. Every rank must call these functions
 with the same N, ids and loss inputs (they are collectives), and call ``backward`` on its loss.
 """
@@ -28,7 +39,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validate, reference
+from ._memory import empty_grad
 from .api import GRPOLossOutput
+from .backends import launchers, resolve_backend
 from .config import GRPOConfig
 
 
@@ -112,11 +125,67 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return d.to(shard.dtype), None, None, None, None, None
 
 
-def _logprobs(logits_shard, ids, vocab_start, tau, group, mask, check_mask):
+class _FusedVocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard, ids, vocab_start: int, tau: float, group, name: str):
+        # shard [N, V_r] fp32 / bf16 / fp16 (row stride kept); ids [N] global
+        L = launchers(name)
+        x3 = shard.unsqueeze(0)  # [1, N, V_r]: the launchers' [B, T, V] layout
+        local = ids.long() - vocab_start
+        in_shard = (local >= 0) & (local < shard.shape[-1])
+        local = torch.where(in_shard, local, -1).contiguous()  # -1: another rank's id, no target term here
+        logp_r, lse_r, ent_r = L.logprobs_fwd(x3, local, tau, True)
+        M = lse_r.clone()
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(lse_r - M)  # 0 for a shard whose logits are all -inf
+        zero = torch.zeros((), dtype=e.dtype, device=e.device)
+        stats = torch.stack([
+            e,
+            torch.where(e > 0, e * ent_r, zero),
+            torch.where(e > 0, e * (lse_r - M), zero),
+            torch.where(in_shard, logp_r, zero),
+            torch.where(in_shard, lse_r, zero),
+            in_shard.to(e.dtype),
+        ], -1)  # [N, 6]
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        S, A, C, logp_own, lse_own, found = stats.unbind(-1)
+        log_s = torch.log(S)
+        lse = M + log_s
+        ent = A / S + log_s - C / S
+        logp = torch.where(found > 0, logp_own + (lse_own - lse), torch.full_like(lse, float("nan")))
+        ctx.save_for_backward(shard, local, lse.contiguous(), ent.contiguous())
+        ctx.tau, ctx.name = tau, name
+        return logp, ent, found
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_found):
+        shard, local, lse, ent = ctx.saved_tensors
+        x3 = shard.unsqueeze(0)
+        g = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        out = empty_grad(x3.shape, shard.dtype, shard.device)
+        has_ent = g_ent is not None
+        launchers(ctx.name).logprobs_bwd(x3, local, lse, ent if has_ent else None, g,
+                                         g_ent.float().contiguous() if has_ent else None, ctx.tau, out)
+        return out.view(shard.shape), None, None, None, None, None
+
+
+def _backend(backend: str, shard: Tensor) -> str:
+    name = resolve_backend(backend, shard.device)
+    if name != "torch" and shard.dtype == torch.float64:
+        raise TypeError(f"logits_shard of dtype float64 runs only on backend='torch' (the reference), not {name!r}")
+    return name
+
+
+def _logprobs(logits_shard, ids, vocab_start, tau, group, mask, check_mask, name):
     lead = ids.shape
     shard = logits_shard.reshape(-1, logits_shard.shape[-1])
-    flat_mask = None if mask is None else mask.reshape(-1)
-    logp, ent, found = _VocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, flat_mask)
+    if name == "torch":
+        flat_mask = None if mask is None else mask.reshape(-1)
+        logp, ent, found = _VocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, flat_mask)
+    else:  # masked rows need no zeroing: their gradient weights are 0, and the kernels then skip the row
+        if shard.shape[-1] > 1 and shard.stride(-1) != 1:
+            shard = shard.contiguous()
+        logp, ent, found = _FusedVocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, name)
     if shard.device.type == "cpu" or _validate.debug_checks_enabled():
         # every rank sees the same all-reduced `found`, so every rank raises together (no hang)
         bad = found != 1
@@ -138,6 +207,7 @@ def token_logprobs(
     vocab_start: int | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    backend: str = "auto",
 ):
     """Per-token log-probs (and entropy) of ``softmax(logits / temperature)`` over the GLOBAL vocabulary.
 
@@ -145,14 +215,15 @@ def token_logprobs(
     ``vocab_start = rank * V_r``, equal shards in rank order); ids ``[...]`` global vocabulary indices, the
     same on every rank. Returns logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank,
     differentiable w.r.t. this rank's shard. An id in no shard raises ``ValueError`` on CPU tensors (every
-    rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``).
+    rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``). ``backend`` as in
+    :func:`grpo_kernels.token_logprobs` (every rank must use the same one).
     """
     group = _check_group(group)
     vocab_start = _check_shard(logits_shard, ids, vocab_start, group)
     tau = _validate.check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, group, None, None)
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, group, None, None, _backend(backend, logits_shard))
     return (logp, ent) if return_entropy else logp
 
 
@@ -171,6 +242,7 @@ def grpo_loss_with_config(
     ref_logps: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> GRPOLossOutput:
     """:func:`grpo_loss` with the options as one :class:`GRPOConfig`."""
     if not isinstance(config, GRPOConfig):
@@ -190,7 +262,8 @@ def grpo_loss_with_config(
     mask = x.mask
     # masked ids may be garbage: give each rank an id of its own shard there (rows zeroed, g = 0, no error)
     ids = torch.where(mask, completion_ids, vocab_start)
-    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask, mask)
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask, mask,
+                          _backend(backend, logits_shard))
     logp = torch.where(mask, logp, 0.0)
     loss, metrics = reference.loss_from_logps(
         logp, config, x.advantages, mask, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
@@ -223,6 +296,7 @@ def grpo_loss(
     sapo_temperature_neg: float = 1.05,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    backend: str = "auto",
 ) -> GRPOLossOutput:
     """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary: ``logits_shard [B, T, V_r]`` holds
     this rank's columns (see :func:`token_logprobs`), ``completion_ids`` are global ids. The loss, logps and
@@ -236,5 +310,5 @@ def grpo_loss(
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, backend=backend,
     )

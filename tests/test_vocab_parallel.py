@@ -2,7 +2,9 @@
 
 Each worker builds the same full inputs, keeps its rank's vocabulary columns, runs the vocab-parallel
 functions and compares values and the gradient of ITS shard with the columns of the full-logits gradient
-of the eager reference (``backend="torch"``). Float64 inputs must agree to float64 rounding (1e-10
+of the eager reference (``backend="torch"``). fp32 runs on every backend available for CPU tensors (the eager
+per-shard path ``torch``, the C++ kernels ``cpu`` and, under the interpreter, ``triton``); float64 only on
+``torch``. Float64 inputs must agree to float64 rounding (1e-10
 relative: only the order of the sums over V differs); fp32 inputs within 5e-6 relative of the float64 truth
 (fp32 sums over V = 39 terms of O(1) values, a few ulp). One spawn runs every case, to pay the process
 start-up once; a failing check raises in the worker and mp.spawn re-raises it here with its traceback.
@@ -25,6 +27,9 @@ from grpo_kernels import vocab_parallel as vp
 WORLD = 2
 B, T, V = 4, 3, 39  # V odd: with the default equal shards V must divide; the uneven cases pass vocab_start
 SPLIT = (22, 17)  # uneven shards for the explicit-vocab_start cases
+BACKENDS = gk.available_backends("cpu")
+F64_TOL, F32_TOL = dict(rtol=1e-10, atol=1e-12), dict(rtol=5e-6, atol=5e-6)
+RUNS = [(torch.float64, F64_TOL, "torch")] + [(torch.float32, F32_TOL, b) for b in BACKENDS]
 
 
 def full_inputs(dtype, seed=0):
@@ -64,7 +69,7 @@ def _close(a, b, tol, what):
 
 
 def _check_all(rank):
-    for dtype, tol in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=5e-6, atol=5e-6))):
+    for dtype, tol, backend in RUNS:
         for uneven in (False, True):
             x = full_inputs(dtype)
             if not uneven:  # default equal shards need V % world == 0: drop the last column
@@ -73,11 +78,12 @@ def _check_all(rank):
             full64 = x["logits"].detach().double().clone().requires_grad_(True)
             shard, start = shard_of(x["logits"], rank, uneven)
             shard = shard.detach().clone().requires_grad_(True)
-            tag = f"{dtype} uneven={uneven} rank={rank}"
+            tag = f"{dtype} {backend} uneven={uneven} rank={rank}"
 
             # token_logprobs: values and the gradient of a combination of logp and entropy
             w1, w2 = torch.randn(B, T, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
-            lp, ent = vp.token_logprobs(shard, x["ids"], vocab_start=start, temperature=0.7, return_entropy=True)
+            lp, ent = vp.token_logprobs(shard, x["ids"], vocab_start=start, temperature=0.7, return_entropy=True,
+                                        backend=backend)
             rlp, rent = reference.token_logprobs(full64, x["ids"], 0.7, True)
             _close(lp.double(), rlp.detach(), tol, f"logp {tag}")
             _close(ent.double(), rent.detach(), tol, f"entropy {tag}")
@@ -92,7 +98,7 @@ def _check_all(rank):
                 shard.grad, full64.grad = None, None
                 kw = dict(completion_mask=x["mask"], advantages=x["adv"], old_logps=x["old"], ref_logps=x["ref"],
                           **case)
-                out = vp.grpo_loss(shard, x["ids"], vocab_start=start, **kw)
+                out = vp.grpo_loss(shard, x["ids"], vocab_start=start, backend=backend, **kw)
                 out.loss.backward()
                 r = gk.grpo_loss(full64, x["ids"], backend="torch", **kw)
                 r.loss.backward()
@@ -111,17 +117,21 @@ def _check_all(rank):
     logits = x["logits"][..., : V - 1].contiguous()
     ids = x["ids"].clamp(max=V - 2)
     shard, start = shard_of(logits, rank, False)
-    dirty = shard.clone().masked_fill(~x["mask"].unsqueeze(-1), float("nan")).requires_grad_(True)
-    clean = shard.clone().requires_grad_(True)
     bad_ids = ids.masked_fill(~x["mask"], 10_000)
     kw = dict(completion_mask=x["mask"], advantages=x["adv"], old_logps=x["old"], ref_logps=x["ref"], beta=0.04,
               importance_sampling_level="sequence")
-    a = vp.grpo_loss(dirty, bad_ids, **kw)
-    a.loss.backward()
-    c = vp.grpo_loss(clean, ids, **kw)
-    c.loss.backward()
-    _close(a.loss, c.loss, dict(rtol=0, atol=0), "masked garbage loss")
-    _close(dirty.grad, clean.grad, dict(rtol=0, atol=0), "masked garbage grad")
+    for backend in BACKENDS:
+        dirty = shard.clone().masked_fill(~x["mask"].unsqueeze(-1), float("nan")).requires_grad_(True)
+        clean = shard.clone().requires_grad_(True)
+        a = vp.grpo_loss(dirty, bad_ids, backend=backend, **kw)
+        a.loss.backward()
+        c = vp.grpo_loss(clean, ids, backend=backend, **kw)
+        c.loss.backward()
+        _close(a.loss, c.loss, dict(rtol=0, atol=0), f"masked garbage loss {backend}")
+        _close(dirty.grad, clean.grad, dict(rtol=0, atol=0), f"masked garbage grad {backend}")
+    # float64 shards run only on the reference
+    with pytest.raises(TypeError, match="float64"):
+        vp.token_logprobs(clean.detach().double(), ids, backend="cpu")
 
     # an id outside the global vocabulary at a kept position: every rank raises (no hang)
     with pytest.raises(ValueError, match="outside the global vocabulary"):

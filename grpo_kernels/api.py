@@ -137,12 +137,7 @@ def grpo_loss(
     Give ``advantages`` ([B] or [B, T]) or ``rewards`` [B] with ``group_size``. Defaults are TRL 1.16's
     GRPOConfig. Returns ``GRPOLossOutput(loss, logps, metrics)``; see SPEC.md for the math.
     """
-    config = GRPOConfig(
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-    )
+    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return grpo_loss_with_config(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,

@@ -76,6 +76,12 @@ class GRPOConfig:
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def from_options(cls, options: dict) -> GRPOConfig:
+        """The config of the loss options in ``options`` (e.g. a keyword-wide wrapper's ``locals()``); every
+        field must be present, so a wrapper cannot silently drop one."""
+        return cls(**{name: options[name] for name in cls.field_names()})
+
 
 def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -536,12 +536,7 @@ def fused_linear_grpo_loss(
     only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss`; the loss
     is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
     """
-    config = GRPOConfig(
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-    )
+    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return fused_linear_grpo_loss_with_config(
         hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,

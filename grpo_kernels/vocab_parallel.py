@@ -301,12 +301,7 @@ def grpo_loss(
     """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary: ``logits_shard [B, T, V_r]`` holds
     this rank's columns (see :func:`token_logprobs`), ``completion_ids`` are global ids. The loss, logps and
     metrics are identical on every rank; ``loss.backward()`` on each rank gives the gradient of its shard."""
-    config = GRPOConfig(
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, temperature=temperature,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-    )
+    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,

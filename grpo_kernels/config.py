@@ -80,7 +80,10 @@ class GRPOConfig:
     def from_options(cls, options: dict) -> GRPOConfig:
         """The config of the loss options in ``options`` (e.g. a keyword-wide wrapper's ``locals()``); every
         field must be present, so a wrapper cannot silently drop one."""
-        return cls(**{name: options[name] for name in cls.field_names()})
+        return cls(**{name: options[name] for name in _FIELD_NAMES})
+
+
+_FIELD_NAMES = GRPOConfig.field_names()  # a constant: torch.compile traces through from_options
 
 
 def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:

@@ -10,11 +10,9 @@ extension has the right architectures and links, and asking for it without a GPU
   one main loop with 4 LDG.E.128 per iteration per pass over the row (forward 1, backward 1, fused 2), only
   128-bit loads in it, and it is the loop that moves the most bytes per iteration (the scalar head / tail
   loops see at most 2 x 7 elements of a row); the masked-row zero loop stores STG.E.128;
-- KNOWN GAP (xfail, strict): the gradient main loops store 4 x 32-bit (fp32 STG.E, bf16/fp16 packed pairs),
-  not STG.E.128: the vec_out branch of GradOp::vec and its per-element else branch are merged by the
-  compiler into scalar stores (seen in the PTX too: no st.global.v4 outside zero_row). An explicit vector
-  store (``__stwb(reinterpret_cast<Raw*>(dst), Vec<DT>::pack(o))``) gives STG.E.128 with the same register
-  count (tried on a copy); when the kernel is changed, the xfail flips and its marker must go;
+- the gradient main loops store 128 bits (4 STG.E.128 per iteration): GradOp::vec writes through an explicit
+  ``__stwb`` vector store (a plain assignment was merged by the compiler with the per-element branch into
+  32-bit stores);
 - negative controls: a deliberately scalar-load row loop and a kernel with a run-time indexed local array,
   compiled with nvcc here, are flagged by the same checkers (so the checks can fail);
 - the installed grpo_kernels._cuda: cuobjdump --list-elf shows sm_80 and sm_90 code (and PTX for newer
@@ -259,9 +257,6 @@ def test_sass_has_128bit_loads_in_vocab_loops_and_no_local_memory(compiled, arch
 
 @needs_nvcc
 @pytest.mark.skipif(CUOBJDUMP is None or NVDISASM is None, reason="cuobjdump / nvdisasm not found")
-@pytest.mark.xfail(strict=True, reason="known gap: the gradient main loop of GradOp::vec stores 4 x 32-bit, not "
-                   "STG.E.128 (the vec_out store and its per-element branch are merged by the compiler); an "
-                   "explicit __stwb(Raw*, pack(o)) fixes it. Remove this marker when the kernel is fixed.")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_loops_store_128bit(compiled, arch):
     sass = _sass_by_kernel(compiled[arch][0])

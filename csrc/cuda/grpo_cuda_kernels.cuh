@@ -242,7 +242,9 @@ struct GradOp {
     for (int j = 0; j < N; ++j) o[j] = g(xs[j]);
     ET* dst = orow + head + k * N;
     if (vec_out) {
-      *reinterpret_cast<typename Vec<DT>::Raw*>(dst) = Vec<DT>::pack(o);
+      // __stwb (st.global.wb): an explicit 16-byte store. A plain assignment here was merged by the
+      // compiler with the per-element branch below into 32-bit stores (seen in the SASS).
+      __stwb(reinterpret_cast<typename Vec<DT>::Raw*>(dst), Vec<DT>::pack(o));
     } else {
 #pragma unroll
       for (int j = 0; j < N; ++j) dst[j] = gk::Elem<DT>::store(o[j]);

@@ -90,6 +90,9 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+// Cache-hinted stores are plain stores on the CPU.
+template <class T>
+inline void __stwb(T* p, const T& v) { *p = v; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 // ---- runtime API subset ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ with any torch version. Environment: ``MAX_JOBS`` (parallel nvcc jobs, default 2
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -146,8 +147,12 @@ class BuildExt(build_ext):
         headers = [p for p in (ROOT / CSRC).rglob("*") if p.suffix in (".h", ".cuh")]
         newest_header = max((p.stat().st_mtime for p in headers), default=0.0)
 
+        # the flags (architectures included) are part of the object's name: an object built for another
+        # GRPO_KERNELS_CUDA_ARCHS is never reused
+        flags_tag = hashlib.sha256(" ".join(base).encode()).hexdigest()[:12]
+
         def compile_one(src: str) -> str:
-            obj = out_dir / (Path(src).stem + ".o")
+            obj = out_dir / f"{Path(src).stem}-{flags_tag}.o"
             if not self.force and obj.exists() and obj.stat().st_mtime >= max(Path(src).stat().st_mtime,
                                                                                newest_header):
                 return str(obj)

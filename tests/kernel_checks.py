@@ -189,3 +189,253 @@ def check_large_magnitude_entropy(backend):
     r_logp, r_ent = reference.token_logprobs(x.double(), ids, return_entropy=True)
     assert (ent.double() - r_ent).abs().max() < 2e-5
     assert (logp.double() - r_logp).abs().max() < 1e-2  # logp = z - lse with |z| ~ 1e4: fp32 ulp 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers of the reliability tests (test_properties, test_extreme_inputs, test_determinism): any backend,
+# any device, every input of grpo_loss, the metrics too
+# --------------------------------------------------------------------------------------------------
+CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
+
+
+class one_thread:
+    """Runs the eager reference on one thread: torch parallelises even a [2, 3, 131] float64 log_softmax, and on
+    a busy 2-core machine each such call then waits ~5 ms for its OpenMP team (measured: 8 ms against 2 us).
+    The kernels keep the default thread count (the C++ CPU backend uses torch.get_num_threads() threads)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+def backend_for_test(name: str, request):
+    """(backend name, device) of a fused backend for a test, or a skip saying why it cannot run here.
+
+    ``name``: "cpu", "triton" (the interpreter on CPU tensors, the GPU where there is one), "cuda" (a GPU),
+    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block; the requesting module must
+    import the ``emu`` fixture of tests/test_cuda_emu.py)."""
+    import pytest
+
+    from grpo_kernels.backends import unavailable_reason
+
+    if name == "cuda_emu":
+        from test_cuda_emu import CXX, emu_backend
+
+        if CXX is None:
+            pytest.skip("g++ is needed to build the CUDA emulation module")
+        return emu_backend(request.getfixturevalue("emu"), 64), "cpu"
+    device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable on {device}: {reason}")
+    return name, device
+
+
+def _on(t, device):
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+def loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu"):
+    """-> (loss, logps, dL/dlogits, metrics) of ``grpo_loss_with_config`` on CPU, computed on ``device``.
+
+    ``inputs``: the keyword tensors of grpo_loss (completion_mask, advantages or rewards + group_size,
+    old_logps, ref_logps, max_completion_length, num_items_in_batch). A loss that does not depend on the
+    logits (nothing kept) has a zero gradient."""
+    if backend == "torch":
+        with one_thread():
+            return _loss_outputs(x, ids, cfg, backend, inputs, inplace, device)
+    return _loss_outputs(x, ids, cfg, backend, inputs, inplace, device)
+
+
+def _loss_outputs(x, ids, cfg, backend, inputs, inplace, device):
+    leaf = _on(x.detach(), device).clone() if inplace or device != "cpu" else x.detach()
+    leaf.requires_grad_()
+    inp = leaf * 1 if inplace else leaf  # inplace needs a non-leaf whose storage may be overwritten
+    out = gk.grpo_loss_with_config(inp, _on(ids, device), cfg, inplace=inplace, backend=backend,
+                                   **{k: _on(v, device) for k, v in inputs.items()})
+    if out.loss.requires_grad:
+        out.loss.backward()
+    grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    return (out.loss.detach().cpu(), out.logps.cpu(), grad.cpu(),
+            {k: v.cpu() for k, v in out.metrics.items()})
+
+
+def clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
+    """[lo, hi] of each clip-ratio metric when every kept log-prob may be off by up to ``delta``.
+
+    Each flag is monotone in the token's log-prob (low: c1 < 1-eps_low falls with logp; high / cispo:
+    c1 > bound rises; sequence level: c1 of the mean moves the same way), so the metric of any logps within
+    +-delta of the float64 ones lies between the metrics of logps64 - delta and logps64 + delta."""
+    with one_thread():
+        return _clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta)
+
+
+def _clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
+    from grpo_kernels import _validate
+
+    li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
+    at = {}
+    for sign in (-1.0, 1.0):
+        _, mets = reference.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.mask,
+                                            li.old_logps, li.ref_logps, None, li.max_completion_length,
+                                            li.num_items_in_batch)
+        at[sign] = {k: v.item() for k, v in mets.items()}
+    bounds = {}
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "cispo_clip_ratio"):
+        if name in at[1.0]:
+            bounds[name] = (min(at[-1.0][name], at[1.0][name]), max(at[-1.0][name], at[1.0][name]))
+    if "clip_ratio/region_mean" in at[1.0]:  # low + high (disjoint: A < 0 vs A > 0)
+        lo_l, hi_l = bounds["clip_ratio/low_mean"]
+        lo_h, hi_h = bounds["clip_ratio/high_mean"]
+        bounds["clip_ratio/region_mean"] = (lo_l + lo_h, hi_l + hi_h)
+    return bounds
+
+
+def loss_of_logps(x, ids, cfg, inputs, logps):
+    """The float64 reference as a function of the log-probs: -> (loss, kl metric or None, dL/dlogits), the
+    loss math (and the exact float64 softmax Jacobian of the logits) applied to the given ``logps``."""
+    with one_thread():
+        return _loss_of_logps(x, ids, cfg, inputs, logps)
+
+
+def _loss_of_logps(x, ids, cfg, inputs, logps):
+    from grpo_kernels import _validate
+
+    li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
+    lp = logps.double().clone().requires_grad_()
+    terms = reference.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.mask)
+    loss = reference.reduce_loss(terms.loss_tok, li.mask, cfg.loss_type, li.max_completion_length,
+                                 li.num_items_in_batch)
+    kl = None if terms.kl is None else reference._mean_metric(terms.kl.detach(), li.mask)
+    g = torch.autograd.grad(loss, lp, allow_unused=True)[0] if loss.requires_grad else None
+    x64 = x.detach().double().requires_grad_()
+    logp_x = reference.token_logprobs(x64, torch.where(li.mask, ids, 0), cfg.temperature, mask=li.mask)
+    if g is None:
+        return loss.detach(), kl, torch.zeros_like(x64)
+    (logp_x * g).sum().backward()
+    return loss.detach(), kl, x64.grad
+
+
+def assert_via_logps(kernel, ref64, same, ref_at_kernel_logps, what):
+    """The tolerance rule for a value computed from the log-probs (the loss, the kl metric, dL/dlogits):
+    the kernel may in addition be off by what its own log-prob errors (checked by the rule) imply, i.e. by
+    |f64(kernel logps) - f64(reference logps)| element by element.
+
+    (Without that term the rule is a coin toss here: a row's loss weight is one function of its log-prob, so the
+    max error over a row's V gradient entries is one sample, not a max over many; torch's log-prob error in
+    that row may happen to be 0 while the kernel's, no larger over the batch, is not.)"""
+    kernel, ref64, same, at = (torch.as_tensor(t).double() for t in (kernel, ref64, same, ref_at_kernel_logps))
+    assert kernel.shape == ref64.shape, what
+    fin = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(kernel), fin), f"{what}: non-finite values where the reference has none"
+    if not bool(fin.any()):
+        return
+    err = (kernel - ref64).abs()
+    via = torch.where(fin, (at - ref64).abs(), 0.0)
+    via = torch.where(torch.isfinite(via), via, 0.0)
+    bound = rule_bound(ref64, same)
+    excess = (err - via)[fin].max().item()
+    assert excess <= bound, (f"{what}: error beyond what the log-prob errors imply {excess:.3g} > bound {bound:.3g} "
+                             f"(max error {err[fin].max().item():.3g}, torch same-dtype error "
+                             f"{(same - ref64)[fin].abs().max().item():.3g})")
+
+
+def assert_mean_of_checked(kernel, ref64, same, per_token_bound, what):
+    """A (masked) mean of per-token values each allowed ``per_token_bound`` by the rule: the mean may be off
+    by that bound, plus the rule on its own evaluation."""
+    k, r, s = (float(t) for t in (kernel, ref64, same))
+    bound = per_token_bound + 2 * abs(s - r) + 8 * EPS32 * max(1.0, abs(r))
+    assert abs(k - r) <= bound, f"{what}: error {abs(k - r):.3g} > bound {bound:.3g}"
+
+
+def rule_bound(ref64, same):
+    """The per-element bound of the tolerance rule (over the finite entries of ``ref64``)."""
+    ref64, same = ref64.double(), same.double()
+    fin = torch.isfinite(ref64) & torch.isfinite(same)
+    if not bool(fin.any()):
+        return 8 * EPS32
+    return 2 * (same - ref64)[fin].abs().max().item() + 8 * EPS32 * max(1.0, ref64[fin].abs().max().item())
+
+
+def check_loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu"):
+    """``backend`` against the float64 reference: the logps by the tolerance rule; the loss, the kl metric and
+    the gradient by the rule plus what the logps' errors imply (:func:`assert_via_logps`); the entropy metric
+    as a mean of per-token values under the rule; clip ratios, which jump at the clip bounds, within
+    :func:`clip_metric_bounds`; every masked position gets an exact zero gradient.
+    Returns the backend's (loss, logps, grad, metrics)."""
+    k = loss_outputs(x, ids, cfg, backend, inputs, inplace, device)
+    r = loss_outputs(x.double(), ids, cfg, "torch", inputs)
+    s = loss_outputs(x, ids, cfg, "torch", inputs)
+    what = f"{backend} {x.dtype} {tuple(x.shape)} {cfg}"
+    assert k[2].dtype == x.dtype and k[2].shape == x.shape
+    assert_rule(k[1], r[1], s[1], f"logps {what}")
+    mask = inputs.get("completion_mask")
+    mask = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+    assert torch.all(k[2][~mask] == 0), f"masked positions must get an exact zero gradient ({what})"
+    at_loss, at_kl, at_grad = loss_of_logps(x, ids, cfg, inputs, k[1])
+    assert_via_logps(k[0], r[0], s[0], at_loss, f"loss {what}")
+    assert_via_logps(k[2], r[2], s[2], at_grad, f"grad {what}")
+
+    assert set(k[3]) == set(r[3]), f"metric names {sorted(k[3])} != {sorted(r[3])}"
+    kept = mask & torch.isfinite(r[1])
+    lp_err = (k[1].double() - r[1])[kept].abs().max().item() if kept.any() else 0.0
+    old = inputs.get("old_logps")
+    w_scale = r[1][kept].abs().max().item() if kept.any() else 0.0
+    if old is not None and kept.any():
+        w_scale += old.double()[kept].abs().max().item()
+    delta = lp_err + 1e-6 + 4 * EPS32 * w_scale
+    bounds = clip_metric_bounds(x, ids, cfg, inputs, r[1], delta) if any(n in r[3] for n in CLIP_METRICS) else {}
+    for name, kv in k[3].items():
+        assert kv.dim() == 0 and kv.dtype == torch.float32, name
+        if name in bounds:
+            lo, hi = bounds[name]
+            assert lo - 1e-6 <= kv.item() <= hi + 1e-6, f"metric {name} = {kv.item()} outside [{lo}, {hi}] ({what})"
+        elif name == "kl":
+            assert_via_logps(kv, r[3][name], s[3][name], at_kl, f"metric kl {what}")
+        elif name == "entropy":  # a masked mean of per-token entropies, each allowed the rule's bound
+            ids0 = torch.where(mask, ids, 0)
+            with one_thread():
+                _, h64 = reference.token_logprobs(x.double(), ids0, cfg.temperature, True, mask)
+                _, hs = reference.token_logprobs(x, ids0, cfg.temperature, True, mask)
+            per_token = rule_bound(h64[mask], hs[mask]) if mask.any() else 0.0
+            assert_mean_of_checked(kv, r[3][name], s[3][name], per_token, f"metric entropy {what}")
+        else:
+            assert_rule(kv, r[3][name], s[3][name], f"metric {name} {what}")
+    return k
+
+
+def logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device="cpu", entropy=True):
+    """-> (logp, entropy or None, dL/dlogits) of token_logprobs for L = w_logp . logp (+ w_ent . entropy)."""
+    if backend == "torch":
+        with one_thread():
+            return _logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy)
+    return _logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy)
+
+
+def _logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy):
+    inp = _on(x.detach(), device).clone() if device != "cpu" else x.detach()
+    inp.requires_grad_()
+    idd = _on(ids, device)
+    if entropy:
+        logp, ent = gk.token_logprobs(inp, idd, temperature=tau, return_entropy=True, backend=backend)
+        ((logp * _on(w_logp, device)).sum() + (ent * _on(w_ent, device)).sum()).backward()
+        return logp.detach().cpu(), ent.detach().cpu(), inp.grad.cpu()
+    logp = gk.token_logprobs(inp, idd, temperature=tau, backend=backend)
+    (logp * _on(w_logp, device)).sum().backward()
+    return logp.detach().cpu(), None, inp.grad.cpu()
+
+
+def check_logprob_outputs(x, ids, tau, backend, device="cpu", entropy=True):
+    """:func:`check_logprobs` on any device, with or without the entropy output."""
+    w_logp, w_ent = torch.randn(ids.shape), torch.randn(ids.shape)
+    k = logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy)
+    r = logprob_outputs(x.double(), ids, tau, "torch", w_logp, w_ent, entropy=entropy)
+    s = logprob_outputs(x, ids, tau, "torch", w_logp, w_ent, entropy=entropy)
+    assert k[2].dtype == x.dtype and k[2].shape == x.shape
+    for name, kv, rv, sv in zip(("logp", "entropy", "dL/dlogits"), k, r, s, strict=True):
+        if kv is not None:
+            assert_rule(kv, rv, sv, f"{name} {backend} {x.dtype} {tuple(x.shape)} tau={tau}")
+    return k

@@ -360,13 +360,14 @@ def rule_bound(ref64, same):
     return 2 * (same - ref64)[fin].abs().max().item() + 8 * EPS32 * max(1.0, ref64[fin].abs().max().item())
 
 
-def check_loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu"):
+def check_loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu", kernel_outputs=None):
     """``backend`` against the float64 reference: the logps by the tolerance rule; the loss, the kl metric and
     the gradient by the rule plus what the logps' errors imply (:func:`assert_via_logps`); the entropy metric
     as a mean of per-token values under the rule; clip ratios, which jump at the clip bounds, within
     :func:`clip_metric_bounds`; every masked position gets an exact zero gradient.
-    Returns the backend's (loss, logps, grad, metrics)."""
-    k = loss_outputs(x, ids, cfg, backend, inputs, inplace, device)
+    Returns the backend's (loss, logps, grad, metrics); ``kernel_outputs``: those, computed by the caller (on
+    logits laid out in a way loss_outputs does not reproduce), instead of running them here."""
+    k = loss_outputs(x, ids, cfg, backend, inputs, inplace, device) if kernel_outputs is None else kernel_outputs
     r = loss_outputs(x.double(), ids, cfg, "torch", inputs)
     s = loss_outputs(x, ids, cfg, "torch", inputs)
     what = f"{backend} {x.dtype} {tuple(x.shape)} {cfg}"

@@ -1,0 +1,224 @@
+"""Bad input (SPEC section 4): every rejected input, checked against the table in README.md.
+
+The README's table (between ``<!-- bad-input-table -->`` and ``<!-- /bad-input-table -->``) lists each rejected
+input with its case id, the exception and the message (``…`` stands for a part that varies). Here each case id
+is a call that makes that input; ``test_readme_row[<id>]`` runs it and checks that it raises exactly the listed
+exception with a message matching the listed one, and ``test_table_and_cases_agree`` that every case is in the
+table and every row has a case. (tests/test_api.py tests many of the same inputs for the argument name only.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import backends
+from grpo_kernels.backends import BackendUnavailableError
+from grpo_kernels.config import GRPOConfig
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+B, T, V, G = 4, 3, 7, 2
+ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "BackendUnavailableError": BackendUnavailableError}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, T, V, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return dict(logits=logits, ids=ids, mask=torch.ones(B, T, dtype=torch.bool), adv=torch.randn(B, generator=g),
+                old=logp - 0.1, ref=logp + 0.1)
+
+
+X = _inputs()
+
+
+def loss(**over):
+    """grpo_loss on valid inputs (off-policy, beta = 0.04, backend "torch") with some arguments replaced."""
+    kw = dict(completion_mask=X["mask"], advantages=X["adv"], old_logps=X["old"], ref_logps=X["ref"], beta=0.04,
+              backend="torch")
+    logits, ids = over.pop("logits", X["logits"]), over.pop("completion_ids", X["ids"])
+    kw.update(over)
+    return gk.grpo_loss(logits, ids, **kw)
+
+
+def logprobs(**over):
+    kw = dict(backend="torch")
+    logits, ids = over.pop("logits", X["logits"]), over.pop("ids", X["ids"])
+    kw.update(over)
+    return gk.token_logprobs(logits, ids, **kw)
+
+
+def advantages(rewards=None, group_size=G, **kw):
+    return gk.group_advantages(torch.zeros(B) if rewards is None else rewards, group_size, **kw)
+
+
+def meta(t):
+    """A tensor on another device ("meta" stands in for a second device on a one-device machine)."""
+    return t.to("meta")
+
+
+def ids_at(value, pos=(0, 1)):
+    ids = X["ids"].clone()
+    ids[pos] = value
+    return ids
+
+
+def env_backend(mp, value, call):
+    mp.setenv(backends.ENV_VAR, value)
+    return call()
+
+
+def no_module(mp, call):
+    mp.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    return call()
+
+
+FUSED_CPU = next((n for n in gk.available_backends("cpu") if n != "torch"), None)
+
+# case id -> a call (given pytest's monkeypatch) that makes the rejected input of the README row with that id
+CASES = {
+    # ---- logits (grpo_loss, token_logprobs) ----
+    "logits-not-a-tensor": lambda mp: loss(logits=X["logits"].tolist()),
+    "logits-integer": lambda mp: loss(logits=X["logits"].long()),
+    "logits-bool": lambda mp: logprobs(logits=X["logits"] > 0),
+    "logits-empty-vocabulary": lambda mp: logprobs(logits=torch.zeros(B, T, 0), ids=X["ids"]),
+    "logits-last-stride": lambda mp: loss(logits=torch.randn(B, T, 2 * V)[..., ::2]),
+    "logits-vocab-major": lambda mp: logprobs(logits=torch.randn(V, B, T).permute(1, 2, 0)),
+    "logits-not-3d": lambda mp: loss(logits=X["logits"][0]),
+    "logits-float64-fused": lambda mp: loss(logits=X["logits"].double(), backend=FUSED_CPU or "cpu"),
+    # ---- completion_ids / ids ----
+    "completion_ids-float": lambda mp: loss(completion_ids=X["ids"].float()),
+    "completion_ids-1d": lambda mp: loss(completion_ids=X["ids"][0]),
+    "completion_ids-shape": lambda mp: loss(completion_ids=X["ids"][:, :2]),
+    "completion_ids-device": lambda mp: loss(completion_ids=meta(X["ids"])),
+    "completion_ids-out-of-range": lambda mp: loss(completion_ids=ids_at(V)),
+    "completion_ids-negative": lambda mp: loss(completion_ids=ids_at(-100, (3, 2))),
+    "ids-float": lambda mp: logprobs(ids=X["ids"].float()),
+    "ids-shape": lambda mp: logprobs(ids=X["ids"][:, :2]),
+    "ids-device": lambda mp: logprobs(ids=meta(X["ids"])),
+    "ids-out-of-range": lambda mp: logprobs(ids=X["ids"] + V),
+    # ---- completion_mask ----
+    "completion_mask-1d": lambda mp: loss(completion_mask=X["mask"][0]),
+    "completion_mask-shape": lambda mp: loss(completion_mask=X["mask"][:2]),
+    "completion_mask-device": lambda mp: loss(completion_mask=meta(X["mask"])),
+    # ---- advantages / rewards / group_size ----
+    "advantages-and-rewards": lambda mp: loss(rewards=torch.zeros(B), group_size=G),
+    "advantages-nor-rewards": lambda mp: loss(advantages=None),
+    "advantages-not-a-tensor": lambda mp: loss(advantages=[0.1, 0.2, 0.3, 0.4]),
+    "advantages-integer": lambda mp: loss(advantages=X["adv"].long()),
+    "advantages-3d": lambda mp: loss(advantages=torch.zeros(B, T, 1)),
+    "advantages-shape": lambda mp: loss(advantages=torch.zeros(B, T + 1)),
+    "advantages-device": lambda mp: loss(advantages=meta(X["adv"])),
+    "rewards-2d": lambda mp: loss(advantages=None, rewards=torch.zeros(B, 1), group_size=G),
+    "rewards-integer": lambda mp: loss(advantages=None, rewards=torch.zeros(B, dtype=torch.long), group_size=G),
+    "rewards-shape": lambda mp: loss(advantages=None, rewards=torch.zeros(B + 2), group_size=G),
+    "rewards-device": lambda mp: loss(advantages=None, rewards=meta(torch.zeros(B)), group_size=G),
+    "group_size-missing": lambda mp: loss(advantages=None, rewards=torch.zeros(B)),
+    "group_size-not-int": lambda mp: loss(advantages=None, rewards=torch.zeros(B), group_size=2.0),
+    "group_size-below-2": lambda mp: loss(advantages=None, rewards=torch.zeros(B), group_size=1),
+    "group_size-not-dividing-B": lambda mp: loss(advantages=None, rewards=torch.zeros(B), group_size=3),
+    # ---- old / ref log-probs ----
+    "old_logps-integer": lambda mp: loss(old_logps=X["old"].long()),
+    "old_logps-1d": lambda mp: loss(old_logps=X["old"][0]),
+    "old_logps-shape": lambda mp: loss(old_logps=X["old"][:, :2]),
+    "old_logps-device": lambda mp: loss(old_logps=meta(X["old"])),
+    "ref_logps-shape": lambda mp: loss(ref_logps=X["ref"].T),
+    "ref_logps-device": lambda mp: loss(ref_logps=meta(X["ref"])),
+    "ref_logps-missing-with-beta": lambda mp: loss(ref_logps=None),
+    # ---- reduction arguments ----
+    "max_completion_length-not-positive": lambda mp: loss(max_completion_length=0),
+    "max_completion_length-float": lambda mp: loss(max_completion_length=3.0),
+    "num_items_in_batch-not-positive": lambda mp: loss(num_items_in_batch=0),
+    "num_items_in_batch-tensor-size": lambda mp: loss(num_items_in_batch=torch.ones(2)),
+    # ---- loss options (grpo_loss, GRPOConfig, GRPOLoss) ----
+    "loss_type-unknown": lambda mp: loss(loss_type="ppo"),
+    "level-unknown": lambda mp: loss(importance_sampling_level="tokens"),
+    "option-not-a-number": lambda mp: loss(beta="0.04"),
+    "option-bool-as-number": lambda mp: GRPOConfig(temperature=True),
+    "option-not-finite": lambda mp: loss(temperature=float("nan")),
+    "option-not-positive": lambda mp: loss(temperature=0.0),
+    "option-negative": lambda mp: loss(epsilon_low=-0.1),
+    "epsilon_high-negative": lambda mp: loss(epsilon_high=-0.1),
+    "delta-not-positive": lambda mp: loss(delta=0.0),
+    "sapo-temperature-not-positive": lambda mp: loss(sapo_temperature_neg=0.0),
+    "use_bias_correction_kl-not-bool": lambda mp: loss(use_bias_correction_kl=1),
+    "inplace-not-bool": lambda mp: loss(inplace=1),
+    "inplace-on-the-reference": lambda mp: loss(inplace=True),
+    # ---- token_logprobs options ----
+    "temperature-not-a-number": lambda mp: logprobs(temperature="1"),
+    "temperature-not-finite-or-positive": lambda mp: logprobs(temperature=float("-inf")),
+    "return_entropy-not-bool": lambda mp: logprobs(return_entropy=1),
+    # ---- group_advantages ----
+    "group_advantages-rewards-2d": lambda mp: advantages(torch.zeros(B, 1)),
+    "group_advantages-group_size": lambda mp: advantages(group_size=3),
+    "group_advantages-scale": lambda mp: advantages(scale="std"),
+    "group_advantages-eps": lambda mp: advantages(eps=-1e-4),
+    # ---- GRPOLoss ----
+    "GRPOLoss-config-and-options": lambda mp: gk.GRPOLoss(GRPOConfig(), beta=0.1),
+    "GRPOLoss-unknown-option": lambda mp: gk.GRPOLoss(epsilon=0.2),
+    "GRPOLoss-backend": lambda mp: gk.GRPOLoss(backend="gpu"),
+    # ---- backend selection ----
+    "backend-unknown": lambda mp: loss(backend="gpu"),
+    "backend-env-unknown": lambda mp: env_backend(mp, "bogus", lambda: loss(backend="auto")),
+    "backend-unavailable": lambda mp: loss(backend="cuda"),  # cpu tensors: unavailable with or without a GPU
+    "backend-env-unavailable": lambda mp: env_backend(mp, "cuda", lambda: backends.resolve_backend(
+        "auto", torch.device("cpu"))),
+    "backend-cpu-on-other-device": lambda mp: backends.resolve_backend("cpu", torch.device("meta")),
+    "backend-triton-without-interpreter": lambda mp: (mp.setenv("TRITON_INTERPRET", "0"),
+                                                      backends.resolve_backend("triton", torch.device("cpu"))),
+    "backend-extension-missing": lambda mp: no_module(mp, lambda: backends.resolve_backend("cpu", torch.device("cpu"))),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the README table
+# --------------------------------------------------------------------------------------------------
+def readme_rows() -> list[dict]:
+    text = README.read_text()
+    start, end = text.index("<!-- bad-input-table -->"), text.index("<!-- /bad-input-table -->")
+    rows = []
+    for line in text[start:end].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 6 or not cells[0].startswith("`"):
+            continue
+        rows.append(dict(id=cells[0].strip("`"), function=cells[1], input=cells[2], error=cells[3].strip("`"),
+                         message=cells[4].strip("`"), test=cells[5].strip("`")))
+    return rows
+
+
+def message_regex(message: str) -> str:
+    """The README's message with ``…`` for the parts that vary -> a regex."""
+    return ".*".join(re.escape(part) for part in message.split("…"))
+
+
+ROWS = readme_rows()
+
+
+def test_table_and_cases_agree():
+    ids = [r["id"] for r in ROWS]
+    assert len(ids) == len(set(ids)), "duplicate case ids in the README table"
+    assert set(ids) == set(CASES), (f"README rows without a case: {sorted(set(ids) - set(CASES))}; "
+                                    f"cases missing from the README: {sorted(set(CASES) - set(ids))}")
+    for r in ROWS:
+        assert r["test"] == f"test_bad_inputs.py::test_readme_row[{r['id']}]", r
+        assert r["error"] in ERRORS, r
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["id"] for r in ROWS])
+def test_readme_row(row, monkeypatch):
+    if row["id"] == "logits-float64-fused" and FUSED_CPU is None:
+        pytest.skip("no fused CPU backend is built")
+    if row["id"] == "backend-triton-without-interpreter" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the reason given is then that one)")
+    with pytest.raises(Exception) as e:
+        CASES[row["id"]](monkeypatch)
+    want = ERRORS[row["error"]]
+    assert type(e.value) is want, f"{row['id']}: {type(e.value).__name__}: {e.value} (want {want.__name__})"
+    assert re.search(message_regex(row["message"]), str(e.value)), (
+        f"{row['id']}: the message\n    {e.value}\ndoes not match the README's\n    {row['message']}")

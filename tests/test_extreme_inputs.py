@@ -13,10 +13,11 @@ Known defects found here (strict xfails, see their reasons):
   |lse| eps / 2 relative (1e4: 5e-4) where torch's log_softmax, which subtracts the max first, is exact to a few
   eps. The fp32 gradient of the log-probs then exceeds the rule 8x to 300x. bf16 / fp16 gradients hide it
   (their rounding is coarser); the loss gradients pass (the loss weight moves with the same log-prob error).
-- ``FMA_ARGMAX``: the C++ CPU kernels' AVX2 build contracts ``x * inv_tau - m`` into an FMA, with m = max(x) *
-  inv_tau rounded: the max element gets d = (rounding error of m) instead of 0, so with V = 1 logp is not 0
-  (-6.8e-6 at z = 141) and the top token of a peaked row gets logp > 0 (+8.8e-5 at z = 2743); the baseline
-  build, Triton and CUDA give exactly 0.
+- ``FMA_ARGMAX``: the C++ CPU kernels' AVX2 build contracts ``x * inv_tau - m`` (and ``x[id] * inv_tau - lse``)
+  into FMAs while m = max(x) * inv_tau is rounded: the max element gets d = (rounding error of m) instead of 0,
+  so with V = 1 logp and entropy are not 0 (logp +8.8e-5 at x = 301.7, tau = 0.109; entropy -4.4e-8 < 0) and
+  the top token of a peaked row gets logp > 0 (+8.8e-5 for [300, 0] at tau = 0.109). The baseline build,
+  Triton and CUDA give exactly 0; so does the AVX2 build compiled with -ffp-contract=off (checked by hand).
 """
 
 from __future__ import annotations
@@ -345,17 +346,12 @@ def check_single_token_and_peaked_rows(backend, device):
 
 
 def test_single_token_vocabulary_and_peaked_rows(be):
+    """Every backend; the C++ CPU kernels in their baseline build (no FMA contraction): the AVX2 build is
+    test_single_token_vocabulary_cpu_avx2 (FMA_ARGMAX)."""
     backend, device = be
-    if backend == "cpu":
-        from grpo_kernels import _C
-
-        if _C.isa() == "avx2":
-            pytest.skip("the AVX2 build: test_single_token_vocabulary_cpu_avx2 (FMA_ARGMAX)")
-    check_single_token_and_peaked_rows(backend, device)
-
-
-def test_single_token_vocabulary_cpu_baseline():
-    """The baseline build of the C++ kernels (no FMA contraction) gets V = 1 and the top token exactly right."""
+    if backend != "cpu":
+        check_single_token_and_peaked_rows(backend, device)
+        return
     from grpo_kernels import _C
 
     isa = _C.isa()
@@ -368,8 +364,8 @@ def test_single_token_vocabulary_cpu_baseline():
 
 @pytest.mark.xfail(strict=True, reason=FMA_ARGMAX)
 def test_single_token_vocabulary_cpu_avx2():
-    """logp of V = 1 is -6.8e-6 at x = 15.41, tau = 0.109 (z = 141); the top token of [300, 0] at tau 0.109 gets
-    logp = +8.8e-5."""
+    """V = 1 at tau = 0.109: logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 for x = 15.41, -2.93, 301.7, -88 (entropy
+    down to -4.4e-8); the top token of [300, 0] at tau 0.109 gets logp = +8.8e-5."""
     from grpo_kernels import _C
 
     isa = _C.isa()

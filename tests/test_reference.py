@@ -737,3 +737,35 @@ def test_logp_gradient_is_zero_at_masked_positions(loss_type, level):
     assert torch.isfinite(loss) and torch.isfinite(g).all()
     assert torch.all(g[~m] == 0) and bool((g[m] != 0).any())
     assert all(torch.isfinite(v) for v in mets.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# clip metrics at an exact bound: the inequalities are strict (SPEC section 1)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("opts", [dict(loss_type="grpo", epsilon_low=0.0, epsilon_high=0.0),
+                                  dict(loss_type="dapo", epsilon_low=0.0),  # epsilon_high None -> 0 too
+                                  dict(loss_type="cispo", epsilon_high=1.0)], ids=["grpo", "dapo", "cispo"])
+def test_clip_metrics_are_strict_at_the_bound(level, opts):
+    """On-policy every ratio is exp(0) = 1.0 exactly (token and sequence level). With eps_low = eps_high = 0
+    both bounds are 1.0 too, as is cispo's raw bound 1.0: a ratio on a bound is not clipped, every flag is 0.
+    (With <= / >= rows 0 (A = +1, 3 tokens) and 1 (A = -1, 2 tokens) would be flagged.)"""
+    logits, ids, mask, adv, *_ = hand_inputs()
+    out = gk.grpo_loss(logits, ids, completion_mask=mask, advantages=adv, importance_sampling_level=level,
+                       backend="torch", **opts)
+    flags = {k: v.item() for k, v in out.metrics.items() if k != "entropy"}
+    want = {"cispo_clip_ratio"} if opts["loss_type"] == "cispo" else {
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
+    assert set(flags) == want
+    assert all(v == 0.0 for v in flags.values()), flags
+
+
+def test_clip_metric_of_a_ratio_clipped_onto_the_bound_by_delta():
+    # delta 1.25 = 1 + eps_high (both exact in binary): row 0 token 0 (A=+1, c1 1.5) becomes exactly 1.25 after
+    # the delta clip, on the upper bound: -min(1.25, 1.25) = -1.25 and it is NOT high-clipped (strict >).
+    # Row 1 token 0 (A=-1, c1 1.5 -> 1.25): -min(-1.25, -1.25) = +1.25; row 1 token 1 (c1 0.5): +0.8, low-clipped.
+    out = hand_loss(loss_type="grpo", epsilon_high=0.25, delta=1.25)
+    assert out.loss.item() == pytest.approx(((-1.25 - 1.0 - 0.6) / 3 + (1.25 + 0.8) / 2) / 2, rel=RTOL)
+    assert out.metrics["clip_ratio/high_mean"].item() == 0.0
+    assert out.metrics["clip_ratio/low_mean"].item() == pytest.approx(1 / 5)
+    assert out.metrics["clip_ratio/region_mean"].item() == pytest.approx(1 / 5)

@@ -44,6 +44,7 @@ from grpo_kernels.config import CLIP_LOSS_TYPES, GRPOConfig
 pytestmark = [  # numpy warnings of the Triton interpreter on -inf / NaN rows
     pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
 

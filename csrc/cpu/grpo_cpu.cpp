@@ -78,6 +78,10 @@ constexpr int64_t kChunk = 512;
 
 // r[0] = logp, r[1] = lse, r[2] = entropy
 template <int DT, bool ENT>
+// shifted_logit: d = z - m is computed as (x - max x) / tau, not x / tau - m. With -ffp-contract=fast the
+// AVX2 build turned x * inv_tau - m into an FMA (exact product) against the ROUNDED m = max(x) * inv_tau, so the
+// top logit got d = (rounding error of m) instead of 0: with V = 1 a log-prob of +8.8e-5 (x = 301.7,
+// tau = 0.109). x - max x is exact for the top logits (Sterbenz), and logp = d_id - log s needs no lse.
 GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float inv_tau, float* r) {
   const ET<DT>* x = static_cast<const ET<DT>*>(xv);
   float mx = -kInf;
@@ -93,7 +97,7 @@ GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float 
     float sc = 0.f, tc = 0.f;
 #pragma omp simd reduction(+ : sc, tc)
     for (int64_t v = c0; v < c1; ++v) {
-      const float d = Elem<DT>::load(x[v]) * inv_tau - m;
+      const float d = (Elem<DT>::load(x[v]) - mx) * inv_tau;  // see shifted_logit
       const float e = vexp(d);
       sc += e;
       if (ENT) tc += d > -kInf ? e * d : 0.f;  // z = -inf: p = 0 contributes 0, not 0 * -inf
@@ -103,7 +107,7 @@ GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float 
   }
   const float ls = logf(s);
   const float lse = m + ls;
-  r[0] = (id >= 0 && id < V) ? Elem<DT>::load(x[id]) * inv_tau - lse : gk::quiet_nan();
+  r[0] = (id >= 0 && id < V) ? (Elem<DT>::load(x[id]) - mx) * inv_tau - ls : gk::quiet_nan();
   r[1] = lse;
   if (ENT) r[2] = ls - t / s;
 }
@@ -147,14 +151,13 @@ GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_
     const float z = Elem<DT>::load(x[v]);
     mx = z > mx ? z : mx;
   }
-  const float m = mx * inv_tau;
   float s = 0.f, t = 0.f;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t c1 = c0 + kChunk < V ? c0 + kChunk : V;
     float sc = 0.f, tc = 0.f;
 #pragma omp simd reduction(+ : sc, tc)
     for (int64_t v = c0; v < c1; ++v) {
-      const float d = Elem<DT>::load(x[v]) * inv_tau - m;
+      const float d = (Elem<DT>::load(x[v]) - mx) * inv_tau;
       const float e = vexp(d);
       scratch[v] = e;
       sc += e;
@@ -164,8 +167,7 @@ GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_
     t += tc;
   }
   const float ls = logf(s);
-  const float lse = m + ls;
-  const float logp = has_t ? x_id * inv_tau - lse : gk::quiet_nan();
+  const float logp = has_t ? (x_id - mx) * inv_tau - ls : gk::quiet_nan();
   r[0] = logp;
   r[1] = ls - t / s;
   if (L.coef == 0.f) {  // masked token: exact zeros (its logits may be garbage)

@@ -1,9 +1,10 @@
 """Triton kernels of the fused GRPO loss: one program per row of logits, online log-sum-exp over V.
 
 Math (SPEC section 1; the same as ``csrc/include/grpo_math.h``), per row with ``z = x / tau``:
-  ``lse = m + log s``, ``s = sum_v e^{z_v - m}``, ``t = sum_v e^{z_v - m} (z_v - m)`` for the running max m;
-  ``logp = z[id] - lse``; entropy ``H = log s - t / s`` (no cancellation when |z| ~ 1e4, unlike
-  ``lse - sum p z``); ``dL/dx_v = ( g (onehot_v - p_v) - g_H p_v (z_v - lse + H) ) / tau``.
+  ``lse = m / tau + log s``, ``s = sum_v e^{(x_v - m) / tau}``, ``t = sum_v e^{(x_v - m) / tau} (x_v - m) / tau``
+  for the running max m of the raw logits; ``logp = (x[id] - m) / tau - log s``; entropy ``H = log s - t / s``
+  (no cancellation when |z| ~ 1e4, unlike ``lse - sum p z``);
+  ``dL/dx_v = ( g (onehot_v - p_v) - g_H p_v (z_v - lse + H) ) / tau``.
 
 Three kernels share the helpers below; their variants are constexpr flags:
 - ``logprobs_fwd_kernel``: logp, lse (and entropy) of each row; one read of the logits.
@@ -69,14 +70,20 @@ def _load_z(base, start, cols, n_valid, live, inv_tau, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _lse_update(z, m, s, t):
-    """Adds a chunk z to the state (m, s, t). Rescaling to m' >= m: s' = s e^{m-m'} + sum e^{z-m'} and
-    t' = e^{m-m'} (t + (m-m') s) + sum e^{z-m'} (z-m'). -inf entries add 0 (never 0 * -inf); NaN propagates."""
-    m_new = tl.maximum(m, tl.max(z, 0))
+def _lse_update(x, m, s, t, inv_tau):
+    """Adds a chunk of RAW logits x (fp32) to the state: m = running max of x, and, in units of z = x / tau,
+    s = sum e^{(x - m) / tau}, t = sum e^{(x - m) / tau} (x - m) / tau. Rescaling to m' >= m, with
+    dm = (m - m') / tau: s' = s e^{dm} + sum e^{d}, t' = e^{dm} (t + dm s) + sum e^{d} d. -inf entries add 0
+    (never 0 * -inf); NaN propagates.
+
+    Why d = (x - m) / tau and not x / tau - m / tau: the compiler may contract the latter into an FMA against
+    the ROUNDED m / tau, which gives the top logit d = (rounding error) instead of 0 (a log-prob above 0 with
+    V = 1, seen in the C++ AVX2 build); x - m is exact for the top logits (Sterbenz)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference
-    d = z - m_ref
+    d = (x - m_ref) * inv_tau
     e = tl.exp(d)
-    dm = tl.where(s > 0, m - m_ref, 0.0)  # s == 0: m = -inf, nothing to rescale (and no -inf * 0)
+    dm = tl.where(s > 0, (m - m_ref) * inv_tau, 0.0)  # s == 0: m = -inf, nothing to rescale (no -inf * 0)
     a = tl.exp(dm)
     s_new = s * a + tl.sum(e, 0)
     t = a * (t + dm * s) + tl.sum(e * tl.where(e > 0, d, 0.0), 0)
@@ -85,21 +92,22 @@ def _lse_update(z, m, s, t):
 
 @triton.jit
 def _row_stats(base, off, V, inv_tau, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """-> (lse, H) of the row at element offset ``off``: one read of its V logits."""
+    """-> (lse, H, m = max of the raw logits, log s) of the row at element offset ``off``: one read of its V
+    logits (loaded raw: ``_load_z`` with 1/tau = 1)."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     head, n_body = _split(off, V, ALIGN, BLOCK)
-    z = _load_z(base, off, tl.arange(0, ALIGN), head, True, inv_tau, True)
-    m, s, t = _lse_update(z, m, s, t)
+    x = _load_z(base, off, tl.arange(0, ALIGN), head, True, 1.0, True)
+    m, s, t = _lse_update(x, m, s, t, inv_tau)
     cols = tl.arange(0, BLOCK)
     for i in range(n_body):
         start = tl.multiple_of(off + head + i * BLOCK, ALIGN)
-        m, s, t = _lse_update(_load_z(base, start, cols, BLOCK, True, inv_tau, False), m, s, t)
+        m, s, t = _lse_update(_load_z(base, start, cols, BLOCK, True, 1.0, False), m, s, t, inv_tau)
     done = head + n_body * BLOCK
-    m, s, t = _lse_update(_load_z(base, off + done, cols, V - done, True, inv_tau, True), m, s, t)
+    m, s, t = _lse_update(_load_z(base, off + done, cols, V - done, True, 1.0, True), m, s, t, inv_tau)
     log_s = tl.log(s)
-    return m + log_s, log_s - t / s
+    return m * inv_tau + log_s, log_s - t / s, m, log_s
 
 
 @triton.jit
@@ -151,13 +159,14 @@ def _write_row_grad(base, off, out, out_off, V, tgt, lse, H, g, g_ent, live, inv
 
 
 @triton.jit
-def _target_logp(base, off, ids, row, V, lse, inv_tau):
-    """-> (logp, target column as int32; -1 when the id is outside [0, V): logp NaN, no target term)."""
+def _target_logp(base, off, ids, row, V, m, log_s, inv_tau):
+    """-> (logp = (x[id] - m) / tau - log s, target column as int32; -1 when the id is outside [0, V): logp
+    NaN, no target term). Computed from the raw max m, not from the rounded lse (see ``_lse_update``)."""
     tgt = tl.load(ids + row)
     ok = (tgt >= 0) & (tgt < V)
     tgt = tl.where(ok, tgt, -1).to(tl.int32)
-    z_t = tl.load(base + off + tl.maximum(tgt, 0), mask=ok, other=0.0).to(tl.float32) * inv_tau
-    return tl.where(ok, z_t - lse, float("nan")), tgt
+    x_t = tl.load(base + off + tl.maximum(tgt, 0), mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, (x_t - m) * inv_tau - log_s, float("nan")), tgt
 
 
 @triton.jit
@@ -218,8 +227,8 @@ def logprobs_fwd_kernel(x, ids, logp_out, lse_out, ent_out, T, V, stride_b, stri
                         WANT_ENT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     off = _row_offset(row, T, stride_b, stride_t, shift)
-    lse, H = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
-    logp, _ = _target_logp(x, off, ids, row, V, lse, inv_tau)
+    lse, H, m, log_s = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
+    logp, _ = _target_logp(x, off, ids, row, V, m, log_s, inv_tau)
     tl.store(logp_out + row, logp)
     tl.store(lse_out + row, lse)
     if WANT_ENT:
@@ -258,8 +267,8 @@ def fused_fwd_bwd_kernel(x, ids, old_in, ref_in, adv_in, coef_in, logp_out, ent_
     row = tl.program_id(0)
     off = _row_offset(row, T, stride_b, stride_t, shift)
     out_off = _row_offset(row, T, out_stride_b, out_stride_t, out_shift)
-    lse, H = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
-    logp, tgt = _target_logp(x, off, ids, row, V, lse, inv_tau)
+    lse, H, m, log_s = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
+    logp, tgt = _target_logp(x, off, ids, row, V, m, log_s, inv_tau)
     tl.store(logp_out + row, logp)
     tl.store(ent_out + row, H)
     old = 0.0

@@ -7,17 +7,19 @@ values only where the reference has them):
   subnormals); temperature 1e-3 and 1e3; old_logps 80 nats away from logps (ratio exp(+-80)); all rewards equal
   in a group; a fully masked batch (loss 0, finite zero gradient); NaN / inf garbage at masked positions.
 
-Known defects found here (strict xfails, see their reasons):
-- ``LSE_PRECISION``: every fused backend computes p = exp(z - lse) and logp = z - lse with lse = m + log s
-  rounded to ONE fp32 value, so where |lse| is large (|z| >> 16: logits ~1e4, or temperature 1e-3) p loses
-  |lse| eps / 2 relative (1e4: 5e-4) where torch's log_softmax, which subtracts the max first, is exact to a few
-  eps. The fp32 gradient of the log-probs then exceeds the rule 8x to 300x. bf16 / fp16 gradients hide it
-  (their rounding is coarser); the loss gradients pass (the loss weight moves with the same log-prob error).
-- ``FMA_ARGMAX``: the C++ CPU kernels' AVX2 build contracts ``x * inv_tau - m`` (and ``x[id] * inv_tau - lse``)
-  into FMAs while m = max(x) * inv_tau is rounded: the max element gets d = (rounding error of m) instead of 0,
-  so with V = 1 logp and entropy are not 0 (logp +8.8e-5 at x = 301.7, tau = 0.109; entropy -4.4e-8 < 0) and
-  the top token of a peaked row gets logp > 0 (+8.8e-5 for [300, 0] at tau = 0.109). The baseline build,
-  Triton and CUDA give exactly 0; so does the AVX2 build compiled with -ffp-contract=off (checked by hand).
+A known defect found here (a strict xfail, see its reason):
+- ``LSE_PRECISION``: the backward kernels of every fused backend (CPU ``logprobs_bwd``, CUDA ``bwd_kernel`` via
+  ``grad_elem``, Triton ``_grad``) compute p = exp(z - lse) from the saved lse = m + log s, ONE fp32 value, so
+  where |lse| is large (|z| >> 16: logits ~1e4, or temperature 1e-3) p loses |lse| eps / 2 relative (1e4: 5e-4)
+  where torch's log_softmax, which subtracts the max first, is exact to a few eps. The fp32 gradient of the
+  log-probs then exceeds the rule 8x to 300x. bf16 / fp16 gradients hide it (their rounding is coarser); the
+  single-pass kernels' loss gradient (p = e^(z - m) / s) and the loss checks pass. (The CUDA forward's
+  logp = z - lse carries the same rounding; its values stay within the rule, whose slack scales with |logp|.)
+Found here and fixed (regression tests): the C++ CPU kernels' AVX2 build contracted ``x * inv_tau - m`` (and
+``x[id] * inv_tau - lse``) into FMAs against the ROUNDED m = max(x) * inv_tau, so the max element got d =
+(rounding error of m) instead of 0: with V = 1 logp was +8.8e-5 (x = 301.7, tau = 0.109) and the entropy < 0, the
+top token of a peaked row got logp > 0. Fixed by d = (x - max x) / tau, logp = d[id] - log s (commit f2aafcd,
+CPU and Triton kernels); test_single_token_vocabulary_cpu_every_isa.
 """
 
 from __future__ import annotations
@@ -52,10 +54,9 @@ BACKENDS = ["cpu", "triton", "cuda_emu"] + (["cuda"] if torch.cuda.is_available(
 LEVELS = ["token", "sequence"]
 NAN, INF = float("nan"), float("inf")
 
-LSE_PRECISION = ("known defect (every fused backend): p = exp(z - lse) with lse = m + log s rounded to one fp32 "
-                 "value loses |lse| eps / 2 relative at large |z|; torch's log_softmax is exact to a few eps")
-FMA_ARGMAX = ("known defect (cpu backend, AVX2 build): x * inv_tau - m is contracted into an FMA while m = max(x) * "
-              "inv_tau is rounded, so the max element's d is not 0: V = 1 gives logp != 0, a peaked row logp > 0")
+LSE_PRECISION = ("known defect (the backward kernels of every fused backend): p = exp(z - lse) with lse = m + log s "
+                 "rounded to one fp32 value loses |lse| eps / 2 relative at large |z|; torch's log_softmax is exact "
+                 "to a few eps")
 
 
 def ref_logps(*args, **kw):
@@ -347,32 +348,20 @@ def check_single_token_and_peaked_rows(backend, device):
 
 
 def test_single_token_vocabulary_and_peaked_rows(be):
-    """Every backend; the C++ CPU kernels in their baseline build (no FMA contraction): the AVX2 build is
-    test_single_token_vocabulary_cpu_avx2 (FMA_ARGMAX)."""
     backend, device = be
-    if backend != "cpu":
-        check_single_token_and_peaked_rows(backend, device)
-        return
+    check_single_token_and_peaked_rows(backend, device)
+
+
+def test_single_token_vocabulary_cpu_every_isa():
+    """Both builds of the C++ CPU kernels (baseline, and AVX2 + FMA where the CPU has it): before the fix the AVX2
+    build gave logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 at V = 1 for the x above (tau = 0.109), entropy down to
+    -4.4e-8, and +8.8e-5 for the top token of [300, 0]."""
     from grpo_kernels import _C
 
     isa = _C.isa()
     try:
-        assert _C.set_isa("baseline")
-        check_single_token_and_peaked_rows("cpu", "cpu")
-    finally:
-        _C.set_isa(isa)
-
-
-@pytest.mark.xfail(strict=True, reason=FMA_ARGMAX)
-def test_single_token_vocabulary_cpu_avx2():
-    """V = 1 at tau = 0.109: logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 for x = 15.41, -2.93, 301.7, -88 (entropy
-    down to -4.4e-8); the top token of [300, 0] at tau 0.109 gets logp = +8.8e-5."""
-    from grpo_kernels import _C
-
-    isa = _C.isa()
-    if not _C.set_isa("avx2"):
-        pytest.xfail("this CPU has no AVX2 (the defect is in the AVX2 build only)")
-    try:
-        check_single_token_and_peaked_rows("cpu", "cpu")
+        for name in ("baseline", "avx2"):
+            if _C.set_isa(name):
+                check_single_token_and_peaked_rows("cpu", "cpu")
     finally:
         _C.set_isa(isa)

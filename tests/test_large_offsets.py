@@ -100,8 +100,12 @@ def test_cpu_backend_more_than_2_31_elements():
     need = N * V * 2 / GiB + 1.0
     if mem_available_gib() < need + 1.0:
         pytest.skip(f"needs ~{need:.1f} GiB of free memory, {mem_available_gib():.1f} GiB available")
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS, to measure this test's peak
-        f.write("5")
+    try:  # VmHWM := VmRSS, to measure this test's peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
     rss0 = status_mib("VmRSS")
     tau = 0.9
     g = torch.Generator().manual_seed(0)
@@ -149,9 +153,10 @@ def test_cpu_backend_more_than_2_31_elements():
         assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(1.0, abs(loss64.item())), (out.loss, loss64)
         check_rows_grad(grad.view(N, V)[rows_t], saved, ids_rows, w.view(-1)[rows_t], tau,
                         f"dL/dlogits ({level} level), rows past 2^31")
-    peak = status_mib("VmHWM") - rss0
-    print(f"\n64-bit CPU test: peak extra memory {peak / 1024:.2f} GiB for {N * V * 2 / GiB:.2f} GiB of logits")
-    assert peak < 6 * 1024, f"peak extra memory {peak / 1024:.2f} GiB"
+    if hwm_reset:
+        peak = status_mib("VmHWM") - rss0
+        print(f"\n64-bit CPU test: peak extra memory {peak / 1024:.2f} GiB for {N * V * 2 / GiB:.2f} GiB of logits")
+        assert peak < 6 * 1024, f"peak extra memory {peak / 1024:.2f} GiB"
 
 
 # --------------------------------------------------------------------------------------------------

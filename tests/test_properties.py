@@ -15,10 +15,10 @@ jump at the clip bounds, within the bounds a log-prob error allows.
 A second property checks ``token_logprobs`` (log-probs, entropy, gradient) on 1- to 3-dim leading shapes.
 
 Logits are drawn as z * temperature with z ~ N(0, zstd^2), zstd <= 3 (|z| <~ 15, the range of LLM logits at
-temperature 1): every fused kernel computes logp = z - lse and p = exp(z - lse) with lse rounded to fp32, so
-at |z| >> 16 the log-prob of the top token and its p lose ~|lse| eps / 2 where torch's log_softmax (shifted by
-the max first) is exact, more than the rule's 8 eps slack (tests/test_extreme_inputs.py holds that case as a
-strict xfail; logits of +-1e4, where the rule's slack scales with the log-probs, are tested there too).
+temperature 1): the backward kernels of every fused backend compute p = exp(z - lse) with lse rounded to fp32,
+so at |z| >> 16 the top token's p loses ~|lse| eps / 2 where torch's log_softmax (shifted by the max first) is
+exact, more than the rule's 8 eps slack (tests/test_extreme_inputs.py holds that case as a strict xfail, and
+tests logits of +-1e4 and temperature 1e-3 there).
 
 Off-policy log-ratios are moved at least 1e-3 away from the clip bounds (1 - eps_low, 1 + eps_high, delta,
 the cispo bound): at a bound the gradient jumps, and which side an fp32 kernel lands on is a measure-zero

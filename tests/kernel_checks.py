@@ -440,3 +440,71 @@ def check_logprob_outputs(x, ids, tau, backend, device="cpu", entropy=True):
         if kv is not None:
             assert_rule(kv, rv, sv, f"{name} {backend} {x.dtype} {tuple(x.shape)} tau={tau}")
     return k
+
+
+# ---- launcher / custom-op checks shared by every fused backend ------------------------------------------
+def check_masked_rows_and_bad_ids(launchers, dtype):
+    """A row with g = g_H = 0 is +0 exactly even with NaN logits; an out-of-range id gives logp NaN and no
+    target term; guard elements around the output are untouched (no out-of-bounds store)."""
+    B, T, V = 2, 3, 1007
+    x = torch.randn(B, T, V).to(dtype)
+    x[0, 1] = float("nan")  # garbage row, g = 0 there
+    ids = torch.randint(0, V, (B * T,))
+    ids[4], ids[5] = V + 100, -3  # unmasked out-of-range ids: logp NaN, no out-of-bounds read
+    logp, lse, ent = launchers.logprobs_fwd(x, ids, 1.0, True)
+    assert torch.isnan(logp[4]) and torch.isnan(logp[5]) and torch.isfinite(lse[4]) and torch.isfinite(ent[5])
+    assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2, 3]]).all()
+    g, ge = torch.randn(B * T), torch.randn(B * T)
+    g[1] = ge[1] = 0.0
+    guard = torch.full((B * T * V + 2 * 4096,), 7.0).to(dtype)
+    out = guard[4096 : 4096 + B * T * V].view(B, T, V)
+    out.fill_(5.0)
+    launchers.logprobs_bwd(x, ids, lse, ent, g, ge, 1.0, out)
+    assert torch.all(out[0, 1] == 0) and not torch.signbit(out[0, 1].float()).any(), "masked row: +0 exactly"
+    assert torch.isfinite(out).all()
+    assert torch.all(guard[:4096] == 7.0) and torch.all(guard[-4096:] == 7.0), "write outside the output"
+    # rows with a bad id have no target term: the row sums to -g (sum_v p_v = 1), not 0
+    assert abs(out[1, 1].double().sum().item() + g[4].item()) < 1e-2 * max(1.0, abs(g[4].item()))
+
+
+def check_opcheck(backend):
+    """torch.library.opcheck of the backend's custom ops (fakes, autograd registration, schema)."""
+    from grpo_kernels._ops import ops_for
+
+    ops = ops_for(backend)
+    B, T, V = 2, 3, 37
+    x = torch.randn(B, T, V, requires_grad=True)
+    ids = torch.randint(0, V, (B * T,))
+    torch.library.opcheck(ops["fwd"], (x, ids, 0.8, True, False))
+    torch.library.opcheck(ops["fwd"], (x, ids, 1.0, False, False))
+    params = [float(v) for v in (0, 0.2, 0.28, 1, 1.5, 0.04, 1, 1.0, 1.05)]
+    vec = lambda: torch.randn(B * T)  # noqa: E731
+    torch.library.opcheck(ops["fused"], (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params,
+                                         torch.empty(B, T, V)))
+    on_policy = [float(v) for v in (2, 0.2, 0.28, 0, 0.0, 0.0, 1, 1.0, 1.05)]  # sapo, no KL: old, ref = None
+    torch.library.opcheck(ops["fused_inplace"], (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
+                                                 on_policy))
+
+
+def check_saved_bytes_per_token(backend):
+    """The log-prob op keeps per token only lse (4 B), entropy (4 B) and the id (8 B) for its backward; the
+    logits are saved by reference (no copy), so they are not counted; nothing of size N x V. (The loss math on
+    [B, T] that runs in torch on top of it saves its own O(N) tensors; those are not the kernel's.)"""
+    B, T, V = 2, 8, 1000
+    x = torch.randn(B, T, V, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gk.token_logprobs(x, ids, return_entropy=True, backend=backend)
+    x_storage = x.untyped_storage().data_ptr()
+    assert any(t.untyped_storage().data_ptr() == x_storage for t in saved), "the logits are saved by reference"
+    others = [t for t in saved if t.untyped_storage().data_ptr() != x_storage]
+    assert all(t.numel() <= B * T for t in others), "nothing of size N x V may be saved"
+    per_token = sum(t.numel() * t.element_size() for t in others) / (B * T)
+    print(f"\n{backend}: {per_token:.1f} bytes saved for backward per token")
+    assert 0 < per_token <= 16, f"{per_token} bytes per token saved"

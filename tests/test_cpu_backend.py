@@ -27,13 +27,15 @@ from kernel_checks import (
     check_logprobs,
     check_logprobs_no_entropy,
     check_loss,
+    check_masked_rows_and_bad_ids,
+    check_opcheck,
+    check_saved_bytes_per_token,
     loss_inputs,
     make_logits,
 )
 
 import grpo_kernels as gk
 from grpo_kernels import _C
-from grpo_kernels._ops import ops_for
 from grpo_kernels.backends.base import TokenLossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
@@ -117,21 +119,7 @@ def test_fused_launcher_matches_token_loss_grad(isa):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_masked_rows_are_zero_without_reading_and_bad_id_is_nan(isa, dtype):
-    B, T, V = 2, 3, 1007
-    x = torch.randn(B, T, V).to(dtype)
-    x[0, 1] = float("nan")  # garbage row, g = 0 there
-    ids = torch.randint(0, V, (B * T,))
-    ids[4] = V + 100  # unmasked out-of-range id: logp NaN, no out-of-bounds read
-    ids[5] = -3
-    logp, lse, ent = LAUNCHERS.logprobs_fwd(x, ids, 1.0, True)
-    assert torch.isnan(logp[4]) and torch.isnan(logp[5]) and torch.isfinite(lse[4]) and torch.isfinite(ent[5])
-    assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2, 3]]).all()
-    g, ge = torch.randn(B * T), torch.randn(B * T)
-    g[1] = ge[1] = 0.0
-    out = torch.full_like(x, 7.0)
-    LAUNCHERS.logprobs_bwd(x, ids, lse, ent, g, ge, 1.0, out)
-    assert torch.all(out[0, 1] == 0) and not torch.signbit(out[0, 1].float()).any(), "masked row: +0 exactly"
-    assert torch.isfinite(out).all()
+    check_masked_rows_and_bad_ids(LAUNCHERS, dtype)
 
 
 def test_all_banned_but_one_and_v1(isa):
@@ -171,40 +159,11 @@ def test_thread_count_does_not_change_results():
 # custom ops, saved memory, module properties
 # --------------------------------------------------------------------------------------------------
 def test_opcheck_cpu_ops():
-    ops = ops_for("cpu")
-    B, T, V = 2, 3, 37
-    x = torch.randn(B, T, V, requires_grad=True)
-    ids = torch.randint(0, V, (B * T,))
-    torch.library.opcheck(ops["fwd"], (x, ids, 0.8, True, False))
-    torch.library.opcheck(ops["fwd"], (x, ids, 1.0, False, False))
-    params = [float(v) for v in (0, 0.2, 0.28, 1, 1.5, 0.04, 1, 1.0, 1.05)]
-    vec = lambda: torch.randn(B * T)  # noqa: E731
-    torch.library.opcheck(ops["fused"], (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params,
-                                         torch.empty(B, T, V)))
-    on_policy = [float(v) for v in (2, 0.2, 0.28, 0, 0.0, 0.0, 1, 1.0, 1.05)]  # sapo, no KL: old, ref = None
-    torch.library.opcheck(ops["fused_inplace"], (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
-                                                 on_policy))
+    check_opcheck("cpu")
 
 
 def test_saved_for_backward_bytes_per_token():
-    """The log-prob op keeps per token only lse (4 B), entropy (4 B) and the id (8 B) for its backward; the
-    logits are saved by reference (no copy), so they are not counted. (The loss math on [B, T] that runs in
-    torch on top of it saves its own O(N) tensors, e.g. the bool mask; those are not the kernel's.)"""
-    B, T, V = 2, 8, 1000
-    x = torch.randn(B, T, V, requires_grad=True)
-    ids = torch.randint(0, V, (B, T))
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logp, ent = gk.token_logprobs(x, ids, return_entropy=True, backend="cpu")
-    x_storage = x.untyped_storage().data_ptr()
-    assert any(t.untyped_storage().data_ptr() == x_storage for t in saved), "the logits are saved by reference"
-    extra = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() != x_storage)
-    assert 0 < extra / (B * T) <= 16, f"{extra / (B * T)} bytes per token saved"
+    check_saved_bytes_per_token("cpu")
 
 
 def test_header_conversions_exhaustive_against_torch():

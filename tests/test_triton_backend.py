@@ -27,6 +27,9 @@ from kernel_checks import (
     check_logprobs,
     check_logprobs_no_entropy,
     check_loss,
+    check_masked_rows_and_bad_ids,
+    check_opcheck,
+    check_saved_bytes_per_token,
     loss_inputs,
     make_logits,
 )
@@ -43,7 +46,6 @@ if REASON is None:
     import triton
     import triton.language as tl
 
-    from grpo_kernels._ops import ops_for
     from grpo_kernels.backends import triton_backend as tb
     from grpo_kernels.backends.base import TokenLossParams
     from grpo_kernels.backends.triton_kernels import _row_offset
@@ -142,28 +144,7 @@ def test_fused_launcher_matches_token_loss_grad():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_masked_rows_zero_and_bad_id_nan_without_oob(dtype):
-    """A row with g = g_H = 0 is +0 exactly even with NaN logits; an out-of-range id gives logp NaN and no
-    target term; guard elements around the output are untouched (no out-of-bounds store)."""
-    B, T, V = 2, 3, 1007
-    L = tb.LAUNCHERS
-    x = torch.randn(B, T, V).to(dtype)
-    x[0, 1] = float("nan")
-    ids = torch.randint(0, V, (B * T,))
-    ids[4], ids[5] = V + 100, -3
-    logp, lse, ent = L.logprobs_fwd(x, ids, 1.0, True)
-    assert torch.isnan(logp[4]) and torch.isnan(logp[5]) and torch.isfinite(lse[4]) and torch.isfinite(ent[5])
-    assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2, 3]]).all()
-    g, ge = torch.randn(B * T), torch.randn(B * T)
-    g[1] = ge[1] = 0.0
-    guard = torch.full((B * T * V + 2 * 4096,), 7.0).to(dtype)
-    out = guard[4096 : 4096 + B * T * V].view(B, T, V)
-    out.fill_(5.0)
-    L.logprobs_bwd(x, ids, lse, ent, g, ge, 1.0, out)
-    assert torch.all(out[0, 1] == 0) and not torch.signbit(out[0, 1].float()).any(), "masked row: +0 exactly"
-    assert torch.isfinite(out).all()
-    assert torch.all(guard[:4096] == 7.0) and torch.all(guard[-4096:] == 7.0), "write outside the output"
-    # rows with a bad id have no target term: the row sums to -g (sum_v p_v = 1), not 0
-    assert abs(out[1, 1].double().sum().item() + g[4].item()) < 1e-2 * max(1.0, abs(g[4].item()))
+    check_masked_rows_and_bad_ids(tb.LAUNCHERS, dtype)
 
 
 def test_launcher_rejects_bad_arguments():
@@ -199,42 +180,11 @@ def test_64bit_row_offsets():
 # custom ops, saved memory, compilation
 # --------------------------------------------------------------------------------------------------
 def test_opcheck_triton_ops():
-    ops = ops_for("triton")
-    B, T, V = 2, 3, 37
-    x = torch.randn(B, T, V, requires_grad=True)
-    ids = torch.randint(0, V, (B * T,))
-    torch.library.opcheck(ops["fwd"], (x, ids, 0.8, True, False))
-    torch.library.opcheck(ops["fwd"], (x, ids, 1.0, False, False))
-    params = [float(v) for v in (0, 0.2, 0.28, 1, 1.5, 0.04, 1, 1.0, 1.05)]
-    vec = lambda: torch.randn(B * T)  # noqa: E731
-    torch.library.opcheck(ops["fused"], (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params,
-                                         torch.empty(B, T, V)))
-    on_policy = [float(v) for v in (2, 0.2, 0.28, 0, 0.0, 0.0, 1, 1.0, 1.05)]  # sapo, no KL: old, ref = None
-    torch.library.opcheck(ops["fused_inplace"], (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
-                                                 on_policy))
+    check_opcheck("triton")
 
 
 def test_saved_for_backward_bytes_per_token():
-    """Per token only lse (4 B), entropy (4 B) and the id (8 B) are saved; the logits by reference (no copy);
-    nothing of size N x V."""
-    B, T, V = 2, 8, 1000
-    x = torch.randn(B, T, V, requires_grad=True)
-    ids = torch.randint(0, V, (B, T))
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        gk.token_logprobs(x, ids, return_entropy=True, backend="triton")
-    x_storage = x.untyped_storage().data_ptr()
-    assert any(t.untyped_storage().data_ptr() == x_storage for t in saved), "the logits are saved by reference"
-    others = [t for t in saved if t.untyped_storage().data_ptr() != x_storage]
-    assert all(t.numel() <= B * T for t in others), "nothing of size N x V may be saved"
-    extra = sum(t.numel() * t.element_size() for t in others)
-    print(f"\ntriton: {extra / (B * T):.1f} bytes saved for backward per token")
-    assert 0 < extra / (B * T) <= 16, f"{extra / (B * T)} bytes per token saved"
+    check_saved_bytes_per_token("triton")
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

@@ -160,13 +160,13 @@ def variants(V_list=(32000, 50257), dtypes=(torch.float32, torch.bfloat16, torch
         x = torch.empty(B, T + P, V, dtype=dtype)[:, P - 1 : -1]
         n = B * T
         ids = torch.zeros(n, dtype=torch.int64)
-        f = torch.empty(n)
+        f, f2 = torch.empty(n), torch.empty(n, 2)  # per-token vectors; row statistics (m, log s)
         out = torch.empty(x.shape, dtype=dtype)
         tag = f"V={V} {str(dtype).removeprefix('torch.')}"
         for ent in (True, False):
-            yield f"logprobs_fwd[ent={int(ent)}] {tag}", tb.plan_logprobs_fwd(x, ids, 1.0, ent, f, f, f)
+            yield f"logprobs_fwd[ent={int(ent)}] {tag}", tb.plan_logprobs_fwd(x, ids, 1.0, ent, f, f2, f)
             yield (f"logprobs_bwd[ent={int(ent)}] {tag}",
-                   tb.plan_logprobs_bwd(x, ids, f, f if ent else None, f, f if ent else None, 1.0, out))
+                   tb.plan_logprobs_bwd(x, ids, f2, f if ent else None, f, f if ent else None, 1.0, out))
         for loss_type in ("dapo", "cispo", "sapo"):
             deltas = (None, 1.5) if loss_type == "dapo" else (None,)
             for old, (beta, bias), delta in itertools.product((None, f), ((0.0, True), (0.04, True), (0.04, False)),

@@ -53,42 +53,43 @@ def ops_for(name: str) -> dict:
     # ---- log-probs: forward ------------------------------------------------------------------
     @custom_op(ns + "logprobs_fwd", mutates_args=())
     def fwd(logits: Tensor, ids: Tensor, tau: float, want_entropy: bool, inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
-        logp, lse, ent = L.logprobs_fwd(logits, ids, tau, want_entropy)
-        return logp, lse, ent
+        logp, stats, ent = L.logprobs_fwd(logits, ids, tau, want_entropy)
+        return logp, stats, ent
 
     @fwd.register_fake
     def _(logits, ids, tau, want_entropy, inplace):
         n = ids.numel()
-        return _f32(n, logits), _f32(n, logits), _f32(n if want_entropy else 0, logits)
+        stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log s) per row
+        return _f32(n, logits), stats, _f32(n if want_entropy else 0, logits)
 
     # ---- log-probs: backward (into a fresh buffer, or into the logits themselves) -----------------
-    def bwd_body(logits, ids, lse, entropy, g_logp, g_ent, tau, out):
-        L.logprobs_bwd(logits, ids, lse, entropy, g_logp, g_ent, tau, out)
+    def bwd_body(logits, ids, stats, entropy, g_logp, g_ent, tau, out):
+        L.logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out)
 
     @custom_op(ns + "logprobs_bwd", mutates_args=("out",))
-    def bwd(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
+    def bwd(logits: Tensor, ids: Tensor, stats: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
             g_ent: Optional[Tensor], tau: float, out: Tensor) -> None:
-        bwd_body(logits, ids, lse, entropy, g_logp, g_ent, tau, out)
+        bwd_body(logits, ids, stats, entropy, g_logp, g_ent, tau, out)
 
     @custom_op(ns + "logprobs_bwd_inplace", mutates_args=("logits",))
-    def bwd_inplace(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
+    def bwd_inplace(logits: Tensor, ids: Tensor, stats: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
                     g_ent: Optional[Tensor], tau: float) -> None:
-        bwd_body(logits, ids, lse, entropy, g_logp, g_ent, tau, logits)
+        bwd_body(logits, ids, stats, entropy, g_logp, g_ent, tau, logits)
 
     bwd.register_fake(lambda *a: None)
     bwd_inplace.register_fake(lambda *a: None)
 
     def setup_context(ctx, inputs, output):
         logits, ids, tau, want_entropy, inplace = inputs
-        _, lse, ent = output
-        ctx.save_for_backward(logits, ids, lse, ent if want_entropy else None)
+        _, stats, ent = output
+        ctx.save_for_backward(logits, ids, stats, ent if want_entropy else None)
         ctx.tau, ctx.inplace = tau, inplace
 
-    def backward(ctx, g_logp, g_lse, g_ent):
-        logits, ids, lse, ent = ctx.saved_tensors
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+    def backward(ctx, g_logp, g_stats, g_ent):
+        logits, ids, stats, ent = ctx.saved_tensors
+        g_logp = stats.new_zeros(stats.shape[0]) if g_logp is None else g_logp.float().contiguous()
         use_ent = ent is not None and g_ent is not None
-        args = (ids, lse, ent if use_ent else None, g_logp, g_ent.float().contiguous() if use_ent else None, ctx.tau)
+        args = (ids, stats, ent if use_ent else None, g_logp, g_ent.float().contiguous() if use_ent else None, ctx.tau)
         if ctx.inplace:
             bwd_inplace(logits, *args)
             return logits, None, None, None, None

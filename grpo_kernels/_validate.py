@@ -78,9 +78,9 @@ def check_ids_in_range(ids: torch.Tensor, vocab: int, mask: Optional[torch.Tenso
         return
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
+        where = " (at a position the completion_mask keeps)" if mask is not None else ""
         raise ValueError(
-            f"{name} holds {int(ids[idx])} at index {idx}, outside the vocabulary [0, {vocab}) of logits "
-            "(at a position the completion_mask keeps)"
+            f"{name} holds {int(ids[idx])} at index {idx}, outside the vocabulary [0, {vocab}) of logits{where}"
         )
 
 

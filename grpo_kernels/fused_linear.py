@@ -227,7 +227,8 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
 
 
 def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
-    """Pass 1: logp, entropy [B, T] (compute dtype) and lse [N] fp32, one chunk of logits at a time."""
+    """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
+    ``backends/base.py``), one chunk of logits at a time."""
     B, T, _ = hidden.shape
     N = B * T
     L = None if backend == "torch" else launchers(backend)
@@ -235,19 +236,21 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     rows = _Rows(hidden, mflat)
     cdt = reference.compute_dtype(hidden)
     logp, ent = (torch.zeros(N, dtype=cdt, device=hidden.device) for _ in range(2))
-    lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
     for n0, n1 in _chunks(N, chunk):
         _, logits = _logits_of(rows, weight, bias, n0, n1)
         if L is None:
             logp[n0:n1], ent[n0:n1] = reference.token_logprobs(logits, iflat[n0:n1], tau, True)
-            lse[n0:n1] = torch.logsumexp(logits.to(cdt) / tau, -1)
+            m = logits.to(cdt).amax(-1, keepdim=True)
+            stats[n0:n1, 0] = m.squeeze(-1)
+            stats[n0:n1, 1] = torch.logsumexp((logits.to(cdt) - m) / tau, -1)
         else:
-            logp[n0:n1], lse[n0:n1], ent[n0:n1] = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, True)
+            logp[n0:n1], stats[n0:n1], ent[n0:n1] = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, True)
         del logits
-    return logp.view(B, T), ent.view(B, T), lse
+    return logp.view(B, T), ent.view(B, T), stats
 
 
-def _logprobs_grad_pass(hidden, weight, bias, ids, mask, lse, g, tau, chunk, backend, want):
+def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want):
     """Pass 2: given g = dL/dlogp [B, T], recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
     L = None if backend == "torch" else launchers(backend)
@@ -263,7 +266,7 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, lse, g, tau, chunk, bac
             dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1])
         else:
             lg3 = logits.unsqueeze(0)
-            L.logprobs_bwd(lg3, iflat[n0:n1], lse[n0:n1], None, g_f[n0:n1], None, tau, lg3)
+            L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], None, g_f[n0:n1], None, tau, lg3)
             dlogits = logits
         acc.add(n0, n1, h_c, dlogits)
         del logits, dlogits, lg3
@@ -310,7 +313,7 @@ def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_ite
 @custom_op("grpo_kernels::fused_linear_logprobs", mutates_args=())
 def _logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, tau: float,
                  chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Pass 1 -> logp [B, T], entropy [B, T] (compute dtype), lse [N] fp32. Differentiable in logp: its
+    """Pass 1 -> logp [B, T], entropy [B, T] (compute dtype), row statistics [N, 2] fp32. Differentiable in logp: its
     backward is pass 2 (:func:`_logprobs_bwd_op`) with the upstream g = dL/dlogp."""
     return _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk_size, backend)
 
@@ -319,19 +322,19 @@ def _logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tenso
 def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
-            hidden.new_empty(B * T, dtype=torch.float32))
+            hidden.new_empty((B * T, 2), dtype=torch.float32))
 
 
 @custom_op("grpo_kernels::fused_linear_logprobs_bwd", mutates_args=())
-def _logprobs_bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, lse: Tensor,
+def _logprobs_bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, stats: Tensor,
                      g_logp: Tensor, tau: float, chunk_size: int, backend: str,
                      want_grads: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 2 -> dL/dhidden, dL/dW, dL/db for dL/dlogp = ``g_logp`` [B, T] (empty where not wanted)."""
-    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, lse, g_logp, tau, chunk_size, backend, want_grads)
+    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads)
 
 
 @_logprobs_bwd_op.register_fake
-def _(hidden, weight, bias, ids, mask, lse, g_logp, tau, chunk_size, backend, want_grads):
+def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads):
     return _grad_fakes(hidden, weight, bias, want_grads)
 
 
@@ -339,16 +342,16 @@ def _logprobs_setup(ctx, inputs, output):
     hidden, weight, bias, ids, mask, tau, chunk_size, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2])
     ctx.args = (tau, chunk_size, backend)
-    ctx.mark_non_differentiable(output[1], output[2])  # the entropy is a metric; lse is internal
+    ctx.mark_non_differentiable(output[1], output[2])  # the entropy is a metric; the stats are internal
 
 
-def _logprobs_backward(ctx, g_logp, g_ent, g_lse):
-    hidden, weight, bias, ids, mask, lse = ctx.saved_tensors
+def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
+    hidden, weight, bias, ids, mask, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
     want = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
     if g_logp is None or not any(want):
         return (None,) * 8
-    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, lse, g_logp.contiguous(), *ctx.args, want)
+    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp.contiguous(), *ctx.args, want)
     pick = lambda t, w: t if w else None  # noqa: E731
     return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), None, None, None, None, None
 

@@ -18,14 +18,17 @@ all-reduced log-probs on every rank (no all-reduce of an N x V gradient).
 
 With a fused backend (``backend="auto"``: the C++ CPU kernels on CPU tensors, CUDA / Triton on GPUs) each
 rank runs the ordinary fused forward kernel on its shard with shard-local ids (-1 where the id is another
-rank's: no target term), which gives per row the shard's own ``lse_r``, entropy ``H_r`` and ``logp_r``; one
-MAX and one SUM all-reduce combine them, with ``e_r = e^{lse_r - M}``, ``M = max_r lse_r``, ``S = sum_r e_r``:
+rank's: no target term), which gives per row the shard's own statistics ``(m_r, log s_r)`` (max of its raw
+logits, ``s_r = sum e^{(x_v - m_r) / tau}``), entropy ``H_r`` and ``logp_r``; one MAX and one SUM all-reduce
+combine them. With ``M = max_r m_r``, ``c_r = (m_r - M) / tau + log s_r`` (the log of the shard's share of the
+mass, up to the common log S) and ``e_r = e^{c_r}``, ``S = sum_r e_r``, ``w_r = e_r / S``:
 
-    lse = M + log S,   H = sum_r (e_r / S) H_r + log S - sum_r (e_r / S)(lse_r - M),
-    logp = logp_r + (lse_r - lse)  on the rank that owns the id
+    row statistics (M, log S),   H = sum_r w_r H_r - sum_r w_r log w_r = (sum_r e_r (H_r - c_r)) / S + log S,
+    logp = logp_r + c_r - log S  on the rank that owns the id
 
-(``H = -sum p log p`` split by shard, ``p_v = (e_r / S) q_v`` with ``q`` the shard softmax). The backward is
-the ordinary fused backward kernel fed the GLOBAL lse and H: O(N) saved, nothing of size N x V_r but the
+(``H = -sum p log p`` split by shard, ``p_v = w_r q_v`` with ``q`` the shard softmax). The global lse
+``M / tau + log S`` is never formed as one float (see ``backends/base.py``). The backward is the ordinary
+fused backward kernel fed the GLOBAL (M, log S) and H: O(N) saved, nothing of size N x V_r but the
 gradient. With ``backend="torch"`` (and for float64 shards, the reference's dtype) the per-shard arithmetic is
 eager torch (an fp32 / float64 copy of the shard and its exp, O(N x V_r)). The loss math is
 :func:`reference.loss_from_logps`, the same as every other path. Every rank must call these functions
@@ -134,37 +137,37 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
         local = ids.long() - vocab_start
         in_shard = (local >= 0) & (local < shard.shape[-1])
         local = torch.where(in_shard, local, -1).contiguous()  # -1: another rank's id, no target term here
-        logp_r, lse_r, ent_r = L.logprobs_fwd(x3, local, tau, True)
-        M = lse_r.clone()
+        logp_r, stats_r, ent_r = L.logprobs_fwd(x3, local, tau, True)
+        m_r, log_s_r = stats_r.unbind(-1)
+        M = m_r.clone()
         dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-        e = torch.exp(lse_r - M)  # 0 for a shard whose logits are all -inf
+        # c_r = -inf (e_r = 0) for a shard whose logits are all -inf (m_r = -inf: no -inf - -inf)
+        c = torch.where(m_r == float("-inf"), float("-inf"), (m_r - M) / tau + log_s_r)
+        e = torch.exp(c)
         zero = torch.zeros((), dtype=e.dtype, device=e.device)
-        stats = torch.stack([
+        sums = torch.stack([
             e,
-            torch.where(e > 0, e * ent_r, zero),
-            torch.where(e > 0, e * (lse_r - M), zero),
-            torch.where(in_shard, logp_r, zero),
-            torch.where(in_shard, lse_r, zero),
+            torch.where(e > 0, e * (ent_r - c), zero),
+            torch.where(in_shard, logp_r + c, zero),
             in_shard.to(e.dtype),
-        ], -1)  # [N, 6]
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        S, A, C, logp_own, lse_own, found = stats.unbind(-1)
-        log_s = torch.log(S)
-        lse = M + log_s
-        ent = A / S + log_s - C / S
-        logp = torch.where(found > 0, logp_own + (lse_own - lse), torch.full_like(lse, float("nan")))
-        ctx.save_for_backward(shard, local, lse.contiguous(), ent.contiguous())
+        ], -1)  # [N, 4]
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        S, A, logp_own, found = sums.unbind(-1)
+        log_S = torch.log(S)
+        ent = A / S + log_S
+        logp = torch.where(found > 0, logp_own - log_S, torch.full_like(log_S, float("nan")))
+        ctx.save_for_backward(shard, local, torch.stack([M, log_S], -1), ent.contiguous())
         ctx.tau, ctx.name = tau, name
         return logp, ent, found
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_found):
-        shard, local, lse, ent = ctx.saved_tensors
+        shard, local, stats, ent = ctx.saved_tensors
         x3 = shard.unsqueeze(0)
-        g = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        g = torch.zeros_like(ent) if g_logp is None else g_logp.float().contiguous()
         out = empty_grad(x3.shape, shard.dtype, shard.device)
         has_ent = g_ent is not None
-        launchers(ctx.name).logprobs_bwd(x3, local, lse, ent if has_ent else None, g,
+        launchers(ctx.name).logprobs_bwd(x3, local, stats, ent if has_ent else None, g,
                                          g_ent.float().contiguous() if has_ent else None, ctx.tau, out)
         return out.view(shard.shape), None, None, None, None, None
 

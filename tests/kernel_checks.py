@@ -451,15 +451,17 @@ def check_masked_rows_and_bad_ids(launchers, dtype):
     x[0, 1] = float("nan")  # garbage row, g = 0 there
     ids = torch.randint(0, V, (B * T,))
     ids[4], ids[5] = V + 100, -3  # unmasked out-of-range ids: logp NaN, no out-of-bounds read
-    logp, lse, ent = launchers.logprobs_fwd(x, ids, 1.0, True)
-    assert torch.isnan(logp[4]) and torch.isnan(logp[5]) and torch.isfinite(lse[4]) and torch.isfinite(ent[5])
+    logp, stats, ent = launchers.logprobs_fwd(x, ids, 1.0, True)
+    assert stats.shape == (B * T, 2) and stats.dtype == torch.float32
+    assert torch.isnan(logp[4]) and torch.isnan(logp[5]) and torch.isfinite(stats[4]).all() and torch.isfinite(ent[5])
+    assert torch.equal(stats[[0, 2, 3], 0], x.view(-1, V)[[0, 2, 3]].float().amax(-1)), "stats[:, 0]: the raw row max"
     assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2, 3]]).all()
     g, ge = torch.randn(B * T), torch.randn(B * T)
     g[1] = ge[1] = 0.0
     guard = torch.full((B * T * V + 2 * 4096,), 7.0).to(dtype)
     out = guard[4096 : 4096 + B * T * V].view(B, T, V)
     out.fill_(5.0)
-    launchers.logprobs_bwd(x, ids, lse, ent, g, ge, 1.0, out)
+    launchers.logprobs_bwd(x, ids, stats, ent, g, ge, 1.0, out)
     assert torch.all(out[0, 1] == 0) and not torch.signbit(out[0, 1].float()).any(), "masked row: +0 exactly"
     assert torch.isfinite(out).all()
     assert torch.all(guard[:4096] == 7.0) and torch.all(guard[-4096:] == 7.0), "write outside the output"
@@ -487,9 +489,11 @@ def check_opcheck(backend):
 
 
 def check_saved_bytes_per_token(backend):
-    """The log-prob op keeps per token only lse (4 B), entropy (4 B) and the id (8 B) for its backward; the
-    logits are saved by reference (no copy), so they are not counted; nothing of size N x V. (The loss math on
-    [B, T] that runs in torch on top of it saves its own O(N) tensors; those are not the kernel's.)"""
+    """The log-prob op keeps per token only the row statistics (m, log s) (8 B), the entropy (4 B) and the id (8 B)
+    for its backward; the logits are saved by reference (no copy), so they are not counted; nothing of size N x V.
+    The loss math on [B, T] that runs in torch on top of it saves its own O(N) tensors; those are not the
+    kernel's. (Until 2026-12 one fp32 lse took the place of (m, log s): 16 B, but p = exp(z - fl(lse)) lost
+    |lse| eps / 2 of p where |lse| is large.)"""
     B, T, V = 2, 8, 1000
     x = torch.randn(B, T, V, requires_grad=True)
     ids = torch.randint(0, V, (B, T))
@@ -504,7 +508,7 @@ def check_saved_bytes_per_token(backend):
     x_storage = x.untyped_storage().data_ptr()
     assert any(t.untyped_storage().data_ptr() == x_storage for t in saved), "the logits are saved by reference"
     others = [t for t in saved if t.untyped_storage().data_ptr() != x_storage]
-    assert all(t.numel() <= B * T for t in others), "nothing of size N x V may be saved"
+    assert all(t.numel() <= 2 * B * T for t in others), "nothing of size N x V may be saved"
     per_token = sum(t.numel() * t.element_size() for t in others) / (B * T)
     print(f"\n{backend}: {per_token:.1f} bytes saved for backward per token")
-    assert 0 < per_token <= 16, f"{per_token} bytes per token saved"
+    assert 0 < per_token <= 20, f"{per_token} bytes per token saved"

@@ -79,6 +79,20 @@ def no_module(mp, call):
     return call()
 
 
+H = 5
+HIDDEN, WEIGHT = torch.randn(B, T, H), torch.randn(V, H)
+
+
+def linear(**over):
+    """fused_linear_grpo_loss on valid inputs (the X batch through a random [V, H] head, backend "torch") with
+    some arguments replaced."""
+    kw = dict(completion_mask=X["mask"], advantages=X["adv"], backend="torch")
+    hidden, weight = over.pop("hidden", HIDDEN), over.pop("lm_head_weight", WEIGHT)
+    ids = over.pop("completion_ids", X["ids"])
+    kw.update(over)
+    return gk.fused_linear_grpo_loss(hidden, weight, ids, **kw)
+
+
 FUSED_CPU = next((n for n in gk.available_backends("cpu") if n != "torch"), None)
 
 # case id -> a call (given pytest's monkeypatch) that makes the rejected input of the README row with that id
@@ -163,6 +177,20 @@ CASES = {
     "GRPOLoss-config-and-options": lambda mp: gk.GRPOLoss(GRPOConfig(), beta=0.1),
     "GRPOLoss-unknown-option": lambda mp: gk.GRPOLoss(epsilon=0.2),
     "GRPOLoss-backend": lambda mp: gk.GRPOLoss(backend="gpu"),
+    # ---- fused_linear_grpo_loss / FusedLinearGRPOLoss (the loss inputs as grpo_loss's rows) ----
+    "hidden-not-3d": lambda mp: linear(hidden=HIDDEN[0]),
+    "hidden-int": lambda mp: linear(hidden=HIDDEN.long()),
+    "hidden-float64-fused": lambda mp: linear(hidden=HIDDEN.double(), lm_head_weight=WEIGHT.double(),
+                                              backend=FUSED_CPU or "cpu"),
+    "lm_head_weight-shape": lambda mp: linear(lm_head_weight=torch.randn(V, H + 1)),
+    "lm_head_weight-dtype": lambda mp: linear(lm_head_weight=WEIGHT.half()),
+    "lm_head_bias-shape": lambda mp: linear(lm_head_bias=torch.zeros(V + 1)),
+    "lm_head_bias-dtype": lambda mp: linear(lm_head_bias=torch.zeros(V).half()),
+    "fused_linear-completion_ids-shape": lambda mp: linear(completion_ids=X["ids"][:, :-1]),
+    "chunk_size-invalid": lambda mp: linear(chunk_size=0),
+    "FusedLinearGRPOLoss-head-and-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.Linear(H, V), weight=WEIGHT),
+    "FusedLinearGRPOLoss-no-head": lambda mp: gk.FusedLinearGRPOLoss(),
+    "FusedLinearGRPOLoss-head-without-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.ReLU()),
     # ---- backend selection ----
     "backend-unknown": lambda mp: loss(backend="gpu"),
     "backend-env-unknown": lambda mp: env_backend(mp, "bogus", lambda: loss(backend="auto")),

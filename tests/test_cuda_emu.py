@@ -166,7 +166,7 @@ def test_every_row_alignment(emu, dtype):
     x = base[1 : 1 + rows * (V + 1)].view(1, rows, V + 1)[:, :, :V]  # row stride V + 1: offsets cycle mod 8
     ids = torch.randint(0, V, (1, rows))
     L = CudaLaunchers(emu, "cpu", block=64)
-    logp, lse, ent = L.logprobs_fwd(x, ids.view(-1), 1.0, True)
+    logp, stats, ent = L.logprobs_fwd(x, ids.view(-1), 1.0, True)
     r_logp, r_ent = reference.token_logprobs(x.double(), ids, return_entropy=True)
     s_logp, s_ent = reference.token_logprobs(x, ids, return_entropy=True)
     assert_rule(logp, r_logp.view(-1), s_logp.view(-1), "logp")
@@ -177,10 +177,10 @@ def test_every_row_alignment(emu, dtype):
     xs = x.detach().clone().requires_grad_()
     (reference.token_logprobs(xs, ids).view(-1) * g).sum().backward()
     out = torch.empty(x.shape, dtype=dtype)  # contiguous: alignment differs from x's rows
-    L.logprobs_bwd(x, ids.view(-1), lse, None, g, None, 1.0, out)
+    L.logprobs_bwd(x, ids.view(-1), stats, None, g, None, 1.0, out)
     assert_rule(out, xr.grad, xs.grad, "gradient, other alignment")
     xi = base.clone()[1 : 1 + rows * (V + 1)].view(1, rows, V + 1)[:, :, :V]
-    L.logprobs_bwd(xi, ids.view(-1), lse, None, g, None, 1.0, xi)  # inplace: same alignment, 16-byte stores
+    L.logprobs_bwd(xi, ids.view(-1), stats, None, g, None, 1.0, xi)  # inplace: same alignment, 16-byte stores
     assert torch.equal(xi, out), "inplace (16-byte stores) and per-element stores must agree exactly"
 
 

@@ -7,15 +7,14 @@ values only where the reference has them):
   subnormals); temperature 1e-3 and 1e3; old_logps 80 nats away from logps (ratio exp(+-80)); all rewards equal
   in a group; a fully masked batch (loss 0, finite zero gradient); NaN / inf garbage at masked positions.
 
-A known defect found here (a strict xfail, see its reason):
-- ``LSE_PRECISION``: the backward kernels of every fused backend (CPU ``logprobs_bwd``, CUDA ``bwd_kernel`` via
-  ``grad_elem``, Triton ``_grad``) compute p = exp(z - lse) from the saved lse = m + log s, ONE fp32 value, so
-  where |lse| is large (|z| >> 16: logits ~1e4, or temperature 1e-3) p loses |lse| eps / 2 relative (1e4: 5e-4)
-  where torch's log_softmax, which subtracts the max first, is exact to a few eps. The fp32 gradient of the
-  log-probs then exceeds the rule 8x to 300x. bf16 / fp16 gradients hide it (their rounding is coarser); the
-  single-pass kernels' loss gradient (p = e^(z - m) / s) and the loss checks pass. (The CUDA forward's
-  logp = z - lse carries the same rounding; its values stay within the rule, whose slack scales with |logp|.)
-Found here and fixed (regression tests): the C++ CPU kernels' AVX2 build contracted ``x * inv_tau - m`` (and
+Found here and fixed (regression tests):
+- the backward kernels of every fused backend (CPU ``logprobs_bwd``, CUDA ``bwd_kernel`` / ``fused_kernel`` via
+  ``grad_elem``, Triton ``_grad``) computed p = exp(z - lse) from ONE saved fp32 lse = m + log s, so where |lse|
+  is large (logits ~1e4, or temperature 1e-3) p lost |lse| eps / 2 relative (1e4: 5e-4) where torch's
+  log_softmax, which subtracts the max first, is exact to a few eps: fp32 log-prob gradients 8x to 340x over the
+  rule. The kernels now keep the row statistics as the pair (m = max of the raw logits, log s) and compute
+  d = (x - m) / tau - log s; test_fp32_logprob_gradient_at_large_lse (a strict xfail until then).
+- the C++ CPU kernels' AVX2 build contracted ``x * inv_tau - m`` (and
 ``x[id] * inv_tau - lse``) into FMAs against the ROUNDED m = max(x) * inv_tau, so the max element got d =
 (rounding error of m) instead of 0: with V = 1 logp was +8.8e-5 (x = 301.7, tau = 0.109) and the entropy < 0, the
 top token of a peaked row got logp > 0. Fixed by d = (x - max x) / tau, logp = d[id] - log s (commit f2aafcd,
@@ -29,11 +28,9 @@ import torch
 from kernel_checks import (
     DTYPES,
     LOSS_TYPES,
-    assert_rule,
     backend_for_test,
     check_logprob_outputs,
     check_loss_outputs,
-    logprob_outputs,
     loss_outputs,
     one_thread,
 )
@@ -53,11 +50,6 @@ pytestmark = [  # numpy warnings of the Triton interpreter on -inf / NaN rows
 BACKENDS = ["cpu", "triton", "cuda_emu"] + (["cuda"] if torch.cuda.is_available() else [])
 LEVELS = ["token", "sequence"]
 NAN, INF = float("nan"), float("inf")
-
-LSE_PRECISION = ("known defect (the backward kernels of every fused backend): p = exp(z - lse) with lse = m + log s "
-                 "rounded to one fp32 value loses |lse| eps / 2 relative at large |z|; torch's log_softmax is exact "
-                 "to a few eps")
-
 
 def ref_logps(*args, **kw):
     with one_thread():
@@ -90,23 +82,13 @@ def on_policy_inputs(x, tau, *, B, T, p_keep=0.8, spread=0.3):
                      ref_logps=(lp + 0.3 * torch.randn(B, T)).float())
 
 
-def check_everything(x, tau, be, *, B, T, lse_defect=False):
+def check_everything(x, tau, be, *, B, T):
     """token_logprobs (values and gradient, with and without the entropy) and grpo_loss at both importance levels,
-    against the float64 reference. ``lse_defect``: the log-prob gradient is left to the strict xfail of
-    LSE_PRECISION (test_fp32_logprob_gradient_at_large_lse); the log-prob and entropy VALUES are still checked."""
+    against the float64 reference."""
     backend, device = be
     ids = torch.randint(0, x.shape[-1], (B, T))
-    if lse_defect:
-        w = torch.randn(B, T)
-        k = logprob_outputs(x, ids, tau, backend, w, w, device)
-        r = logprob_outputs(x.double(), ids, tau, "torch", w, w)
-        s = logprob_outputs(x, ids, tau, "torch", w, w)
-        assert_rule(k[0], r[0], s[0], f"logp {backend} {x.dtype} tau={tau}")
-        assert_rule(k[1], r[1], s[1], f"entropy {backend} {x.dtype} tau={tau}")
-        assert torch.isfinite(k[2]).all()
-    else:
-        check_logprob_outputs(x, ids, tau, backend, device, entropy=True)
-        check_logprob_outputs(x, ids, tau, backend, device, entropy=False)
+    check_logprob_outputs(x, ids, tau, backend, device, entropy=True)
+    check_logprob_outputs(x, ids, tau, backend, device, entropy=False)
     ids, inputs = on_policy_inputs(x, tau, B=B, T=T)
     for level in LEVELS:
         cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04, delta=2.0, temperature=tau)
@@ -119,18 +101,17 @@ def check_everything(x, tau, be, *, B, T, lse_defect=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logits_plus_minus_1e4(be, dtype):
     """Half the vocabulary at +1e4, half at -1e4 (+ N(0, 1)): p = 0 exactly for the -1e4 half, logp ~ -2e4 there;
-    the entropy through (s, t) has no cancellation. (The fp32 log-prob gradient: LSE_PRECISION.)"""
+    the entropy through (s, t) has no cancellation; p from (m, log s), not from a rounded lse ~1e4."""
     x = (torch.where(torch.rand(3, 3, 257) < 0.5, 1e4, -1e4) + torch.randn(3, 3, 257)).to(dtype)
-    check_everything(x, 1.0, be, B=3, T=3, lse_defect=dtype == torch.float32)
+    check_everything(x, 1.0, be, B=3, T=3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tau", [1e-3, 1e3])
 def test_temperature_extremes(be, dtype, tau):
-    """tau = 1e-3 (z ~ 3e3: near-greedy, gradients ~1/tau = 1e3) and tau = 1e3 (z ~ 3e-3: near-uniform).
-    (The fp32 log-prob gradient at tau = 1e-3: LSE_PRECISION.)"""
+    """tau = 1e-3 (z ~ 3e3: near-greedy, gradients ~1/tau = 1e3) and tau = 1e3 (z ~ 3e-3: near-uniform)."""
     x = (torch.randn(3, 3, 257) * 3).to(dtype)
-    check_everything(x, tau, be, B=3, T=3, lse_defect=dtype == torch.float32 and tau < 1)
+    check_everything(x, tau, be, B=3, T=3)
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
@@ -312,7 +293,7 @@ def test_garbage_at_masked_positions_does_not_leak(be, dtype, level):
 
 
 # --------------------------------------------------------------------------------------------------
-# known defects (strict xfails: they must still fail; fix the kernel, then drop the mark)
+# defects found here, fixed, kept as regression tests
 # --------------------------------------------------------------------------------------------------
 def large_lse_cases():
     torch.manual_seed(1)
@@ -321,20 +302,18 @@ def large_lse_cases():
             "temperature 1e-3": (torch.randn(8, 4, 257) * 3, 1e-3)}
 
 
-@pytest.mark.xfail(strict=True, reason=LSE_PRECISION)
 @pytest.mark.parametrize("case", list(large_lse_cases()))
 def test_fp32_logprob_gradient_at_large_lse(be, case):
-    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large: max error 8x-340x the rule's bound in
-    every backend (e.g. logits +-1e4: 4.4e-5 against a bound of 1.6e-6; temperature 1e-3: 0.5 against 1.9e-3)."""
+    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large. With p = exp(z - fl(lse)) (one saved
+    fp32 lse) the error was 8x-340x the rule's bound in every backend (e.g. logits +-1e4: 4.4e-5 against a bound
+    of 1.6e-6; temperature 1e-3: 0.5 against 1.9e-3); from the pair (m, log s) it is within the rule."""
     backend, device = be
-    if backend == "triton" and device == "cpu" and case == "temperature 1e-3":
-        pytest.skip("the Triton interpreter rounds this case within the rule (its +-1e4 cases fail like the others)")
     x, tau = large_lse_cases()[case]
     check_logprob_outputs(x, torch.randint(0, 257, (8, 4)), tau, backend, device, entropy=False)
 
 
 def check_single_token_and_peaked_rows(backend, device):
-    """V = 1: logp = 0 and entropy = 0 exactly (z - lse with lse = z); a peaked row's top token: logp <= 0."""
+    """V = 1: logp = 0 and entropy = 0 exactly (x - m = 0, log s = 0); a peaked row's top token: logp <= 0."""
     x = torch.tensor([15.41, -2.9343, 301.7, -88.0]).view(2, 2, 1)
     for tau in (0.109375, 1.0, 0.7):
         logp, ent = gk.token_logprobs(x.to(device), torch.zeros(2, 2, dtype=torch.long, device=device),

@@ -226,11 +226,11 @@ def test_no_recompilation_for_new_lengths():
             x = big[:, P - 1 : -1]  # the model-output view: row stride (T + P) * V, storage offset (P - 1) * V
             n = B * T
             ids = torch.zeros(n, dtype=torch.int64)
-            f = torch.empty(n)
+            f, f2 = torch.empty(n), torch.empty(n, 2)
             out = torch.empty(x.shape, dtype=dtype)
             plans = {
-                "fwd": tb.plan_logprobs_fwd(x, ids, 1.0, True, f, f, f),
-                "bwd": tb.plan_logprobs_bwd(x, ids, f, f, f, f, 1.0, out),
+                "fwd": tb.plan_logprobs_fwd(x, ids, 1.0, True, f, f2, f),
+                "bwd": tb.plan_logprobs_bwd(x, ids, f2, f, f, f, 1.0, out),
                 "fused": tb.plan_fused(x, ids, 1.0, f, None, f, f, TokenLossParams.from_config(GRPOConfig()), out,
                                        f, f),
             }

@@ -41,32 +41,32 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_fwd",
       [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
-         uintptr_t logp, uintptr_t lse, uintptr_t ent, int num_threads) {
+         uintptr_t logp, uintptr_t stats, uintptr_t ent, int num_threads) {
         const gkcpu::RowsView rv = rows(x, dtype, B, T, V, sb, st);
         const float it = inv(tau);
         py::gil_scoped_release nogil;
-        gkcpu::logprobs_fwd(rv, ptr<const int64_t>(ids), it, ptr<float>(logp), ptr<float>(lse), ptr<float>(ent),
+        gkcpu::logprobs_fwd(rv, ptr<const int64_t>(ids), it, ptr<float>(logp), ptr<float>(stats), ptr<float>(ent),
                             num_threads);
       },
       py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("tau"), py::arg("logp"), py::arg("lse"), py::arg("ent"), py::arg("num_threads"),
-      "logp, lse [, entropy] of each row (ent = 0: not computed)");
+      py::arg("ids"), py::arg("tau"), py::arg("logp"), py::arg("stats"), py::arg("ent"), py::arg("num_threads"),
+      "logp, row statistics (m, log s) [N, 2] [, entropy] of each row (ent = 0: not computed)");
 
   m.def(
       "logprobs_bwd",
       [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids,
-         uintptr_t lse, uintptr_t ent, uintptr_t g_logp, uintptr_t g_ent, double tau, uintptr_t out, int64_t osb,
+         uintptr_t stats, uintptr_t ent, uintptr_t g_logp, uintptr_t g_ent, double tau, uintptr_t out, int64_t osb,
          int64_t ost, int num_threads) {
         const gkcpu::RowsView rv = rows(x, dtype, B, T, V, sb, st);
         const float it = inv(tau);
         if ((ent == 0) != (g_ent == 0)) throw std::invalid_argument("ent and g_ent must both be given or both be 0");
         py::gil_scoped_release nogil;
-        gkcpu::logprobs_bwd(rv, ptr<const int64_t>(ids), ptr<const float>(lse), ptr<const float>(ent),
+        gkcpu::logprobs_bwd(rv, ptr<const int64_t>(ids), ptr<const float>(stats), ptr<const float>(ent),
                             ptr<const float>(g_logp), ptr<const float>(g_ent), it, gkcpu::OutView{ptr<void>(out), osb, ost},
                             num_threads);
       },
       py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("lse"), py::arg("ent"), py::arg("g_logp"), py::arg("g_ent"), py::arg("tau"),
+      py::arg("ids"), py::arg("stats"), py::arg("ent"), py::arg("g_logp"), py::arg("g_ent"), py::arg("tau"),
       py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("num_threads"), "write dL/dlogits into out");
 
   m.def(

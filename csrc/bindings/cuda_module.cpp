@@ -76,26 +76,26 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
   m.def(
       "logprobs_fwd",
       [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
-         uintptr_t logp, uintptr_t lse, uintptr_t ent, uintptr_t stream, int block) {
+         uintptr_t logp, uintptr_t stats, uintptr_t ent, uintptr_t stream, int block) {
         const gkcuda::Rows rv = rows(x, dtype, B, T, V, sb, st);
         const float it = inv(tau);
         check_block(block);
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = gkcuda::logprobs_fwd(rv, ptr<const int64_t>(ids), it, ptr<float>(logp), ptr<float>(lse),
+          e = gkcuda::logprobs_fwd(rv, ptr<const int64_t>(ids), it, ptr<float>(logp), ptr<float>(stats),
                                    ptr<float>(ent), block, stream_of(stream));
         }
         check(e, "logprobs_fwd");
       },
       py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("tau"), py::arg("logp"), py::arg("lse"), py::arg("ent"), py::arg("stream"),
-      py::arg("block") = 0, "logp, lse [, entropy] of each row (ent = 0: not computed)");
+      py::arg("ids"), py::arg("tau"), py::arg("logp"), py::arg("stats"), py::arg("ent"), py::arg("stream"),
+      py::arg("block") = 0, "logp, row statistics (m, log s) [N, 2] [, entropy] of each row (ent = 0: not computed)");
 
   m.def(
       "logprobs_bwd",
       [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids,
-         uintptr_t lse, uintptr_t ent, uintptr_t g_logp, uintptr_t g_ent, double tau, uintptr_t out, int64_t osb,
+         uintptr_t stats, uintptr_t ent, uintptr_t g_logp, uintptr_t g_ent, double tau, uintptr_t out, int64_t osb,
          int64_t ost, uintptr_t stream, int block) {
         const gkcuda::Rows rv = rows(x, dtype, B, T, V, sb, st);
         const float it = inv(tau);
@@ -105,14 +105,14 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = gkcuda::logprobs_bwd(rv, ptr<const int64_t>(ids), ptr<const float>(lse), ptr<const float>(ent),
+          e = gkcuda::logprobs_bwd(rv, ptr<const int64_t>(ids), ptr<const float>(stats), ptr<const float>(ent),
                                    ptr<const float>(g_logp), ptr<const float>(g_ent), it,
                                    gkcuda::Out{ptr<void>(out), osb, ost}, block, stream_of(stream));
         }
         check(e, "logprobs_bwd");
       },
       py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("lse"), py::arg("ent"), py::arg("g_logp"), py::arg("g_ent"), py::arg("tau"),
+      py::arg("ids"), py::arg("stats"), py::arg("ent"), py::arg("g_logp"), py::arg("g_ent"), py::arg("tau"),
       py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("stream"), py::arg("block") = 0,
       "write dL/dlogits into out");
 

@@ -4,9 +4,11 @@
 // vectorises (no -ffast-math: -inf / NaN semantics are kept, see vexp).
 //
 // Passes over one row of V logits (z = x * inv_tau):
-//   forward   1) m = max z             2) s = sum e^{z-m}, t = sum e^{z-m} (z-m)        -> lse, logp, entropy
-//   backward  1) out_v = (g_logp (onehot - p_v) - g_ent p_v (z_v - lse + H)) / tau,  p_v = e^{z_v - lse}
-//   fused     1) m   2) e_v = e^{z_v-m} kept in a per-thread fp32 scratch row, s, t   -> logp, entropy,
+//   forward   1) m = max x             2) s = sum e^{d}, t = sum e^{d} d, d = (x - m)/tau -> (m, log s), logp, H
+//   backward  1) out_v = (g_logp (onehot - p_v) - g_ent p_v (d_v + H)) / tau,  p_v = e^{d_v},
+//                d_v = (x_v - m)/tau - log s from the saved PAIR (m, log s) (never from one rounded lse: see
+//                grpo_math.h)
+//   fused     1) m   2) e_v = e^{(x_v-m)/tau} kept in a per-thread fp32 scratch row, s, t -> logp, entropy,
 //             g = coef * dloss/dlogp   3) out_v = g (onehot - e_v / s) / tau   (one exp per element)
 // The row is read from memory once; passes 2 and 3 hit the cache (a 32k-vocabulary row is 128 KiB in fp32).
 //
@@ -76,7 +78,7 @@ constexpr int64_t kChunk = 512;
 
 // ---- row bodies (inlined into each ISA's wrapper) --------------------------------------------------
 
-// r[0] = logp, r[1] = lse, r[2] = entropy
+// r[0] = logp, r[1] = m (max of the raw logits), r[2] = log s, r[3] = entropy
 template <int DT, bool ENT>
 // shifted_logit: d = z - m is computed as (x - max x) / tau, not x / tau - m. With -ffp-contract=fast the
 // AVX2 build turned x * inv_tau - m into an FMA (exact product) against the ROUNDED m = max(x) * inv_tau, so the
@@ -90,7 +92,6 @@ GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float 
     const float z = Elem<DT>::load(x[v]);
     mx = z > mx ? z : mx;
   }
-  const float m = mx * inv_tau;  // tau > 0: scaling keeps the order, so max(x)/tau = max(x/tau)
   float s = 0.f, t = 0.f;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {  // two-level sums, see kChunk
     const int64_t c1 = c0 + kChunk < V ? c0 + kChunk : V;
@@ -106,29 +107,30 @@ GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float 
     t += tc;
   }
   const float ls = logf(s);
-  const float lse = m + ls;
   r[0] = (id >= 0 && id < V) ? (Elem<DT>::load(x[id]) - mx) * inv_tau - ls : gk::quiet_nan();
-  r[1] = lse;
-  if (ENT) r[2] = ls - t / s;
+  r[1] = mx;
+  r[2] = ls;
+  if (ENT) r[3] = ls - t / s;
 }
 
 template <int DT, bool ENT>
-GK_ALWAYS_INLINE void bwd_row_body(const void* xv, void* ov, int64_t V, int64_t id, float lse, float H, float g,
-                                   float ge, float inv_tau) {
+GK_ALWAYS_INLINE void bwd_row_body(const void* xv, void* ov, int64_t V, int64_t id, float m, float ls, float H,
+                                   float g, float ge, float inv_tau) {
   const ET<DT>* x = static_cast<const ET<DT>*>(xv);
   ET<DT>* o = static_cast<ET<DT>*>(ov);
   const bool has_t = id >= 0 && id < V;
-  const float z_id = has_t ? Elem<DT>::load(x[id]) * inv_tau : 0.f;  // read before an in-place write
+  const float x_id = has_t ? Elem<DT>::load(x[id]) : 0.f;  // read before an in-place write
   // x and o may be the same row (inplace): each iteration reads x[v] before writing o[v], same index.
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    const float d = Elem<DT>::load(x[v]) * inv_tau - lse;
+    const float d = gk::shifted_logit(Elem<DT>::load(x[v]), m, ls, inv_tau);
     const float p = vexp(d);
     float gr = -g * p;
     if (ENT) gr -= p != 0.f ? ge * p * (d + H) : 0.f;
     o[v] = Elem<DT>::store(gr * inv_tau);
   }
-  if (has_t) o[id] = Elem<DT>::store(gk::grad_elem(z_id, lse, H, 1, g, ENT ? ge : 0.f, inv_tau));
+  if (has_t) o[id] = Elem<DT>::store(gk::grad_elem(gk::shifted_logit(x_id, m, ls, inv_tau), H, 1, g, ENT ? ge : 0.f,
+                                                    inv_tau));
 }
 
 struct RowLoss {
@@ -184,7 +186,7 @@ GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_
 
 // ---- per-ISA instantiations -----------------------------------------------------------------------
 typedef void (*FwdRowFn)(const void*, int64_t, int64_t, float, float*);
-typedef void (*BwdRowFn)(const void*, void*, int64_t, int64_t, float, float, float, float, float);
+typedef void (*BwdRowFn)(const void*, void*, int64_t, int64_t, float, float, float, float, float, float);
 typedef void (*FusedRowFn)(const void*, void*, int64_t, int64_t, float, const RowLoss&, float*, float*);
 
 struct RowKernels {
@@ -200,9 +202,9 @@ struct RowKernels {
     fwd_row_body<DT, ENT>(x, V, id, it, r);                                                              \
   }                                                                                                      \
   template <int DT, bool ENT>                                                                            \
-  ATTR void bwd_row(const void* x, void* o, int64_t V, int64_t id, float lse, float H, float g, float ge, \
-                    float it) {                                                                          \
-    bwd_row_body<DT, ENT>(x, o, V, id, lse, H, g, ge, it);                                               \
+  ATTR void bwd_row(const void* x, void* o, int64_t V, int64_t id, float m, float ls, float H, float g,   \
+                    float ge, float it) {                                                                \
+    bwd_row_body<DT, ENT>(x, o, V, id, m, ls, H, g, ge, it);                                             \
   }                                                                                                      \
   template <int DT>                                                                                      \
   ATTR void fused_row(const void* x, void* o, int64_t V, int64_t id, float it, const RowLoss& L,         \
@@ -254,7 +256,7 @@ int threads(int requested) { return requested > 0 ? requested : omp_get_max_thre
 
 }  // namespace
 
-void logprobs_fwd(const RowsView& x, const int64_t* ids, float inv_tau, float* logp, float* lse, float* ent,
+void logprobs_fwd(const RowsView& x, const int64_t* ids, float inv_tau, float* logp, float* stats, float* ent,
                   int num_threads) {
   const int64_t N = x.B * x.T;
   if (N == 0) return;
@@ -263,15 +265,16 @@ void logprobs_fwd(const RowsView& x, const int64_t* ids, float inv_tau, float* l
   const size_t es = elem_size(x.dtype);
 #pragma omp parallel for schedule(static) num_threads(threads(num_threads))
   for (int64_t n = 0; n < N; ++n) {
-    float r[3];
+    float r[4];
     fn(base + row_off(n, x.T, x.sb, x.st) * es, x.V, ids[n], inv_tau, r);
     logp[n] = r[0];
-    lse[n] = r[1];
-    if (ent) ent[n] = r[2];
+    stats[2 * n] = r[1];
+    stats[2 * n + 1] = r[2];
+    if (ent) ent[n] = r[3];
   }
 }
 
-void logprobs_bwd(const RowsView& x, const int64_t* ids, const float* lse, const float* ent, const float* g_logp,
+void logprobs_bwd(const RowsView& x, const int64_t* ids, const float* stats, const float* ent, const float* g_logp,
                   const float* g_ent, float inv_tau, const OutView& out, int num_threads) {
   const int64_t N = x.B * x.T;
   if (N == 0) return;
@@ -289,7 +292,8 @@ void logprobs_bwd(const RowsView& x, const int64_t* ids, const float* lse, const
       memset(orow, 0, static_cast<size_t>(V) * es);
       continue;
     }
-    fn(base + row_off(n, x.T, x.sb, x.st) * es, orow, V, ids[n], lse[n], use_ent ? ent[n] : 0.f, g, ge, inv_tau);
+    fn(base + row_off(n, x.T, x.sb, x.st) * es, orow, V, ids[n], stats[2 * n], stats[2 * n + 1], use_ent ? ent[n] : 0.f,
+       g, ge, inv_tau);
   }
 }
 

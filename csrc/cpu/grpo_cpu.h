@@ -21,13 +21,15 @@ struct OutView {
   int64_t sb, st;
 };
 
-// logp[n] = z[id] - lse, lse[n], ent[n] (ent may be nullptr: not computed). z = x * inv_tau.
-void logprobs_fwd(const RowsView& x, const int64_t* ids, float inv_tau, float* logp, float* lse, float* ent,
+// Row statistics: stats[2n] = m = max of the raw logits of row n, stats[2n + 1] = log s with
+// s = sum_v e^{(x_v - m) * inv_tau}; lse = m * inv_tau + log s is never formed as one float (grpo_math.h).
+// logp[n] = (x[id] - m) * inv_tau - log s, stats[2n .. 2n+1], ent[n] (ent may be nullptr: not computed).
+void logprobs_fwd(const RowsView& x, const int64_t* ids, float inv_tau, float* logp, float* stats, float* ent,
                   int num_threads);
 
 // out = dL/dx for dL = g_logp . logp + g_ent . entropy; ent and g_ent both null or both given.
 // Rows with g_logp == 0 and (no g_ent or g_ent == 0) are written as zeros without reading x.
-void logprobs_bwd(const RowsView& x, const int64_t* ids, const float* lse, const float* ent, const float* g_logp,
+void logprobs_bwd(const RowsView& x, const int64_t* ids, const float* stats, const float* ent, const float* g_logp,
                   const float* g_ent, float inv_tau, const OutView& out, int num_threads);
 
 struct FusedArgs {

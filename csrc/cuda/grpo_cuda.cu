@@ -74,25 +74,25 @@ struct Fused {
 
 }  // namespace
 
-cudaError_t logprobs_fwd(const Rows& x, const int64_t* ids, float inv_tau, float* logp, float* lse, float* ent,
+cudaError_t logprobs_fwd(const Rows& x, const int64_t* ids, float inv_tau, float* logp, float* stats, float* ent,
                          int block, cudaStream_t stream) {
   KArgs a = base_args(x, ids, inv_tau);
   a.logp = logp;
-  a.lse = lse;
+  a.stats = stats;
   a.ent = ent;
   const Kernel k = ent ? by_dtype<FwdEnt>(x.dtype) : by_dtype<FwdNoEnt>(x.dtype);
   if (!k) return cudaErrorInvalidValue;
   return launch(k, a, x.B * x.T, block, stream);
 }
 
-cudaError_t logprobs_bwd(const Rows& x, const int64_t* ids, const float* lse, const float* ent, const float* g_logp,
+cudaError_t logprobs_bwd(const Rows& x, const int64_t* ids, const float* stats, const float* ent, const float* g_logp,
                          const float* g_ent, float inv_tau, const Out& out, int block, cudaStream_t stream) {
   if ((ent == nullptr) != (g_ent == nullptr)) return cudaErrorInvalidValue;
   KArgs a = base_args(x, ids, inv_tau);
   a.out = out.p;
   a.osb = out.sb;
   a.ost = out.st;
-  a.lse_in = lse;
+  a.stats_in = stats;
   a.ent_in = ent;
   a.g_logp = g_logp;
   a.g_ent = g_ent;

@@ -44,14 +44,16 @@ struct FusedArgs {
 // in flight per thread on long rows, fewer on short rows so that threads are not idle.
 int default_block(int64_t V);
 
-// logp[n] = z[id] - lse, lse[n], ent[n] (ent == nullptr: entropy not computed); z = x * inv_tau.
+// Row statistics: stats[2n] = m = max of the raw logits of row n, stats[2n + 1] = log s with
+// s = sum_v e^{(x_v - m) * inv_tau} (lse = m * inv_tau + log s is never formed as one float; grpo_math.h).
+// logp[n] = (x[id] - m) * inv_tau - log s, stats[2n .. 2n+1], ent[n] (ent == nullptr: entropy not computed).
 // An id outside [0, V) gives logp = NaN and is never dereferenced.
-cudaError_t logprobs_fwd(const Rows& x, const int64_t* ids, float inv_tau, float* logp, float* lse, float* ent,
+cudaError_t logprobs_fwd(const Rows& x, const int64_t* ids, float inv_tau, float* logp, float* stats, float* ent,
                          int block, cudaStream_t stream);
 
 // out = dL/dx for dL = g_logp . logp + g_ent . entropy (ent and g_ent both null or both given). Rows with
 // g_logp == 0 and g_ent == 0 (or null) are written as exact zeros without reading x.
-cudaError_t logprobs_bwd(const Rows& x, const int64_t* ids, const float* lse, const float* ent, const float* g_logp,
+cudaError_t logprobs_bwd(const Rows& x, const int64_t* ids, const float* stats, const float* ent, const float* g_logp,
                          const float* g_ent, float inv_tau, const Out& out, int block, cudaStream_t stream);
 
 // logp, ent [N] and out = d(sum_n coef_n loss_tok_n)/dx in one launch (token-level importance weights).

@@ -2,18 +2,23 @@
 //
 // One block per row of V logits (row n = b*T + t at element offset b*sb + t*st, 64-bit), blockDim.x a
 // multiple of 32 (several warps). Per row, with z = x * inv_tau (all arithmetic fp32):
-//   forward   each thread folds its elements into an online state (m, s, t) with s = sum e^{z-m},
-//             t = sum e^{z-m} (z-m) (grpo_math.h); warp shuffles + shared memory merge the states with
-//             gk::lse_merge -> lse = m + log s, entropy H = log s - t/s, logp = z[id] - lse.
-//   backward  out_v = -p_v (a + b (z_v - lse + H)) with p_v = e^{z_v - lse}, a = g_logp/tau, b = g_ent/tau,
-//             and out[id] += a (written by thread 0 after a barrier with gk::grad_elem, see below).
+//   forward   each thread folds its elements into an online state (m, s, t) with m the max of the RAW
+//             logits, s = sum e^d, t = sum e^d d, d = (x - m) / tau (grpo_math.h); warp shuffles + shared
+//             memory merge the states with gk::lse_merge -> row statistics (m, log s), entropy
+//             H = log s - t/s, logp = (x[id] - m) / tau - log s.
+//   backward  out_v = -p_v (a + b (d_v + H)) with p_v = e^{d_v}, d_v = (x_v - m) / tau - log s from the
+//             saved PAIR (m, log s) (never one rounded lse: z_v - fl(lse) loses |lse| eps / 2 of p_v at
+//             logits ~1e4 or tau 1e-3), a = g_logp/tau, b = g_ent/tau, and out[id] += a (written by thread 0
+//             after a barrier with gk::grad_elem, see below).
+//   x - m (not x / tau - m / tau) also keeps nvcc from contracting the shift into an FMA against a rounded
+//   m / tau (which gave the top logit of a V = 1 row a log-prob above 0 in the C++ AVX2 build).
 //   fused     forward, then g = coef * dloss/dlogp(logp) (gk::dloss_dlogp), then the backward with b = 0.
 // Memory access: a row is split into a scalar head (up to the first 16-byte boundary of the row), an
 // unmasked main loop of 16-byte vectors (float4 = 4 fp32, uint4 = 8 bf16/fp16), 4 independent vectors in
 // flight per thread, and a scalar tail; rows of any stride / V therefore use 128-bit loads except for at
 // most 2 x 7 elements. Stores are 128-bit when the output row has the same alignment as the input row
 // (same offset mod 16 bytes), else per element.
-// Exponentials: p = e^d for d = z - (max or lse) <= 0 is computed as exp2f(d * log2 e) (one FMUL + MUFU.EX2;
+// Exponentials: p = e^d for d <= 0 is computed as exp2f(d * log2 e) (one FMUL + MUFU.EX2;
 // error <= 2 ulp + |d| 2^-24 relative, i.e. absolute <= ~3e-7 on p <= 1). d is clamped below at -127:
 // e^-127 already underflows to 0 in fp32 (the smallest denormal is e^-103.3), so the clamp changes no value
 // but makes a -inf logit give p = 0 and p * d = 0 (not 0 * -inf = NaN); NaN passes the clamp (the
@@ -147,16 +152,12 @@ struct StatsOp {
 
   template <int K>
   GK_HD void push(const float* x) {
-    float z[K];
-    float vm = z[0] = x[0] * it;
+    float vm = x[0];
 #pragma unroll
-    for (int i = 1; i < K; ++i) {
-      z[i] = x[i] * it;
-      vm = z[i] > vm ? z[i] : vm;
-    }
-    if (vm > m) {  // rescale to the new max: s' = s e^{m-m'}, t' = e^{m-m'} (t + (m-m') s)   (grpo_math.h)
+    for (int i = 1; i < K; ++i) vm = x[i] > vm ? x[i] : vm;
+    if (vm > m) {  // rescale to the new max: d = (m - m')/tau, s' = s e^d, t' = e^d (t + d s)   (grpo_math.h)
       if (s != 0.f) {
-        const float d = m - vm, c = exp_nonpos(d);
+        const float d = (m - vm) * it, c = exp_nonpos(d);
         if (ENT) t = c * fmaf(d, s, t);
         s *= c;
       }
@@ -165,7 +166,7 @@ struct StatsOp {
     if (m == gk::neg_inf()) return;  // all elements so far are -inf: nothing to add
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      const float d = clamp_d(z[i] - m), e = exp_nonpos(d);
+      const float d = clamp_d((x[i] - m) * it), e = exp_nonpos(d);
       s += e;
       if (ENT) t = fmaf(e, d, t);
     }
@@ -178,14 +179,14 @@ struct StatsOp {
 };
 
 template <bool ENT>
-__device__ __forceinline__ gk::LseState warp_reduce(gk::LseState st) {
+__device__ __forceinline__ gk::LseState warp_reduce(gk::LseState st, float it) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     gk::LseState b;
     b.m = __shfl_xor_sync(0xffffffffu, st.m, o);
     b.s = __shfl_xor_sync(0xffffffffu, st.s, o);
     b.t = ENT ? __shfl_xor_sync(0xffffffffu, st.t, o) : 0.f;
-    gk::lse_merge(st, b);
+    gk::lse_merge(st, b, it);
   }
   return st;
 }
@@ -193,16 +194,16 @@ __device__ __forceinline__ gk::LseState warp_reduce(gk::LseState st) {
 // Block-wide merge of the per-thread states; every thread gets the result. sh: 33 entries of shared memory
 // (32 warp partials + the broadcast slot). Called once per kernel (no barrier protects a second use).
 template <bool ENT>
-__device__ __forceinline__ gk::LseState block_reduce(gk::LseState st, gk::LseState* sh) {
+__device__ __forceinline__ gk::LseState block_reduce(gk::LseState st, float it, gk::LseState* sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  st = warp_reduce<ENT>(st);
+  st = warp_reduce<ENT>(st, it);
   if (lane == 0) sh[warp] = st;
   __syncthreads();
   if (warp == 0) {
     gk::LseState v;
     if (lane < nwarps) v = sh[lane];
     else gk::lse_init(v);
-    v = warp_reduce<ENT>(v);
+    v = warp_reduce<ENT>(v, it);
     if (lane == 0) sh[32] = v;
   }
   __syncthreads();
@@ -218,20 +219,20 @@ __device__ __forceinline__ gk::LseState row_state(const typename gk::Elem<DT>::T
   st.m = op.m;
   st.s = op.s;
   st.t = op.t;
-  return block_reduce<ENT>(st, sh);
+  return block_reduce<ENT>(st, it, sh);
 }
 
 // ---- backward: gradient of every element but the target ----------------------------------------------
 template <int DT, bool ENT>
 struct GradOp {
   typedef typename gk::Elem<DT>::T ET;
-  float it, lse, H, a, b;  // a = g_logp / tau, b = g_ent / tau
+  float it, m, ls, H, a, b;  // row statistics (m, log s); a = g_logp / tau, b = g_ent / tau
   ET* orow;
   int64_t head;
   bool vec_out;
 
   GK_HD float g(float x) const {
-    const float d = clamp_d(fmaf(x, it, -lse)), p = exp_nonpos(d);
+    const float d = clamp_d(gk::shifted_logit(x, m, ls, it)), p = exp_nonpos(d);
     return ENT ? -p * fmaf(b, d + H, a) : -p * a;
   }
   GK_HD void scalar(int64_t i, float x) { orow[i] = gk::Elem<DT>::store(g(x)); }
@@ -269,17 +270,18 @@ __device__ __forceinline__ void zero_row(typename gk::Elem<DT>::T* orow, int64_t
 }
 
 // Writes the gradient of row `xrow` into `orow` (every element but the target; see GradOp), then, after a
-// barrier (the main loop may have written out[id] with the non-target value), out[id] from z_id with the
-// target term, by thread 0 through the shared gk::grad_elem. valid: id in [0, V).
+// barrier (the main loop may have written out[id] with the non-target value), out[id] from x_id (the raw
+// target logit) with the target term, by thread 0 through the shared gk::grad_elem. valid: id in [0, V).
 template <int DT, bool ENT>
 __device__ __forceinline__ void write_grad(const typename gk::Elem<DT>::T* xrow, typename gk::Elem<DT>::T* orow,
-                                           int64_t V, const Span& sp, float it, float lse, float H, float g_logp,
-                                           float g_ent, bool valid, int64_t id, float z_id) {
+                                           int64_t V, const Span& sp, float it, float m, float ls, float H,
+                                           float g_logp, float g_ent, bool valid, int64_t id, float x_id) {
   const uintptr_t rel = reinterpret_cast<uintptr_t>(orow) - reinterpret_cast<uintptr_t>(xrow);
-  GradOp<DT, ENT> op{it, lse, H, g_logp * it, g_ent * it, orow, sp.head, (rel & 15u) == 0};
+  GradOp<DT, ENT> op{it, m, ls, H, g_logp * it, g_ent * it, orow, sp.head, (rel & 15u) == 0};
   visit_row<DT>(xrow, V, sp, op);
   __syncthreads();
-  if (threadIdx.x == 0 && valid) orow[id] = gk::Elem<DT>::store(gk::grad_elem(z_id, lse, H, 1, g_logp, g_ent, it));
+  if (threadIdx.x == 0 && valid)
+    orow[id] = gk::Elem<DT>::store(gk::grad_elem(gk::shifted_logit(x_id, m, ls, it), H, 1, g_logp, g_ent, it));
 }
 
 // ---- kernel arguments (one struct for every kernel, passed by value) ---------------------------------
@@ -289,12 +291,12 @@ struct KArgs {
   const int64_t* ids;
   int64_t T, V, sb, st, osb, ost;
   float inv_tau;
-  const float* lse_in;  // backward inputs
+  const float* stats_in;  // backward inputs: (m, log s) per row
   const float* ent_in;
   const float* g_logp;
   const float* g_ent;
   float* logp;  // forward outputs
-  float* lse;
+  float* stats;  // (m, log s) per row
   float* ent;
   const float* old;  // fused inputs
   const float* ref;
@@ -318,10 +320,12 @@ __global__ void __launch_bounds__(kMaxBlock) fwd_kernel(KArgs a) {
   const Span sp = split_row<DT>(row, a.V);
   const gk::LseState st = row_state<DT, ENT>(row, a.V, a.inv_tau, sp, sh);
   if (threadIdx.x == 0) {
-    const float lse = gk::lse_value(st);
+    const float ls = logf(st.s);
     const int64_t id = a.ids[n];
-    a.logp[n] = (id >= 0 && id < a.V) ? gk::Elem<DT>::load(row[id]) * a.inv_tau - lse : gk::quiet_nan();
-    a.lse[n] = lse;
+    a.logp[n] = (id >= 0 && id < a.V) ? gk::shifted_logit(gk::Elem<DT>::load(row[id]), st.m, ls, a.inv_tau)
+                                      : gk::quiet_nan();
+    a.stats[2 * n] = st.m;
+    a.stats[2 * n + 1] = ls;
     if (ENT) a.ent[n] = gk::entropy_value(st);
   }
 }
@@ -339,10 +343,10 @@ __global__ void __launch_bounds__(kMaxBlock) bwd_kernel(KArgs a) {
   const ET* xrow = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
   const int64_t id = a.ids[n];
   const bool valid = id >= 0 && id < a.V;
-  const float z_id = (threadIdx.x == 0 && valid) ? gk::Elem<DT>::load(xrow[id]) * a.inv_tau : 0.f;
+  const float x_id = (threadIdx.x == 0 && valid) ? gk::Elem<DT>::load(xrow[id]) : 0.f;
   __syncthreads();  // inplace: x[id] is read before any thread overwrites it
-  write_grad<DT, ENT>(xrow, orow, a.V, split_row<DT>(xrow, a.V), a.inv_tau, a.lse_in[n], ENT ? a.ent_in[n] : 0.f,
-                      g_logp, g_ent, valid, id, z_id);
+  write_grad<DT, ENT>(xrow, orow, a.V, split_row<DT>(xrow, a.V), a.inv_tau, a.stats_in[2 * n], a.stats_in[2 * n + 1],
+                      ENT ? a.ent_in[n] : 0.f, g_logp, g_ent, valid, id, x_id);
 }
 
 template <int DT>
@@ -354,12 +358,12 @@ __global__ void __launch_bounds__(kMaxBlock) fused_kernel(KArgs a) {
   ET* orow = static_cast<ET*>(a.out) + row_offset(n, a.T, a.osb, a.ost);
   const int64_t id = a.ids[n];
   const bool valid = id >= 0 && id < a.V;
-  const float z_id = valid ? gk::Elem<DT>::load(xrow[id]) * a.inv_tau : gk::quiet_nan();  // same address: one load
+  const float x_id = valid ? gk::Elem<DT>::load(xrow[id]) : gk::quiet_nan();  // same address: one load
   const Span sp = split_row<DT>(xrow, a.V);
   // the barriers inside row_state order every read of x above before any write below (inplace)
   const gk::LseState st = row_state<DT, true>(xrow, a.V, a.inv_tau, sp, sh);
-  const float lse = gk::lse_value(st), H = gk::entropy_value(st);
-  const float logp = z_id - lse;  // NaN for an invalid id
+  const float ls = logf(st.s), H = gk::entropy_value(st);
+  const float logp = gk::shifted_logit(x_id, st.m, ls, a.inv_tau);  // NaN for an invalid id
   if (threadIdx.x == 0) {
     a.logp[n] = logp;
     a.ent[n] = H;
@@ -371,7 +375,7 @@ __global__ void __launch_bounds__(kMaxBlock) fused_kernel(KArgs a) {
   }
   const float g = coef * gk::dloss_dlogp(logp, a.old != nullptr, a.old ? a.old[n] : 0.f, a.ref != nullptr,
                                          a.ref ? a.ref[n] : 0.f, a.adv[n], a.lp);
-  write_grad<DT, false>(xrow, orow, a.V, sp, a.inv_tau, lse, H, g, 0.f, valid, id, z_id);
+  write_grad<DT, false>(xrow, orow, a.V, sp, a.inv_tau, st.m, ls, H, g, 0.f, valid, id, x_id);
 }
 
 }  // namespace gkcuda

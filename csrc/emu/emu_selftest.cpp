@@ -133,11 +133,12 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
   const gkcuda::Rows rows{x, DT, B, T, V, sb, st};
 
   // double-precision reference of each row (from the dtype-rounded logits)
-  std::vector<double> lse_r(N), ent_r(N), logp_r(N);
+  std::vector<double> lse_r(N), ent_r(N), logp_r(N), max_r(N);
   for (int64_t n = 0; n < N; ++n) {
     const ET* row = x + (n / T) * sb + (n % T) * st;
     double m = -INFINITY;
     for (int64_t v = 0; v < V; ++v) m = fmax(m, double(gk::Elem<DT>::load(row[v])) / tau);
+    max_r[n] = m * tau;
     double s = 0, sz = 0;
     for (int64_t v = 0; v < V; ++v) {
       const double z = double(gk::Elem<DT>::load(row[v])) / tau, e = exp(z - m);
@@ -148,12 +149,14 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
     ent_r[n] = lse_r[n] - sz / s;
     logp_r[n] = double(gk::Elem<DT>::load(row[ids[n]])) / tau - lse_r[n];
   }
-  std::vector<float> logp(N), lse(N), ent(N);
-  expect(gkcuda::logprobs_fwd(rows, ids.data(), it, logp.data(), lse.data(), ent.data(), block, nullptr) ==
+  std::vector<float> logp(N), stats(2 * N), ent(N);
+  expect(gkcuda::logprobs_fwd(rows, ids.data(), it, logp.data(), stats.data(), ent.data(), block, nullptr) ==
              cudaSuccess,
          "forward launch");
   for (int64_t n = 0; n < N; ++n) {
-    expect(fabs(lse[n] - lse_r[n]) < 1e-5 * fmax(1.0, fabs(lse_r[n])), "lse", lse[n], lse_r[n]);
+    const double lse = double(stats[2 * n]) / tau + stats[2 * n + 1];
+    expect(fabs(stats[2 * n] - max_r[n]) <= 1e-6 * fabs(max_r[n]), "row max (raw logits)", stats[2 * n], max_r[n]);
+    expect(fabs(lse - lse_r[n]) < 1e-5 * fmax(1.0, fabs(lse_r[n])), "lse", lse, lse_r[n]);
     expect(fabs(ent[n] - ent_r[n]) < 1e-5 * fmax(1.0, fabs(ent_r[n])), "entropy", ent[n], ent_r[n]);
     expect(fabs(logp[n] - logp_r[n]) < 1e-5 * fmax(1.0, fabs(logp_r[n])), "logp", logp[n], logp_r[n]);
   }
@@ -165,7 +168,7 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
     gl[n] = n == 1 ? 0.f : nd(rng);
     ge[n] = n == 1 ? 0.f : nd(rng);
   }
-  expect(gkcuda::logprobs_bwd(gkcuda::Rows{xo, DT, B, T, V, sb, st}, ids.data(), lse.data(), ent.data(), gl.data(),
+  expect(gkcuda::logprobs_bwd(gkcuda::Rows{xo, DT, B, T, V, sb, st}, ids.data(), stats.data(), ent.data(), gl.data(),
                               ge.data(), it, gkcuda::Out{xo, sb, st}, block, nullptr) == cudaSuccess,
          "backward launch");
   // dtype rounding of the output: half an ulp of the 16-bit format (2^-9 bf16, 2^-12 fp16) relative

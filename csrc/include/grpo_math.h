@@ -7,10 +7,14 @@
 //
 // SPEC section 1, one row of the logits (z = x / tau, V entries):
 //   lse = log sum_v e^{z_v},  p_v = e^{z_v - lse},  logp = z[id] - lse,
-//   entropy H = lse - sum_v p_v z_v = log s - t / s   with   s = sum_v e^{z_v - m},  t = sum_v e^{z_v - m} (z_v - m)
-//   for any shift m (the running max). Writing H through (s, t) relative to m avoids the cancellation of
-//   "lse - sum p z" when |z| ~ 1e4 (both terms ~1e4, their difference ~1).
+//   entropy H = lse - sum_v p_v z_v = log s - t / s   with   s = sum_v e^{d_v},  t = sum_v e^{d_v} d_v,
+//   d_v = (x_v - m) / tau for the running max m of the RAW logits. Writing H through (s, t) relative to m
+//   avoids the cancellation of "lse - sum p z" when |z| ~ 1e4 (both terms ~1e4, their difference ~1).
 //   dL/dx_v = ( g_logp (onehot_v - p_v) - g_ent p_v (z_v - lse + H) ) / tau.
+// Row statistics: a row is summarised by the PAIR (m, log s), never by lse = m / tau + log s as one float:
+//   z_v - lse = (x_v - m) / tau - log s   keeps full precision where |lse| is large (logits ~1e4, tau 1e-3),
+//   while z_v - fl(lse) loses |lse| eps / 2 (5e-4 relative in p at |lse| = 1e4). x - m is exact for the top
+//   logits (Sterbenz), so the top token of a V = 1 row gets d = 0 exactly (no FMA against a rounded m / tau).
 #pragma once
 
 #include <stdint.h>
@@ -55,9 +59,9 @@ GK_HD float quiet_nan() { return bits_f32(0x7fc00000u); }
 // online log-sum-exp with the entropy moment
 // ------------------------------------------------------------------------------------------------
 struct LseState {
-  float m;  // running max (-inf while empty)
-  float s;  // sum e^{z - m}
-  float t;  // sum e^{z - m} (z - m)
+  float m;  // running max of the raw logits x (-inf while empty)
+  float s;  // sum e^{d},      d = (x - m) * inv_tau
+  float t;  // sum e^{d} d
 };
 
 GK_HD void lse_init(LseState& st) {
@@ -66,23 +70,23 @@ GK_HD void lse_init(LseState& st) {
   st.t = 0.f;
 }
 
-// Adds one element. Rescaling to a new max m' > m:  e^{z-m'} = e^{z-m} e^{m-m'},  (z-m') = (z-m) + (m-m'),
-// so s' = s e^{m-m'} + 1 and t' = e^{m-m'} (t + (m-m') s) (+ 0 for the new element, whose z - m' = 0).
-// z = -inf adds e^{-inf} = 0 to s and 0 (not 0 * -inf = NaN) to t. A NaN z makes s and t NaN.
-GK_HD void lse_push(LseState& st, float z) {
-  if (z > st.m) {
+// Adds one raw logit x. Rescaling to a new max m' > m with c = (m - m') / tau:  e^{(x-m')/tau} =
+// e^{(x-m)/tau} e^{c},  so s' = s e^{c} + 1 and t' = e^{c} (t + c s) (+ 0 for the new element, whose d = 0).
+// x = -inf adds e^{-inf} = 0 to s and 0 (not 0 * -inf = NaN) to t. A NaN x makes s and t NaN.
+GK_HD void lse_push(LseState& st, float x, float inv_tau) {
+  if (x > st.m) {
     if (st.s == 0.f) {  // first finite element (m was -inf): nothing to rescale
       st.s = 1.f;
       st.t = 0.f;
     } else {
-      const float d = st.m - z;  // < 0
-      const float a = expf(d);
-      st.t = a * (st.t + d * st.s);
+      const float c = (st.m - x) * inv_tau;  // < 0
+      const float a = expf(c);
+      st.t = a * (st.t + c * st.s);
       st.s = st.s * a + 1.f;
     }
-    st.m = z;
-  } else if (z != neg_inf()) {  // z <= m, or NaN (propagates through d)
-    const float d = z - st.m;
+    st.m = x;
+  } else if (x != neg_inf()) {  // x <= m, or NaN (propagates through d)
+    const float d = (x - st.m) * inv_tau;
     const float e = expf(d);
     st.s += e;
     st.t += e * d;
@@ -90,23 +94,27 @@ GK_HD void lse_push(LseState& st, float z) {
 }
 
 // Combines two partial states (parallel reductions); an empty side (s == 0) is the identity.
-GK_HD void lse_merge(LseState& a, const LseState& b) {
+GK_HD void lse_merge(LseState& a, const LseState& b, float inv_tau) {
   if (b.s == 0.f) return;
   if (a.s == 0.f) {
     a = b;
     return;
   }
   const float m = a.m > b.m ? a.m : b.m;
-  const float da = a.m - m, db = b.m - m;  // <= 0, one of them is 0
+  const float da = (a.m - m) * inv_tau, db = (b.m - m) * inv_tau;  // <= 0, one of them is 0
   const float ea = expf(da), eb = expf(db);
   a.t = ea * (a.t + da * a.s) + eb * (b.t + db * b.s);
   a.s = a.s * ea + b.s * eb;
   a.m = m;
 }
 
-GK_HD float lse_value(const LseState& st) { return st.m + logf(st.s); }
+// lse as one float (tests only: the kernels keep the pair (m, log s), see the top of this file)
+GK_HD float lse_value(const LseState& st, float inv_tau) { return st.m * inv_tau + logf(st.s); }
 
 GK_HD float entropy_value(const LseState& st) { return logf(st.s) - st.t / st.s; }
+
+// d_v = z_v - lse from the row statistics (m, log s): the argument of p_v = e^{d_v}, and logp = d[id]
+GK_HD float shifted_logit(float x, float m, float log_s, float inv_tau) { return (x - m) * inv_tau - log_s; }
 
 // ------------------------------------------------------------------------------------------------
 // d loss_tok / d logp, token level (mirrors grpo_kernels.reference.token_loss_grad line by line)
@@ -173,10 +181,9 @@ GK_HD float dloss_dlogp(float logp, int has_old, float old, int has_ref, float r
 // ------------------------------------------------------------------------------------------------
 // gradient of one logit
 // ------------------------------------------------------------------------------------------------
-// (g_logp (onehot - p) - g_ent p (z - lse + H)) / tau with p = e^{z - lse}. A z = -inf entry has p = 0
-// and contributes 0 (not 0 * -inf); a NaN z gives NaN.
-GK_HD float grad_elem(float z, float lse, float H, int is_target, float g_logp, float g_ent, float inv_tau) {
-  const float d = z - lse;
+// (g_logp (onehot - p) - g_ent p (d + H)) / tau with p = e^d, d = z - lse = shifted_logit(x, m, log s). A
+// d = -inf entry has p = 0 and contributes 0 (not 0 * -inf); a NaN d gives NaN.
+GK_HD float grad_elem(float d, float H, int is_target, float g_logp, float g_ent, float inv_tau) {
   const float p = expf(d);
   const float ent = p != 0.f ? g_ent * p * (d + H) : 0.f;
   return (g_logp * ((is_target ? 1.f : 0.f) - p) - ent) * inv_tau;

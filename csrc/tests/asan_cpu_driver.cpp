@@ -145,10 +145,10 @@ void run_logprobs(const Case& c, std::mt19937& rng) {
   memcpy(ids.p, idv.data(), N * sizeof(int64_t));
   Buf<char> x0(L.elems() * es);  // pristine copy (in place overwrites xb)
   memcpy(x0.p, xb.p, L.elems() * es);
-  Buf<float> logp(N), lse(N), ent(c.entropy ? N : 0), g(N), ge(c.entropy ? N : 0);
+  Buf<float> logp(N), stats(2 * N), ent(c.entropy ? N : 0), g(N), ge(c.entropy ? N : 0);
   const gkcpu::RowsView rv{xb.p + L.off * es, c.dt, L.B, L.T, L.V, L.sb, L.st};
   const float it = static_cast<float>(1.0 / c.tau);
-  gkcpu::logprobs_fwd(rv, ids.p, it, logp.p, lse.p, c.entropy ? ent.p : nullptr, c.threads);
+  gkcpu::logprobs_fwd(rv, ids.p, it, logp.p, stats.p, c.entropy ? ent.p : nullptr, c.threads);
 
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int64_t n = 0; n < N; ++n) {
@@ -160,7 +160,7 @@ void run_logprobs(const Case& c, std::mt19937& rng) {
   char* out = c.inplace ? xb.p : ob.p;
   if (!c.inplace)
     for (int64_t i = 0; i < L.elems(); ++i) store(out, c.dt, i, 7.f);
-  gkcpu::logprobs_bwd(rv, ids.p, lse.p, c.entropy ? ent.p : nullptr, g.p, c.entropy ? ge.p : nullptr, it,
+  gkcpu::logprobs_bwd(rv, ids.p, stats.p, c.entropy ? ent.p : nullptr, g.p, c.entropy ? ge.p : nullptr, it,
                       gkcpu::OutView{out + L.off * es, L.sb, L.st}, c.threads);
 
   for (int64_t n = 0; n < N; ++n) {
@@ -172,7 +172,8 @@ void run_logprobs(const Case& c, std::mt19937& rng) {
     }
     const RowRef r = row_ref(x0.p, c.dt, L, n, c.tau);
     const bool valid = idv[n] >= 0 && idv[n] < L.V;
-    CHECK(close(lse.p[n], r.lse, 1e-5 * fmax(1.0, fabs(r.lse))), "lse n=%lld: %g vs %g", (long long)n, lse.p[n], r.lse);
+    const double lse = stats.p[2 * n] / c.tau + stats.p[2 * n + 1];  // row statistics (m, log s)
+    CHECK(close(lse, r.lse, 1e-5 * fmax(1.0, fabs(r.lse))), "lse n=%lld: %g vs %g", (long long)n, lse, r.lse);
     if (valid) {
       const double lp = load(x0.p, c.dt, o + idv[n]) / c.tau - r.lse;
       CHECK(close(logp.p[n], lp, 1e-5 * fmax(1.0, fabs(r.lse))), "logp n=%lld: %g vs %g", (long long)n, logp.p[n], lp);

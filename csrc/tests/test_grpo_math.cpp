@@ -78,41 +78,47 @@ int main() {
     if (std::isnan(f)) CHECK(std::isnan(gk::bf16_to_f32(bm)), "f2bf nan %08x", u);
     else CHECK(bm == bf16_ref(f), "f2bf %08x (%g): mine=%04x ref=%04x", u, f, bm, bf16_ref(f));
   }
-  // online lse / entropy, with -inf entries and large magnitudes, push order and 3-way merge
+  // online (m, log s, entropy) in raw-logit units, with -inf entries, large magnitudes, temperatures, push
+  // order and a 3-way merge: m is the exact raw max, log s and H within a few eps log V of float64
+  const float taus[3] = {1.f, 0.37f, 2.5f};
   for (int trial = 0; trial < 200; ++trial) {
     int V = 1 + (int)(rng() % 3000);
     float scale = (trial % 4 == 0) ? 1e4f : 3.f;
+    const float tau = taus[trial % 3], it = 1.f / tau;
     std::normal_distribution<float> nd(0.f, scale);
-    std::vector<float> z(V);
-    for (auto& v : z) v = nd(rng) + (trial % 4 == 0 ? 1e4f : 0.f);
-    for (int k = 0; k < V / 10; ++k) z[rng() % V] = -INFINITY;
+    std::vector<float> x(V);
+    for (auto& v : x) v = nd(rng) + (trial % 4 == 0 ? 1e4f : 0.f);
+    for (int k = 0; k < V / 10; ++k) x[rng() % V] = -INFINITY;
     double m = -INFINITY;
-    for (float v : z) m = std::max(m, (double)v);
+    for (float v : x) m = std::max(m, (double)v);
     double s = 0, t = 0;
-    for (float v : z) if (v != -INFINITY) { double e = std::exp(v - m); s += e; t += e * (v - m); }
-    double lse = m + std::log(s), H = std::log(s) - t / s;
+    for (float v : x) if (v != -INFINITY) { double d = (v - m) * (double)it, e = std::exp(d); s += e; t += e * d; }
+    const double ls = std::log(s), H = ls - t / s;
     gk::LseState st, parts[3];
     gk::lse_init(st);
     for (auto& p : parts) gk::lse_init(p);
-    for (int v = 0; v < V; ++v) { gk::lse_push(st, z[v]); gk::lse_push(parts[v % 3], z[v]); }
-    gk::lse_merge(parts[0], parts[1]);
-    gk::lse_merge(parts[0], parts[2]);
+    for (int v = 0; v < V; ++v) { gk::lse_push(st, x[v], it); gk::lse_push(parts[v % 3], x[v], it); }
+    gk::lse_merge(parts[0], parts[1], it);
+    gk::lse_merge(parts[0], parts[2], it);
     for (auto* q : {&st, &parts[0]}) {
-      double el = std::fabs(gk::lse_value(*q) - lse), eh = std::fabs(gk::entropy_value(*q) - H);
-      if (z.size() == 1 || std::isinf(m)) continue;
-      CHECK(el <= 4e-7 * std::fabs(lse) + 1e-5 * std::log(V + 1.0), "lse V=%d err=%g lse=%g", V, el, lse);
+      if (std::isinf(m)) continue;
+      CHECK(q->m == (float)m, "raw max V=%d m=%g expected %g", V, q->m, m);
+      double els = std::fabs(std::log((double)q->s) - ls), eh = std::fabs(gk::entropy_value(*q) - H);
+      CHECK(els <= 1e-5 * std::log(V + 1.0), "log s V=%d err=%g", V, els);
       CHECK(eh <= 1e-5 * (1 + H) * std::log(V + 1.0), "entropy V=%d err=%g H=%g", V, eh, H);
+      // the row's d of its top logit is exactly -log s (x - m = 0), whatever tau
+      CHECK(gk::shifted_logit((float)m, q->m, std::log(q->s), it) == -std::log(q->s), "top d");
     }
   }
   // all -inf row: lse = -inf, no NaN from the state
   gk::LseState st;
   gk::lse_init(st);
-  for (int i = 0; i < 5; ++i) gk::lse_push(st, -INFINITY);
-  CHECK(st.s == 0.f && st.t == 0.f && gk::lse_value(st) == -INFINITY, "all -inf");
+  for (int i = 0; i < 5; ++i) gk::lse_push(st, -INFINITY, 1.f);
+  CHECK(st.s == 0.f && st.t == 0.f && gk::lse_value(st, 1.f) == -INFINITY, "all -inf");
   // NaN entry poisons
-  gk::lse_push(st, 1.f);
-  gk::lse_push(st, NAN);
-  CHECK(std::isnan(gk::lse_value(st)), "nan propagates");
+  gk::lse_push(st, 1.f, 1.f);
+  gk::lse_push(st, NAN, 1.f);
+  CHECK(std::isnan(gk::lse_value(st, 1.f)), "nan propagates");
   std::printf(failures ? "FAILED (%d)\n" : "ok\n", failures);
   return failures ? 1 : 0;
 }

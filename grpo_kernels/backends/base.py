@@ -13,22 +13,26 @@ Layout handed to every launcher
   every id a launcher sees at a masked position is in range. An id outside ``[0, V)`` at an unmasked
   position must not be read out of bounds: the launcher writes ``logp = NaN`` for that row (the CPU API
   raises before launching; see SPEC section 4).
-- per-token vectors (``lse``, ``entropy``, ``g_logp``, ``old``, ``ref``, ``adv``, ``coef``): ``[N]`` fp32
+- per-token vectors (``entropy``, ``g_logp``, ``old``, ``ref``, ``adv``, ``coef``): ``[N]`` fp32
   contiguous. Optional ones are ``None``.
+- ``stats``: the row statistics, ``[N, 2]`` fp32 contiguous: ``stats[n] = (m, log s)`` with ``m`` the max of
+  the RAW logits of row n and ``s = sum_v e^{(x_v - m) / tau}``, so ``lse = m / tau + log s``. The backward
+  takes the pair, never one rounded lse: ``z_v - lse = (x_v - m) / tau - log s`` keeps p_v to a few eps
+  where ``z_v - fl(lse)`` loses ``|lse| eps / 2`` (5e-4 relative at logits ~1e4, or temperature 1e-3).
 - ``out``: ``[B, T, V]`` in the logits' dtype with its own strides (a fresh contiguous buffer, or the
   logits tensor itself when ``inplace=True``: then read and write each element in place, never read a
   value already overwritten).
 - ``tau`` (temperature) is a Python float; ``z = x / tau``; all arithmetic in fp32.
 
 Math (SPEC section 1), per row, with ``p = softmax(z)``, ``lse = logsumexp(z)``:
-- ``logp = z[id] - lse``;  ``entropy = lse - sum_v p_v z_v`` (terms with ``p_v = 0``, e.g. ``z_v = -inf``,
-  contribute 0, never NaN).
+- ``logp = z[id] - lse`` (computed as ``(x[id] - m) / tau - log s``);  ``entropy = lse - sum_v p_v z_v``
+  (terms with ``p_v = 0``, e.g. ``z_v = -inf``, contribute 0, never NaN).
 - backward: ``dL/dx_v = ( g_logp * (onehot(id)_v - p_v) - g_ent * p_v * (z_v - lse + entropy) ) / tau``.
   A row whose ``g_logp`` and ``g_ent`` are both exactly 0 (masked tokens) is written as exact zeros
   WITHOUT using its logits (they may be NaN garbage).
 - fused (token-level importance weights only): the per-token gradient weight
-  ``g_logp = coef * dloss_tok/dlogp`` is computed in the kernel from ``logp`` as soon as the row's ``lse``
-  is known, then the row's gradient is written in the same launch. ``dloss_tok/dlogp`` is specified
+  ``g_logp = coef * dloss_tok/dlogp`` is computed in the kernel from ``logp`` as soon as the row's
+  ``(m, log s)`` are known, then the row's gradient is written in the same launch. ``dloss_tok/dlogp`` is specified
   exactly by :func:`grpo_kernels.reference.token_loss_grad` (float64 torch, tested against autograd of
   the reference loss): mirror it line for line, including torch's tie rules of ``min`` and ``clamp``.
   ``old=None`` means on-policy: ``old = logp`` in value (ratio 1) while ``d(logp - old)/dlogp`` stays 1.
@@ -80,13 +84,14 @@ class Launchers(Protocol):
     def logprobs_fwd(
         self, logits: torch.Tensor, ids: torch.Tensor, tau: float, want_entropy: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (logp [N] f32, lse [N] f32, entropy [N] f32, or an empty tensor when not wanted)."""
+        """-> (logp [N] f32, stats [N, 2] f32 = (m, log s) per row, entropy [N] f32, or an empty tensor when
+        not wanted)."""
 
     def logprobs_bwd(
         self,
         logits: torch.Tensor,
         ids: torch.Tensor,
-        lse: torch.Tensor,
+        stats: torch.Tensor,
         entropy: Optional[torch.Tensor],
         g_logp: torch.Tensor,
         g_ent: Optional[torch.Tensor],

@@ -56,20 +56,20 @@ class CpuLaunchers:
         rows = _rows(logits)
         n = rows[2] * rows[3]
         logp = torch.empty(n, dtype=torch.float32)
-        lse = torch.empty(n, dtype=torch.float32)
+        stats = torch.empty(n, 2, dtype=torch.float32)
         ent = torch.empty(n if want_entropy else 0, dtype=torch.float32)
-        _C.logprobs_fwd(*rows, _vec(ids, n, "ids", torch.int64), float(tau), logp.data_ptr(), lse.data_ptr(),
+        _C.logprobs_fwd(*rows, _vec(ids, n, "ids", torch.int64), float(tau), logp.data_ptr(), stats.data_ptr(),
                         ent.data_ptr() if want_entropy else 0, torch.get_num_threads())
-        return logp, lse, ent
+        return logp, stats, ent
 
     @staticmethod
-    def logprobs_bwd(logits, ids, lse, entropy, g_logp, g_ent, tau, out):
+    def logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out):
         rows = _rows(logits)
         n = rows[2] * rows[3]
         if (entropy is None) != (g_ent is None):
             raise ValueError("entropy and g_ent must both be given or both be None")
-        _C.logprobs_bwd(*rows, _vec(ids, n, "ids", torch.int64), _vec(lse, n, "lse"), _vec(entropy, n, "entropy"),
-                        _vec(g_logp, n, "g_logp"), _vec(g_ent, n, "g_ent"), float(tau), *_out(out, logits),
+        _C.logprobs_bwd(*rows, _vec(ids, n, "ids", torch.int64), _vec(stats, 2 * n, "stats"),
+                        _vec(entropy, n, "entropy"), _vec(g_logp, n, "g_logp"), _vec(g_ent, n, "g_ent"), float(tau), *_out(out, logits),
                         torch.get_num_threads())
 
     @staticmethod

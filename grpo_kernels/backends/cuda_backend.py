@@ -86,15 +86,16 @@ class CudaLaunchers:
     def logprobs_fwd(self, logits, ids, tau, want_entropy):
         rows = self._rows(logits)
         n = rows[2] * rows[3]
-        logp, lse = self._f32(n, logits), self._f32(n, logits)
+        logp = self._f32(n, logits)
+        stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log s) per row
         ent = self._f32(n if want_entropy else 0, logits)
         ctx, stream = self._launch_ctx(logits)
         with ctx:
             self.module.logprobs_fwd(*rows, self._vec(ids, n, "ids", logits, torch.int64), float(tau), logp.data_ptr(),
-                                     lse.data_ptr(), ent.data_ptr() if want_entropy else 0, stream, self.block)
-        return logp, lse, ent
+                                     stats.data_ptr(), ent.data_ptr() if want_entropy else 0, stream, self.block)
+        return logp, stats, ent
 
-    def logprobs_bwd(self, logits, ids, lse, entropy, g_logp, g_ent, tau, out):
+    def logprobs_bwd(self, logits, ids, stats, entropy, g_logp, g_ent, tau, out):
         rows = self._rows(logits)
         n = rows[2] * rows[3]
         if (entropy is None) != (g_ent is None):
@@ -102,8 +103,8 @@ class CudaLaunchers:
         v = lambda t, name, dt=torch.float32: self._vec(t, n, name, logits, dt)  # noqa: E731
         ctx, stream = self._launch_ctx(logits)
         with ctx:
-            self.module.logprobs_bwd(*rows, v(ids, "ids", torch.int64), v(lse, "lse"), v(entropy, "entropy"),
-                                     v(g_logp, "g_logp"), v(g_ent, "g_ent"), float(tau), *self._out(out, logits),
+            self.module.logprobs_bwd(*rows, v(ids, "ids", torch.int64), self._vec(stats, 2 * n, "stats", logits),
+                                     v(entropy, "entropy"), v(g_logp, "g_logp"), v(g_ent, "g_ent"), float(tau), *self._out(out, logits),
                                      stream, self.block)
 
     def fused_fwd_bwd(self, logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, out):

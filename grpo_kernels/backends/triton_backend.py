@@ -109,29 +109,30 @@ def _f32(n: int, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---- plans ---------------------------------------------------------------------------------------------
-def plan_logprobs_fwd(logits, ids, tau, want_entropy, logp, lse, ent) -> Launch:
+def plan_logprobs_fwd(logits, ids, tau, want_entropy, logp, stats, ent) -> Launch:
     x, shift, B, T, V, sb, st = _rows(logits)
     n = B * T
     _vec(ids, n, "ids", logits, torch.int64)
     cfg = block_config(V, logits.dtype)
     return Launch(K.logprobs_fwd_kernel, (n,),
-                  (x, ids, logp, lse, ent if want_entropy else lse, T, V, sb, st, shift, _inv_tau(tau)),
+                  (x, ids, logp, stats, ent if want_entropy else logp, T, V, sb, st, shift, _inv_tau(tau)),
                   {"WANT_ENT": bool(want_entropy), **cfg}, _num_warps(cfg["BLOCK"]))
 
 
-def plan_logprobs_bwd(logits, ids, lse, entropy, g_logp, g_ent, tau, out) -> Launch:
+def plan_logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out) -> Launch:
     x, shift, B, T, V, sb, st = _rows(logits)
     n = B * T
     if (entropy is None) != (g_ent is None):
         raise ValueError("entropy and g_ent must both be given or both be None")
-    for t, name in ((lse, "lse"), (entropy, "entropy"), (g_logp, "g_logp"), (g_ent, "g_ent")):
+    _vec(stats, 2 * n, "stats", logits)
+    for t, name in ((entropy, "entropy"), (g_logp, "g_logp"), (g_ent, "g_ent")):
         _vec(t, n, name, logits)
     _vec(ids, n, "ids", logits, torch.int64)
     o, osb, ost, oshift = _out(out, logits)
     has_ent = entropy is not None
     cfg = block_config(V, logits.dtype)
     return Launch(K.logprobs_bwd_kernel, (n,),
-                  (x, ids, lse, entropy if has_ent else lse, g_logp, g_ent if has_ent else g_logp, o, T, V, sb, st,
+                  (x, ids, stats, entropy if has_ent else g_logp, g_logp, g_ent if has_ent else g_logp, o, T, V, sb, st,
                    shift, osb, ost, oshift, _inv_tau(tau)),
                   {"HAS_ENT": has_ent, **cfg}, _num_warps(cfg["BLOCK"]))
 
@@ -168,15 +169,16 @@ class TritonLaunchers:
     @staticmethod
     def logprobs_fwd(logits, ids, tau, want_entropy):
         n = ids.numel()
-        logp, lse, ent = _f32(n, logits), _f32(n, logits), _f32(n if want_entropy else 0, logits)
+        logp, ent = _f32(n, logits), _f32(n if want_entropy else 0, logits)
+        stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
         with _device_ctx(logits):
-            plan_logprobs_fwd(logits, ids, tau, want_entropy, logp, lse, ent)()
-        return logp, lse, ent
+            plan_logprobs_fwd(logits, ids, tau, want_entropy, logp, stats, ent)()
+        return logp, stats, ent
 
     @staticmethod
-    def logprobs_bwd(logits, ids, lse, entropy, g_logp, g_ent, tau, out):
+    def logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out):
         with _device_ctx(logits):
-            plan_logprobs_bwd(logits, ids, lse, entropy, g_logp, g_ent, tau, out)()
+            plan_logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out)()
 
     @staticmethod
     def fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, out):

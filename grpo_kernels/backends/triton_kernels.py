@@ -4,11 +4,14 @@ Math (SPEC section 1; the same as ``csrc/include/grpo_math.h``), per row with ``
   ``lse = m / tau + log s``, ``s = sum_v e^{(x_v - m) / tau}``, ``t = sum_v e^{(x_v - m) / tau} (x_v - m) / tau``
   for the running max m of the raw logits; ``logp = (x[id] - m) / tau - log s``; entropy ``H = log s - t / s``
   (no cancellation when |z| ~ 1e4, unlike ``lse - sum p z``);
-  ``dL/dx_v = ( g (onehot_v - p_v) - g_H p_v (z_v - lse + H) ) / tau``.
+  ``dL/dx_v = ( g (onehot_v - p_v) - g_H p_v (d_v + H) ) / tau`` with ``p_v = e^{d_v}``,
+  ``d_v = z_v - lse = (x_v - m) / tau - log s``. A row is summarised by the PAIR (m, log s) (the forward's
+  ``stats`` output, the backward's input), never by lse as one fp32 value: ``z_v - fl(lse)`` would lose
+  ``|lse| eps / 2`` of p_v where |lse| is large (logits ~1e4, or tau = 1e-3; 5e-4 relative at |lse| = 1e4).
 
 Three kernels share the helpers below; their variants are constexpr flags:
-- ``logprobs_fwd_kernel``: logp, lse (and entropy) of each row; one read of the logits.
-- ``logprobs_bwd_kernel``: dL/dlogits from saved (lse, H) and upstream (g, g_H); one read + one write.
+- ``logprobs_fwd_kernel``: logp, (m, log s) (and entropy) of each row; one read of the logits.
+- ``logprobs_bwd_kernel``: dL/dlogits from saved (m, log s, H) and upstream (g, g_H); one read + one write.
 - ``fused_fwd_bwd_kernel``: the forward, then the per-token weight ``g = coef * dloss_tok/dlogp`` computed
   in the kernel (token-level importance weights only), then the row's gradient: one launch.
 
@@ -59,14 +62,14 @@ def _split(off, V, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_z(base, start, cols, n_valid, live, inv_tau, MASKED: tl.constexpr):
-    """z = x / tau of ``base[start + cols]`` in fp32. With MASKED, lanes with cols >= n_valid, and every lane
+def _load_x(base, start, cols, n_valid, live, MASKED: tl.constexpr):
+    """The raw logits ``base[start + cols]`` in fp32. With MASKED, lanes with cols >= n_valid, and every lane
     of a row that is not ``live``, read as -inf (the load is predicated off); without, a plain load."""
     if MASKED:
         x = tl.load(base + start + cols, mask=tl.where(live, cols < n_valid, False), other=float("-inf"))
     else:
         x = tl.load(base + start + cols)
-    return x.to(tl.float32) * inv_tau
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -92,28 +95,29 @@ def _lse_update(x, m, s, t, inv_tau):
 
 @triton.jit
 def _row_stats(base, off, V, inv_tau, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """-> (lse, H, m = max of the raw logits, log s) of the row at element offset ``off``: one read of its V
-    logits (loaded raw: ``_load_z`` with 1/tau = 1)."""
+    """-> (H, m = max of the raw logits, log s) of the row at element offset ``off``: one read of its V
+    logits."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     head, n_body = _split(off, V, ALIGN, BLOCK)
-    x = _load_z(base, off, tl.arange(0, ALIGN), head, True, 1.0, True)
+    x = _load_x(base, off, tl.arange(0, ALIGN), head, True, True)
     m, s, t = _lse_update(x, m, s, t, inv_tau)
     cols = tl.arange(0, BLOCK)
     for i in range(n_body):
         start = tl.multiple_of(off + head + i * BLOCK, ALIGN)
-        m, s, t = _lse_update(_load_z(base, start, cols, BLOCK, True, 1.0, False), m, s, t, inv_tau)
+        m, s, t = _lse_update(_load_x(base, start, cols, BLOCK, True, False), m, s, t, inv_tau)
     done = head + n_body * BLOCK
-    m, s, t = _lse_update(_load_z(base, off + done, cols, V - done, True, 1.0, True), m, s, t, inv_tau)
+    m, s, t = _lse_update(_load_x(base, off + done, cols, V - done, True, True), m, s, t, inv_tau)
     log_s = tl.log(s)
-    return m * inv_tau + log_s, log_s - t / s, m, log_s
+    return log_s - t / s, m, log_s
 
 
 @triton.jit
-def _grad(z, col, tgt, lse, H, g, g_ent, inv_tau, HAS_ENT: tl.constexpr):
-    """(g (onehot - p) - g_H p (z - lse + H)) / tau, p = e^{z - lse}; p = 0 (z = -inf) adds no entropy term."""
-    d = z - lse
+def _grad(x, col, tgt, m, log_s, H, g, g_ent, inv_tau, HAS_ENT: tl.constexpr):
+    """(g (onehot - p) - g_H p (d + H)) / tau, p = e^d, d = (x - m) / tau - log s from the RAW logits x;
+    p = 0 (x = -inf) adds no entropy term."""
+    d = (x - m) * inv_tau - log_s
     p = tl.exp(d)
     gz = g * (tl.where(col == tgt, 1.0, 0.0) - p)
     if HAS_ENT:
@@ -136,32 +140,32 @@ def _cast_out(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _write_row_grad(base, off, out, out_off, V, tgt, lse, H, g, g_ent, live, inv_tau,
+def _write_row_grad(base, off, out, out_off, V, tgt, m, log_s, H, g, g_ent, live, inv_tau,
                     HAS_ENT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """out[row] = dL/dx of the row (in the output's dtype). ``live == False``: exact zeros, no logit read.
     Each element is read before it is written (so ``out`` may be the logits themselves)."""
     head, n_body = _split(off, V, ALIGN, BLOCK)
     hcols = tl.arange(0, ALIGN)
-    zh = _load_z(base, off, hcols, head, live, inv_tau, True)
-    gh = tl.where(live, _grad(zh, hcols, tgt, lse, H, g, g_ent, inv_tau, HAS_ENT), 0.0)
+    xh = _load_x(base, off, hcols, head, live, True)
+    gh = tl.where(live, _grad(xh, hcols, tgt, m, log_s, H, g, g_ent, inv_tau, HAS_ENT), 0.0)
     tl.store(out + out_off + hcols, _cast_out(gh, out.dtype.element_ty), mask=hcols < head)
     cols = tl.arange(0, BLOCK)
     for i in range(n_body):
         j = head + i * BLOCK
         start = tl.multiple_of(off + j, ALIGN)
-        z = _load_z(base, start, cols, BLOCK, live, inv_tau, True)  # predicated on live only
-        gz = tl.where(live, _grad(z, cols + j, tgt, lse, H, g, g_ent, inv_tau, HAS_ENT), 0.0)
+        xb = _load_x(base, start, cols, BLOCK, live, True)  # predicated on live only
+        gz = tl.where(live, _grad(xb, cols + j, tgt, m, log_s, H, g, g_ent, inv_tau, HAS_ENT), 0.0)
         tl.store(out + out_off + j + cols, _cast_out(gz, out.dtype.element_ty))
     j = head + n_body * BLOCK
-    zt = _load_z(base, off + j, cols, V - j, live, inv_tau, True)
-    gt = tl.where(live, _grad(zt, cols + j, tgt, lse, H, g, g_ent, inv_tau, HAS_ENT), 0.0)
+    xt = _load_x(base, off + j, cols, V - j, live, True)
+    gt = tl.where(live, _grad(xt, cols + j, tgt, m, log_s, H, g, g_ent, inv_tau, HAS_ENT), 0.0)
     tl.store(out + out_off + j + cols, _cast_out(gt, out.dtype.element_ty), mask=cols < V - j)
 
 
 @triton.jit
 def _target_logp(base, off, ids, row, V, m, log_s, inv_tau):
     """-> (logp = (x[id] - m) / tau - log s, target column as int32; -1 when the id is outside [0, V): logp
-    NaN, no target term). Computed from the raw max m, not from the rounded lse (see ``_lse_update``)."""
+    NaN, no target term). Computed from the raw max m, not from a rounded lse (see ``_lse_update``)."""
     tgt = tl.load(ids + row)
     ok = (tgt >= 0) & (tgt < V)
     tgt = tl.where(ok, tgt, -1).to(tl.int32)
@@ -223,27 +227,29 @@ _NO_SPEC = ["T", "stride_b", "stride_t", "shift", "out_stride_b", "out_stride_t"
 
 
 @triton.jit(do_not_specialize=_NO_SPEC[:4])
-def logprobs_fwd_kernel(x, ids, logp_out, lse_out, ent_out, T, V, stride_b, stride_t, shift, inv_tau,
+def logprobs_fwd_kernel(x, ids, logp_out, stats_out, ent_out, T, V, stride_b, stride_t, shift, inv_tau,
                         WANT_ENT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     off = _row_offset(row, T, stride_b, stride_t, shift)
-    lse, H, m, log_s = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
+    H, m, log_s = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
     logp, _ = _target_logp(x, off, ids, row, V, m, log_s, inv_tau)
     tl.store(logp_out + row, logp)
-    tl.store(lse_out + row, lse)
+    tl.store(stats_out + 2 * row, m)
+    tl.store(stats_out + 2 * row + 1, log_s)
     if WANT_ENT:
         tl.store(ent_out + row, H)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
-def logprobs_bwd_kernel(x, ids, lse_in, ent_in, g_in, g_ent_in, out, T, V, stride_b, stride_t, shift,
+def logprobs_bwd_kernel(x, ids, stats_in, ent_in, g_in, g_ent_in, out, T, V, stride_b, stride_t, shift,
                         out_stride_b, out_stride_t, out_shift, inv_tau,
                         HAS_ENT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     off = _row_offset(row, T, stride_b, stride_t, shift)
     out_off = _row_offset(row, T, out_stride_b, out_stride_t, out_shift)
     g = tl.load(g_in + row)
-    lse = tl.load(lse_in + row)
+    m = tl.load(stats_in + 2 * row)
+    log_s = tl.load(stats_in + 2 * row + 1)
     if HAS_ENT:
         g_ent = tl.load(g_ent_in + row)
         H = tl.load(ent_in + row)
@@ -254,7 +260,7 @@ def logprobs_bwd_kernel(x, ids, lse_in, ent_in, g_in, g_ent_in, out, T, V, strid
         live = g != 0.0
     tgt = tl.load(ids + row)
     tgt = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)
-    _write_row_grad(x, off, out, out_off, V, tgt, lse, H, g, g_ent, live, inv_tau, HAS_ENT, ALIGN, BLOCK)
+    _write_row_grad(x, off, out, out_off, V, tgt, m, log_s, H, g, g_ent, live, inv_tau, HAS_ENT, ALIGN, BLOCK)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -267,7 +273,7 @@ def fused_fwd_bwd_kernel(x, ids, old_in, ref_in, adv_in, coef_in, logp_out, ent_
     row = tl.program_id(0)
     off = _row_offset(row, T, stride_b, stride_t, shift)
     out_off = _row_offset(row, T, out_stride_b, out_stride_t, out_shift)
-    lse, H, m, log_s = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
+    H, m, log_s = _row_stats(x, off, V, inv_tau, ALIGN, BLOCK)
     logp, tgt = _target_logp(x, off, ids, row, V, m, log_s, inv_tau)
     tl.store(logp_out + row, logp)
     tl.store(ent_out + row, H)
@@ -281,4 +287,4 @@ def fused_fwd_bwd_kernel(x, ids, old_in, ref_in, adv_in, coef_in, logp_out, ent_
     d = _dloss_dlogp(logp, old, ref, tl.load(adv_in + row), eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
                      HAS_OLD, HAS_REF, LOSS, HAS_DELTA, BIAS_CORR)
     g = tl.where(coef == 0.0, 0.0, coef * d)  # masked token: 0 even where its logits are garbage (d NaN)
-    _write_row_grad(x, off, out, out_off, V, tgt, lse, H, g, 0.0, g != 0.0, inv_tau, False, ALIGN, BLOCK)
+    _write_row_grad(x, off, out, out_off, V, tgt, m, log_s, H, g, 0.0, g != 0.0, inv_tau, False, ALIGN, BLOCK)

@@ -51,8 +51,9 @@ def test_traffic_and_floor_arithmetic():
     N, V = 8192, 151936
     f, b, u = (rl.traffic(k, N, V, 2) for k in ("fwd", "bwd", "fused"))
     row = N * V * 2
-    assert f["bytes"] == f["bytes_ideal"] == row + N * 20
-    assert b["bytes"] == b["bytes_ideal"] == 2 * row + N * 24
+    # per row: ids 8 B; fwd writes logp, (m, log s), entropy; bwd reads (m, log s), entropy, g_logp, g_ent
+    assert f["bytes"] == f["bytes_ideal"] == row + N * 24
+    assert b["bytes"] == b["bytes_ideal"] == 2 * row + N * 28
     assert u["bytes"] == 3 * row + N * 32 and u["bytes_ideal"] == 2 * row + N * 32
     assert rl.floor_ms(3.35e12, 3.35) == pytest.approx(1000.0)
     assert rl.floor_ms(f["bytes"], 4.8) == pytest.approx(f["bytes"] / 4.8e12 * 1e3)

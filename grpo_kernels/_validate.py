@@ -38,18 +38,24 @@ def check_tensor(name: str, t, *, ndim=None, floating=False, integer=False) -> t
     return t
 
 
-def check_logits(logits) -> torch.Tensor:
-    check_tensor("logits", logits)
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    check_tensor(name, logits)
     if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16 (float64 for the reference), got {logits.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 for the reference), got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+        raise ValueError(f"{name} must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(
-            f"logits must have stride 1 in its last dimension, got strides {logits.stride()}; "
-            "pass logits.contiguous() (other strides of a view are accepted without a copy)"
+            f"{name} must have stride 1 in its last dimension, got strides {logits.stride()}; "
+            f"pass {name}.contiguous() (other strides of a view are accepted without a copy)"
         )
     return logits
+
+
+def check_config(config) -> GRPOConfig:
+    if not isinstance(config, GRPOConfig):
+        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    return config
 
 
 def check_temperature(temperature) -> float:
@@ -115,6 +121,7 @@ def validate_loss_inputs(
 ) -> LossInputs:
     from .reference import compute_dtype, group_advantages
 
+    check_config(cfg)
     check_logits(logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")

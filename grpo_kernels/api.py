@@ -156,7 +156,7 @@ class GRPOLoss(nn.Module):
         unknown = set(options) - set(GRPOConfig.field_names())
         if unknown:
             raise TypeError(f"unknown GRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}")
-        self.config = config if config is not None else GRPOConfig(**options)
+        self.config = _validate.check_config(config) if config is not None else GRPOConfig(**options)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.inplace = backend, inplace

@@ -448,8 +448,7 @@ def fused_linear_grpo_loss_with_config(
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """:func:`fused_linear_grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    _validate.check_config(config)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
     V = lm_head_weight.shape[0]

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from . import _validate, reference
 from ._memory import empty_grad
+from ._ops import layout_3d
 from .api import GRPOLossOutput
 from .backends import launchers, resolve_backend
 from .config import GRPOConfig
@@ -55,19 +56,14 @@ def _check_group(group):
     return dist.group.WORLD if group is None else group
 
 
-def _check_shard(logits_shard, ids, vocab_start, group):
-    _validate.check_tensor("logits_shard", logits_shard, floating=True)
-    if logits_shard.dtype not in _validate.LOGIT_DTYPES:
-        raise TypeError(f"logits_shard must be float32, bfloat16, float16 or float64, got {logits_shard.dtype}")
-    if logits_shard.dim() < 1 or logits_shard.shape[-1] < 1:
-        raise ValueError(f"logits_shard must have a non-empty last (vocabulary shard) dimension, got "
-                         f"{tuple(logits_shard.shape)}")
-    _validate.check_tensor("ids", ids, integer=True)
+def _check_shard(logits_shard, ids, vocab_start, group, arg="ids"):
+    _validate.check_logits(logits_shard, "logits_shard")
+    _validate.check_tensor(arg, ids, integer=True)
     if tuple(ids.shape) != tuple(logits_shard.shape[:-1]):
-        raise ValueError(f"ids must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}, "
+        raise ValueError(f"{arg} must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}, "
                          f"got {tuple(ids.shape)}")
     if ids.device != logits_shard.device:
-        raise ValueError(f"ids is on {ids.device} but logits_shard is on {logits_shard.device}")
+        raise ValueError(f"{arg} is on {ids.device} but logits_shard is on {logits_shard.device}")
     if vocab_start is None:
         # equal shards in rank order: rank r holds columns [r * V_r, (r + 1) * V_r)
         return dist.get_rank(group) * logits_shard.shape[-1]
@@ -130,12 +126,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 class _FusedVocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, ids, vocab_start: int, tau: float, group, name: str):
-        # shard [N, V_r] fp32 / bf16 / fp16 (row stride kept); ids [N] global
+    def forward(ctx, x3, ids, vocab_start: int, tau: float, group, name: str):
+        # x3 [B, T, V_r] fp32 / bf16 / fp16, a view with its strides (no copy); ids [N = B * T] global
         L = launchers(name)
-        x3 = shard.unsqueeze(0)  # [1, N, V_r]: the launchers' [B, T, V] layout
         local = ids.long() - vocab_start
-        in_shard = (local >= 0) & (local < shard.shape[-1])
+        in_shard = (local >= 0) & (local < x3.shape[-1])
         local = torch.where(in_shard, local, -1).contiguous()  # -1: another rank's id, no target term here
         logp_r, stats_r, ent_r = L.logprobs_fwd(x3, local, tau, True)
         m_r, log_s_r = stats_r.unbind(-1)
@@ -156,20 +151,19 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
         log_S = torch.log(S)
         ent = A / S + log_S
         logp = torch.where(found > 0, logp_own - log_S, torch.full_like(log_S, float("nan")))
-        ctx.save_for_backward(shard, local, torch.stack([M, log_S], -1), ent.contiguous())
+        ctx.save_for_backward(x3, local, torch.stack([M, log_S], -1), ent.contiguous())
         ctx.tau, ctx.name = tau, name
         return logp, ent, found
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_found):
-        shard, local, stats, ent = ctx.saved_tensors
-        x3 = shard.unsqueeze(0)
+        x3, local, stats, ent = ctx.saved_tensors
         g = torch.zeros_like(ent) if g_logp is None else g_logp.float().contiguous()
-        out = empty_grad(x3.shape, shard.dtype, shard.device)
+        out = empty_grad(x3.shape, x3.dtype, x3.device)
         has_ent = g_ent is not None
         launchers(ctx.name).logprobs_bwd(x3, local, stats, ent if has_ent else None, g,
                                          g_ent.float().contiguous() if has_ent else None, ctx.tau, out)
-        return out.view(shard.shape), None, None, None, None, None
+        return out, None, None, None, None, None
 
 
 def _backend(backend: str, shard: Tensor) -> str:
@@ -179,26 +173,28 @@ def _backend(backend: str, shard: Tensor) -> str:
     return name
 
 
-def _logprobs(logits_shard, ids, vocab_start, tau, group, mask, check_mask, name):
+def _logprobs(logits_shard, ids, vocab_start, tau, group, mask, name, arg):
+    """-> (logp, entropy) of the global softmax; ``mask`` (or None) marks the rows that count; ``arg`` names
+    ``ids`` in errors."""
     lead = ids.shape
-    shard = logits_shard.reshape(-1, logits_shard.shape[-1])
     if name == "torch":
+        shard = logits_shard.reshape(-1, logits_shard.shape[-1])
         flat_mask = None if mask is None else mask.reshape(-1)
         logp, ent, found = _VocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, flat_mask)
     else:  # masked rows need no zeroing: their gradient weights are 0, and the kernels then skip the row
-        if shard.shape[-1] > 1 and shard.stride(-1) != 1:
-            shard = shard.contiguous()
-        logp, ent, found = _FusedVocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, name)
-    if shard.device.type == "cpu" or _validate.debug_checks_enabled():
+        logp, ent, found = _FusedVocabParallelLogprobs.apply(layout_3d(logits_shard), ids.reshape(-1), vocab_start,
+                                                             tau, group, name)
+    if logits_shard.device.type == "cpu" or _validate.debug_checks_enabled():
         # every rank sees the same all-reduced `found`, so every rank raises together (no hang)
-        bad = found != 1
-        if check_mask is not None:
-            bad &= check_mask.reshape(-1)
+        bad = (found != 1).view(lead)
+        if mask is not None:
+            bad &= mask
         if bool(bad.any()):
-            n = int(bad.nonzero()[0])
-            what = ("which no rank's vocabulary shard contains (outside the global vocabulary)" if found[n] == 0
-                    else f"which {int(found[n])} ranks' shards contain: vocab_start must give disjoint shards")
-            raise ValueError(f"ids holds {int(ids.reshape(-1)[n])} at flat position {n}, {what}")
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            n = int(found.view(lead)[idx])
+            what = ("which no rank's vocabulary shard contains (outside the global vocabulary)" if n == 0
+                    else f"which {n} ranks' shards contain: vocab_start must give disjoint shards")
+            raise ValueError(f"{arg} holds {int(ids[idx])} at index {idx}, {what}")
     return logp.view(lead), ent.view(lead)
 
 
@@ -214,7 +210,8 @@ def token_logprobs(
 ):
     """Per-token log-probs (and entropy) of ``softmax(logits / temperature)`` over the GLOBAL vocabulary.
 
-    logits_shard ``[..., V_r]``: this rank's columns ``[vocab_start, vocab_start + V_r)`` (default
+    logits_shard ``[..., V_r]`` (stride 1 along V_r; the fused backends take other strides of 1- to 3-dim
+    views without a copy): this rank's columns ``[vocab_start, vocab_start + V_r)`` (default
     ``vocab_start = rank * V_r``, equal shards in rank order); ids ``[...]`` global vocabulary indices, the
     same on every rank. Returns logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank,
     differentiable w.r.t. this rank's shard. An id in no shard raises ``ValueError`` on CPU tensors (every
@@ -226,7 +223,7 @@ def token_logprobs(
     tau = _validate.check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, group, None, None, _backend(backend, logits_shard))
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, group, None, _backend(backend, logits_shard), "ids")
     return (logp, ent) if return_entropy else logp
 
 
@@ -248,13 +245,12 @@ def grpo_loss_with_config(
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """:func:`grpo_loss` with the options as one :class:`GRPOConfig`."""
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
     group = _check_group(group)
+    _validate.check_logits(logits_shard, "logits_shard")
     _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
     if logits_shard.dim() != 3:
         raise ValueError(f"logits_shard must have shape [B, T, V_r], got {tuple(logits_shard.shape)}")
-    vocab_start = _check_shard(logits_shard, completion_ids, vocab_start, group)
+    vocab_start = _check_shard(logits_shard, completion_ids, vocab_start, group, "completion_ids")
     # The ids are global (not < V_r): their range is checked after the all-reduce; the rest is validated
     # as grpo_loss validates it.
     x = _validate.validate_loss_inputs(
@@ -265,8 +261,8 @@ def grpo_loss_with_config(
     mask = x.mask
     # masked ids may be garbage: give each rank an id of its own shard there (rows zeroed, g = 0, no error)
     ids = torch.where(mask, completion_ids, vocab_start)
-    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask, mask,
-                          _backend(backend, logits_shard))
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask,
+                          _backend(backend, logits_shard), "completion_ids")
     logp = torch.where(mask, logp, 0.0)
     loss, metrics = reference.loss_from_logps(
         logp, config, x.advantages, mask, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,

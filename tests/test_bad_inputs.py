@@ -9,21 +9,26 @@ table and every row has a case. (tests/test_api.py tests many of the same inputs
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import grpo_kernels as gk
 from grpo_kernels import backends
+from grpo_kernels import vocab_parallel as vp
 from grpo_kernels.backends import BackendUnavailableError
 from grpo_kernels.config import GRPOConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 B, T, V, G = 4, 3, 7, 2
-ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "BackendUnavailableError": BackendUnavailableError}
+ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError,
+          "BackendUnavailableError": BackendUnavailableError}
 
 
 def _inputs():
@@ -91,6 +96,35 @@ def linear(**over):
     ids = over.pop("completion_ids", X["ids"])
     kw.update(over)
     return gk.fused_linear_grpo_loss(hidden, weight, ids, **kw)
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """A gloo process group of world size 1 in this process (the vocab-parallel functions are collectives)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def vp_logprobs(**over):
+    """vocab_parallel.token_logprobs of the X batch as the one shard of a world of 1, some arguments replaced."""
+    kw = dict(backend="torch")
+    shard, ids = over.pop("logits_shard", X["logits"]), over.pop("ids", X["ids"])
+    kw.update(over)
+    with one_process_group():
+        return vp.token_logprobs(shard, ids, **kw)
+
+
+def vp_loss(**over):
+    """vocab_parallel.grpo_loss on valid inputs (as ``loss``) in a world of 1, some arguments replaced."""
+    kw = dict(completion_mask=X["mask"], advantages=X["adv"], backend="torch")
+    shard, ids = over.pop("logits_shard", X["logits"]), over.pop("completion_ids", X["ids"])
+    kw.update(over)
+    with one_process_group():
+        return vp.grpo_loss(shard, ids, **kw)
 
 
 FUSED_CPU = next((n for n in gk.available_backends("cpu") if n != "torch"), None)
@@ -191,6 +225,20 @@ CASES = {
     "FusedLinearGRPOLoss-head-and-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.Linear(H, V), weight=WEIGHT),
     "FusedLinearGRPOLoss-no-head": lambda mp: gk.FusedLinearGRPOLoss(),
     "FusedLinearGRPOLoss-head-without-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.ReLU()),
+    # ---- vocab_parallel.token_logprobs / vocab_parallel.grpo_loss (the loss inputs as grpo_loss's rows) ----
+    "vocab_parallel-no-process-group": lambda mp: vp.token_logprobs(X["logits"], X["ids"]),
+    "logits_shard-integer": lambda mp: vp_logprobs(logits_shard=X["logits"].long()),
+    "logits_shard-empty-vocabulary": lambda mp: vp_logprobs(logits_shard=torch.zeros(B, T, 0)),
+    "logits_shard-last-stride": lambda mp: vp_loss(logits_shard=torch.randn(B, T, 2 * V)[..., ::2]),
+    "logits_shard-not-3d": lambda mp: vp_loss(logits_shard=X["logits"][0]),
+    "logits_shard-float64-fused": lambda mp: vp_logprobs(logits_shard=X["logits"].double(),
+                                                         backend=FUSED_CPU or "cpu"),
+    "vocab_parallel-ids-shape": lambda mp: vp_logprobs(ids=X["ids"][:, :2]),
+    "vocab_parallel-ids-device": lambda mp: vp_logprobs(ids=meta(X["ids"])),
+    "vocab_start-invalid": lambda mp: vp_logprobs(vocab_start=-1),
+    "vocab_parallel-id-in-no-shard": lambda mp: vp_loss(completion_ids=ids_at(V)),
+    "config-not-a-GRPOConfig": lambda mp: gk.grpo_loss_with_config(X["logits"], X["ids"], {"beta": 0.04},
+                                                                   advantages=X["adv"]),
     # ---- backend selection ----
     "backend-unknown": lambda mp: loss(backend="gpu"),
     "backend-env-unknown": lambda mp: env_backend(mp, "bogus", lambda: loss(backend="auto")),
@@ -226,22 +274,34 @@ def message_regex(message: str) -> str:
 
 
 ROWS = readme_rows()
+# rows that one process cannot make, checked by the test named in their row with ``readme_message_regex``
+OTHER_TESTS = {"vocab_parallel-overlapping-shards": "test_vocab_parallel.py::test_vocab_parallel_on_two_gloo_processes"}
+
+
+def readme_message_regex(case_id: str) -> str:
+    (row,) = [r for r in ROWS if r["id"] == case_id]
+    return message_regex(row["message"])
 
 
 def test_table_and_cases_agree():
     ids = [r["id"] for r in ROWS]
     assert len(ids) == len(set(ids)), "duplicate case ids in the README table"
-    assert set(ids) == set(CASES), (f"README rows without a case: {sorted(set(ids) - set(CASES))}; "
-                                    f"cases missing from the README: {sorted(set(CASES) - set(ids))}")
+    assert set(ids) == set(CASES) | set(OTHER_TESTS), (
+        f"README rows without a case: {sorted(set(ids) - set(CASES) - set(OTHER_TESTS))}; "
+        f"cases missing from the README: {sorted((set(CASES) | set(OTHER_TESTS)) - set(ids))}")
     for r in ROWS:
-        assert r["test"] == f"test_bad_inputs.py::test_readme_row[{r['id']}]", r
+        assert r["test"] == OTHER_TESTS.get(r["id"], f"test_bad_inputs.py::test_readme_row[{r['id']}]"), r
         assert r["error"] in ERRORS, r
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r["id"] for r in ROWS])
+@pytest.mark.parametrize("row", [r for r in ROWS if r["id"] in CASES], ids=[r["id"] for r in ROWS if r["id"] in CASES])
 def test_readme_row(row, monkeypatch):
     if row["id"] == "logits-float64-fused" and FUSED_CPU is None:
         pytest.skip("no fused CPU backend is built")
+    if row["id"].startswith(("vocab_parallel", "logits_shard", "vocab_start")) and not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if row["id"] == "vocab_parallel-no-process-group" and dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
     if row["id"] == "backend-triton-without-interpreter" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (the reason given is then that one)")
     with pytest.raises(Exception) as e:

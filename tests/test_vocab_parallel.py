@@ -1,6 +1,7 @@
 """grpo_kernels.vocab_parallel on 2 gloo processes on the CPU against the unsharded float64 reference.
 
-Each worker builds the same full inputs, keeps its rank's vocabulary columns, runs the vocab-parallel
+Each worker builds the same full inputs, keeps its rank's vocabulary columns (the uneven shards as a strided
+view whose (B, T) dims do not merge, which the fused kernels take with its strides), runs the vocab-parallel
 functions and compares values and the gradient of ITS shard with the columns of the full-logits gradient
 of the eager reference (``backend="torch"``). fp32 runs on every backend available for CPU tensors (the eager
 per-shard path ``torch``, the C++ kernels ``cpu`` and, under the interpreter, ``triton``); float64 only on
@@ -19,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_bad_inputs import readme_message_regex  # the README bad-input table's message of a row
 
 import grpo_kernels as gk
 from grpo_kernels import reference
@@ -64,6 +66,14 @@ LOSS_CASES = [
 ]
 
 
+def strided_copy(x):
+    """A copy of [B, T, V_r] ``x`` laid out as the view ``buf[:, 1:T+1, 2:V_r+2]`` of a padded buffer: its (B, T)
+    dims do not merge (what ``model_logits[:, P-1:-1]`` looks like), so a reshape to [N, V_r] would copy."""
+    b, t, v = x.shape
+    out = torch.empty(b, t + 2, v + 3, dtype=x.dtype)[:, 1 : t + 1, 2 : v + 2]
+    return out.copy_(x.detach())
+
+
 def _close(a, b, tol, what):
     torch.testing.assert_close(a, b, **tol, equal_nan=False, msg=lambda m: f"{what}: {m}")
 
@@ -77,7 +87,7 @@ def _check_all(rank):
                 x["ids"] = x["ids"].clamp(max=V - 2)
             full64 = x["logits"].detach().double().clone().requires_grad_(True)
             shard, start = shard_of(x["logits"], rank, uneven)
-            shard = shard.detach().clone().requires_grad_(True)
+            shard = (strided_copy(shard) if uneven else shard.detach().clone()).requires_grad_(True)
             tag = f"{dtype} {backend} uneven={uneven} rank={rank}"
 
             # token_logprobs: values and the gradient of a combination of logp and entropy
@@ -137,7 +147,7 @@ def _check_all(rank):
     with pytest.raises(ValueError, match="outside the global vocabulary"):
         vp.token_logprobs(clean, ids.masked_fill(torch.ones_like(x["mask"]), V + 5))
     # overlapping shards are detected
-    with pytest.raises(ValueError, match="disjoint"):
+    with pytest.raises(ValueError, match=readme_message_regex("vocab_parallel-overlapping-shards")):
         vp.token_logprobs(clean, torch.zeros_like(ids), vocab_start=0)
     # bad arguments name themselves
     with pytest.raises(ValueError, match="vocab_start"):

@@ -1,9 +1,9 @@
 """Build script of the compiled modules (the package metadata is in pyproject.toml).
 
 - ``grpo_kernels._C``: the C++ CPU kernels (csrc/cpu, csrc/bindings/cpu_module.cpp), g++ -O3 -fopenmp.
-  Portable by default: the module is compiled for the compiler's baseline ISA (x86-64 / aarch64) and the
-  row kernels are compiled a second time with AVX2+FMA+F16C via a function attribute, picked at import
-  when the CPU has them (see csrc/cpu/grpo_cpu.cpp). ``GRPO_KERNELS_NATIVE=1`` adds ``-march=native``
+  Portable by default: the module is compiled for the compiler's baseline ISA (x86-64 / aarch64) and, on
+  x86-64, the row kernels twice more via function attributes, for AVX2+FMA+F16C and for AVX-512; the widest
+  set the CPU runs is picked at import (see csrc/cpu/grpo_cpu.cpp). ``GRPO_KERNELS_NATIVE=1`` adds ``-march=native``
   for a local build (not for wheels that travel).
 - ``grpo_kernels._cuda``: the CUDA kernels (csrc/cuda/*.cu + csrc/bindings/cuda_module.cpp), built when
   those sources exist and nvcc is found (``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on PATH); SASS for sm_80,
@@ -44,7 +44,7 @@ def _log(msg: str) -> None:
 CPU_FLAGS = [
     "-O3",
     "-fopenmp",
-    "-ffp-contract=fast",  # a*b+c -> FMA inside the AVX2 kernels (the exp polynomial, Horner steps)
+    "-ffp-contract=fast",  # a*b+c -> FMA inside the AVX2 / AVX-512 kernels (the exp polynomial, Horner steps)
     "-fno-math-errno",  # logf/expf without errno: inlinable; -ffast-math is NOT used (it breaks -inf/NaN)
     # FP comparisons may be evaluated unconditionally (selects instead of branches): without it GCC keeps
     # the clamps and masks of the exp loop as branches and the loop stays scalar (4x slower, measured).

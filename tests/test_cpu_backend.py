@@ -3,13 +3,14 @@
 Tolerance rule: the one of ``tests/kernel_checks.py`` (twice torch's own error in the same dtype, plus 8
 fp32 ulps at the scale of the values).
 
-Every numerical test runs on both row-kernel instruction sets of the module (AVX2 and baseline), where
-the CPU has AVX2.
+Every numerical test runs on each row-kernel instruction set of the module that the CPU runs (baseline, AVX2,
+AVX-512).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 
@@ -40,8 +41,9 @@ from grpo_kernels.backends.base import TokenLossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
-ISAS = ["baseline"] + (["avx2"] if _C.set_isa("avx2") else [])
 _DEFAULT_ISA = _C.isa()
+ISAS = [name for name in _C.ISAS if _C.set_isa(name)]  # the instruction sets this CPU runs
+_C.set_isa(_DEFAULT_ISA)
 
 
 @pytest.fixture(params=ISAS)
@@ -126,8 +128,13 @@ def test_all_banned_but_one_and_v1(isa):
     check_all_banned_but_one("cpu")
 
 
+def test_default_isa_is_the_widest_the_cpu_runs():
+    assert _DEFAULT_ISA == ISAS[-1] or os.environ.get("GRPO_KERNELS_CPU_ISA"), (_DEFAULT_ISA, ISAS)
+
+
 def test_isas_agree_on_fp32_forward():
-    """Both instruction sets compute the same function (same polynomial; FMA contraction may differ by ulps)."""
+    """Every instruction set computes the same function (same polynomial; FMA contraction and the lane order of
+    the sums may differ by ulps)."""
     if len(ISAS) < 2:
         pytest.skip("this CPU has no AVX2: only the baseline kernels exist")
     x = torch.randn(4, 16, 4099) * 4
@@ -137,8 +144,9 @@ def test_isas_agree_on_fp32_forward():
         _C.set_isa(name)
         res[name] = LAUNCHERS.logprobs_fwd(x, ids, 1.0, True)
     _C.set_isa(_DEFAULT_ISA)
-    for a, b in zip(res["baseline"], res["avx2"], strict=True):
-        assert (a - b).abs().max().item() <= 8 * EPS32 * max(1.0, a.abs().max().item())
+    for name in ISAS[1:]:
+        for a, b in zip(res["baseline"], res[name], strict=True):
+            assert (a - b).abs().max().item() <= 8 * EPS32 * max(1.0, a.abs().max().item()), name
 
 
 def test_thread_count_does_not_change_results():
@@ -227,3 +235,39 @@ def test_standalone_header_test(tmp_path):
                     str(root / "csrc/tests/test_grpo_math.cpp"), "-o", str(exe)], check=True)
     res = subprocess.run([str(exe)], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def _row_kernel_code() -> dict[str, str]:
+    """objdump of the module -> {demangled row-kernel name: its disassembly}."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not available")
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    funcs, name = {}, None
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            name = line[line.index("<") + 1 : -2]
+            funcs[name] = []
+        elif name is not None and line.strip():
+            funcs[name].append(line)
+    return {k: "\n".join(v) for k, v in funcs.items() if "::isa_" in k and "_row<" in k}
+
+
+@pytest.mark.skipif(not hasattr(_C, "ISAS") or "avx512" not in _C.ISAS or os.uname().machine != "x86_64",
+                    reason="the AVX2 / AVX-512 builds exist on x86-64 only")
+def test_isa_builds_use_their_vector_width():
+    """Each fp32 row kernel's exp loop runs on the vectors of its ISA: FMAs on zmm registers in the AVX-512
+    build, on ymm (and no zmm) in the AVX2 build, no ymm / zmm at all in the baseline build (the negative
+    control: the same source without the target attribute). Static, so it holds whatever CPU runs the tests."""
+    code = _row_kernel_code()
+    fp32 = {k: v for k, v in code.items() if "_row<0" in k}  # DT = 0 (fp32): fwd_row<0, E>, bwd_row<0, E>, fused_row<0>
+    for isa, want, banned in (("avx512", "zmm", None), ("avx2", "ymm", "zmm"), ("base", None, "ymm")):
+        kernels = {k: v for k, v in fp32.items() if f"::isa_{isa}::" in k}
+        assert len(kernels) == 5, (isa, sorted(kernels))
+        for name, asm in kernels.items():
+            fmas = [ln for ln in asm.splitlines() if "vfmadd" in ln or "vfnmadd" in ln or "vfmsub" in ln]
+            if want:
+                assert any(want in ln for ln in fmas), f"{name}: no FMA on {want} registers"
+            if banned:
+                assert banned not in asm, f"{name} uses {banned} registers"

@@ -5,7 +5,7 @@ UndefinedBehaviorSanitizer.
 (every row of a batch borders a redzone): fp32 / bf16 / fp16, V = 1, odd and prime V, sum-chunk and vector-width
 boundaries, strided rows with a storage offset, masked NaN rows (zeros without a read), out-of-range ids at the
 last row, -inf entries, in place and out of place, 1-3 OpenMP threads, entropy on / off, every loss code, on both
-instruction sets (baseline and AVX2 where the CPU has it), and checks every result against double precision. It is
+instruction sets (baseline, and AVX2 / AVX-512 where the CPU has them), and checks every result against double precision. It is
 built with the flags of the real module (-O3, -ffp-contract=fast, ...) plus
 ``-fsanitize=address,undefined -fno-sanitize-recover=all``, once per source hash, into build/sanitizers/.
 

@@ -94,9 +94,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ent"), py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("num_threads"),
       "logp, entropy and the loss gradient w.r.t. the logits in one pass");
 
-  m.def("isa", &gkcpu::isa, "row-kernel instruction set in use: 'avx2' or 'baseline'");
+  m.attr("ISAS") = py::make_tuple(gkcpu::kIsas[0], gkcpu::kIsas[1], gkcpu::kIsas[2]);
+  m.def("isa", &gkcpu::isa, "row-kernel instruction set in use: one of ISAS ('baseline', 'avx2', 'avx512')");
   m.def("set_isa", [](const std::string& s) { return gkcpu::set_isa(s.c_str()); }, py::arg("name"),
-        "force 'baseline' or 'avx2' (tests); returns False when the CPU cannot run it");
+        "force one of ISAS (tests, benchmarks); returns False when this build or the CPU cannot run it");
 
   // The dtype conversions of grpo_math.h over arrays, for the exhaustive test against torch's conversions.
   m.def(

@@ -49,9 +49,13 @@ struct FusedArgs {
 void fused_fwd_bwd(const RowsView& x, const int64_t* ids, float inv_tau, const FusedArgs& a, float* logp, float* ent,
                    const OutView& out, int num_threads);
 
-// "avx2" (AVX2 + FMA + F16C row kernels) or "baseline" (the compiler's default ISA, x86-64 SSE2 / aarch64).
+// The row kernels' instruction sets, in order: "baseline" (the compiler's default ISA, x86-64 SSE2 /
+// aarch64), and on x86-64 "avx2" (AVX2 + FMA + F16C) and "avx512" (AVX-512 F/BW/DQ/VL, 512-bit vectors).
+extern const char* const kIsas[3];
+// The ISA in use: the widest the CPU runs, unless GRPO_KERNELS_CPU_ISA (baseline / avx2) asked for less.
 const char* isa();
-// Force an ISA for tests ("baseline" always works; "avx2" only where the CPU supports it); returns success.
+// Force an ISA (tests, benchmarks): "baseline" always works, the others where this build has them and the
+// CPU runs them; returns success.
 bool set_isa(const char* name);
 
 }  // namespace gkcpu

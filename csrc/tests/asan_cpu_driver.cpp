@@ -295,7 +295,7 @@ int main(int argc, char** argv) {
                                {2, 2, 1025}, {1, 2, 4099}, {3, 3, 97}};
   std::mt19937 rng(1234);
   int cases = 0;
-  for (const char* isa : {"baseline", "avx2"}) {
+  for (const char* isa : gkcpu::kIsas) {
     if (!gkcpu::set_isa(isa)) continue;
     for (int dt = 0; dt < 3; ++dt)
       for (const auto& s : shapes)

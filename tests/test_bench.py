@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import grpo_kernels
-from bench import gpu, logprobs, loss, report, runner, train_step
+from bench import cpu_isa, gpu, logprobs, loss, report, runner, train_step
 
 N, V = 128, 4000  # N x V fp32 = 2 MB: large enough for RSS accounting (pages, mmap) to see it
 TINY = ["--n", str(N), "--v", str(V), "--device", "cpu", "--repeats", "2", "--warmup", "1", "--t", "64"]
@@ -134,6 +134,18 @@ def test_report_regenerates_md_png_and_readme(loss_run, tmp_path):
     assert (out / "summary.png").stat().st_size > 0
     readme.write_text("no markers\n")
     assert report.main(["--results", str(out), "--readme", str(readme), "--no-plot"]) == 1
+
+
+@pytest.mark.skipif("cpu" not in grpo_kernels.available_backends("cpu"), reason="the C++ CPU module is not built")
+def test_cpu_isa_smoke(capsys):
+    from grpo_kernels import _C
+
+    default = _C.isa()
+    cpu_isa.main(["--n", "8", "--v", "100", "--repeats", "1"])
+    text = capsys.readouterr().out
+    assert "torch.exp" in text and _C.isa() == default
+    for isa in _C.ISAS:  # every build appears for each dtype, timed or with the reason it did not run
+        assert text.count(f" {isa} ") == 2, text
 
 
 def test_gpu_check_reports_missing_pieces():

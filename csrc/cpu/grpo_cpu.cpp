@@ -233,33 +233,43 @@ GK_DEFINE_ISA(isa_avx512,
               __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512"))))
 #endif
 
-bool cpu_has_avx2() {
+bool cpu_runs_all() { return true; }
+
 #if GK_HAVE_AVX2_PATH
+bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
 }
 
 bool cpu_has_avx512() {
-#if GK_HAVE_AVX2_PATH
-  __builtin_cpu_init();
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
 }
+#endif
 
+// The builds of this module, narrowest first (names as in kIsas).
+struct IsaBuild {
+  const char* name;
+  const RowKernels* table;
+  bool (*cpu_runs)();
+};
+const IsaBuild kBuilds[] = {
+    {"baseline", &isa_base::table, cpu_runs_all},
+#if GK_HAVE_AVX2_PATH
+    {"avx2", &isa_avx2::table, cpu_has_avx2},
+    {"avx512", &isa_avx512::table, cpu_has_avx512},
+#endif
+};
+
+// The widest build the CPU runs, no wider than the one GRPO_KERNELS_CPU_ISA names (if it names one).
 const RowKernels* choose_default() {
   const char* env = getenv("GRPO_KERNELS_CPU_ISA");
-  if (env && strcmp(env, "baseline") == 0) return &isa_base::table;
-#if GK_HAVE_AVX2_PATH
-  if (!(env && strcmp(env, "avx2") == 0) && cpu_has_avx512()) return &isa_avx512::table;
-  if (cpu_has_avx2()) return &isa_avx2::table;
-#endif
-  return &isa_base::table;
+  const RowKernels* best = &isa_base::table;
+  for (const IsaBuild& b : kBuilds) {
+    if (b.cpu_runs()) best = b.table;
+    if (env && strcmp(env, b.name) == 0) break;
+  }
+  return best;
 }
 
 const RowKernels* g_kernels = choose_default();
@@ -357,28 +367,17 @@ void fused_fwd_bwd(const RowsView& x, const int64_t* ids, float inv_tau, const F
 const char* const kIsas[3] = {"baseline", "avx2", "avx512"};
 
 const char* isa() {
-#if GK_HAVE_AVX2_PATH
-  if (g_kernels == &isa_avx2::table) return "avx2";
-  if (g_kernels == &isa_avx512::table) return "avx512";
-#endif
-  return "baseline";
+  for (const IsaBuild& b : kBuilds)
+    if (g_kernels == b.table) return b.name;
+  return "baseline";  // unreachable: g_kernels is always one of kBuilds
 }
 
 bool set_isa(const char* name) {
-  if (strcmp(name, "baseline") == 0) {
-    g_kernels = &isa_base::table;
-    return true;
-  }
-#if GK_HAVE_AVX2_PATH
-  if (strcmp(name, "avx2") == 0 && cpu_has_avx2()) {
-    g_kernels = &isa_avx2::table;
-    return true;
-  }
-  if (strcmp(name, "avx512") == 0 && cpu_has_avx512()) {
-    g_kernels = &isa_avx512::table;
-    return true;
-  }
-#endif
+  for (const IsaBuild& b : kBuilds)
+    if (strcmp(name, b.name) == 0 && b.cpu_runs()) {
+      g_kernels = b.table;
+      return true;
+    }
   return false;
 }
 

@@ -294,7 +294,7 @@ def test_table_and_cases_agree():
         assert r["error"] in ERRORS, r
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r["id"] in CASES], ids=[r["id"] for r in ROWS if r["id"] in CASES])
+@pytest.mark.parametrize("row", [r for r in ROWS if r["id"] in CASES], ids=lambda r: r["id"])
 def test_readme_row(row, monkeypatch):
     if row["id"] == "logits-float64-fused" and FUSED_CPU is None:
         pytest.skip("no fused CPU backend is built")

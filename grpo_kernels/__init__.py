@@ -5,7 +5,15 @@ the KL penalty, without materialising the full-vocabulary softmax. See README.md
 """
 
 from . import vocab_parallel  # vocab_parallel.token_logprobs / .grpo_loss over torch.distributed
-from .api import GRPOLoss, GRPOLossOutput, group_advantages, grpo_loss, grpo_loss_with_config, token_logprobs
+from .api import (
+    GRPOLoss,
+    GRPOLossOutput,
+    group_advantages,
+    grpo_loss,
+    grpo_loss_with_config,
+    sampler_importance_ratio,
+    token_logprobs,
+)
 from .backends import BackendUnavailableError, available_backends
 from .config import GRPOConfig
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_grpo_loss_with_config
@@ -24,6 +32,7 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "grpo_loss_with_config",
+    "sampler_importance_ratio",
     "token_logprobs",
     "vocab_parallel",
     "__version__",

@@ -10,8 +10,9 @@ For each fused backend NAME this registers, once, ``torch.library`` custom ops w
 Paths of :func:`grpo_loss_fused`:
 - no gradient needed: forward kernel only (one read of the logits);
 - token-level weights: single pass (forward kernel writes dL/dlogits; backward only scales it);
-- sequence-level weights (GSPO): two passes (the weight of a token depends on its whole sequence):
-  forward kernel -> loss in torch -> backward kernel with g = dL/dlogp.
+- weights that need every token first (GSPO's sequence mean, VESPO's sequence weight, the off-policy and
+  top-entropy masks) or the entropy's own gradient (the entropy bonus): two passes, forward kernel ->
+  loss in torch -> backward kernel with g = dL/dlogp (and dL/dentropy).
 In every path the loss value and the metrics come from :func:`reference.loss_from_logps`, the one copy
 of the loss math; the kernels hold only its derivative.
 """
@@ -190,14 +191,20 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     B, T, _ = logits.shape
     ids = torch.where(mask, x.ids, 0).reshape(-1).long().contiguous()  # masked ids may be garbage
     tau = cfg.temperature
-    loss_args = dict(advantages=x.advantages, mask=mask, old_logps=x.old_logps, ref_logps=x.ref_logps,
-                     max_completion_length=x.max_completion_length, num_items_in_batch=x.num_items_in_batch)
+    loss_args = x.loss_kwargs()
     need_grad = torch.is_grad_enabled() and logits.requires_grad
 
-    if need_grad and cfg.importance_sampling_level == "token":
+    if need_grad and not cfg.needs_every_token:
         coef = reference.reduction_weights(mask, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
         adv = x.advantages.float()
-        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1).contiguous()
+        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T)
+        if x.importance_sampling_ratio is not None:
+            # rho >= 0 scales the policy term only (not the KL): for every loss type but vespo,
+            # rho * loss(A) = loss(rho * A) (-min(c1 A, c2 A) rho = -min(c1 rho A, c2 rho A); sapo's
+            # temperature follows the sign of rho * A wherever the term is not 0), so the kernel takes rho * A.
+            rho = x.importance_sampling_ratio.float()
+            adv = adv * torch.where(mask, rho, 0.0) if rho.shape == mask.shape else adv * rho
+        adv = adv.reshape(-1).contiguous()
         vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731
         args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv, coef.reshape(-1).contiguous(),
                 _pack(TokenLossParams.from_config(cfg)))
@@ -212,10 +219,16 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
             loss, metrics = reference.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
         loss = attach_grad(loss, logits, grad)
     else:
+        # Two passes: a token's weight needs every token's log-prob / entropy first (or the entropy bonus
+        # needs the entropy's gradient): forward kernel, the loss in torch, then the backward kernel with
+        # g_logp (and g_ent).
         logp, _, ent = ops["fwd"](logits, ids, tau, True, inplace)
-        logp, ent = logp.view(B, T), ent.view(B, T).detach()
+        logp, ent = logp.view(B, T), ent.view(B, T)
+        if cfg.entropy_coef == 0.0:
+            ent = ent.detach()
         # Masked rows may hold garbage logits (logp NaN): where() makes their g_logp exactly 0, where a
         # NaN logp would give 0 * NaN = NaN through exp() of the KL term / the sequence mean.
-        logp = torch.where(mask, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        logp, ent = torch.where(mask, logp, zero), torch.where(mask, ent, zero)
         loss, metrics = reference.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
     return loss, logp.detach(), metrics

@@ -102,6 +102,16 @@ class LossInputs:
     ref_logps: Optional[torch.Tensor]
     max_completion_length: Optional[int]
     num_items_in_batch: object
+    importance_sampling_ratio: Optional[torch.Tensor] = None  # [B, T] or [B, 1], compute dtype
+    sampling_logps: Optional[torch.Tensor] = None  # [B, T], compute dtype
+    process_group: object = None
+
+    def loss_kwargs(self) -> dict:
+        """The keyword inputs of ``reference.loss_from_logps`` beyond the log-probs, entropy and config."""
+        return dict(advantages=self.advantages, mask=self.mask, old_logps=self.old_logps, ref_logps=self.ref_logps,
+                    max_completion_length=self.max_completion_length, num_items_in_batch=self.num_items_in_batch,
+                    importance_sampling_ratio=self.importance_sampling_ratio, sampling_logps=self.sampling_logps,
+                    process_group=self.process_group)
 
 
 def validate_loss_inputs(
@@ -117,6 +127,9 @@ def validate_loss_inputs(
     ref_logps=None,
     max_completion_length=None,
     num_items_in_batch=None,
+    importance_sampling_ratio=None,
+    sampling_logps=None,
+    process_group=None,
     scale="group",
 ) -> LossInputs:
     from .reference import compute_dtype, group_advantages
@@ -156,17 +169,26 @@ def validate_loss_inputs(
     cdt = compute_dtype(logits)
     advantages = advantages.to(cdt)
 
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
         if t is not None:
             check_tensor(name, t, ndim=2, floating=True)
             if tuple(t.shape) != (B, T):
                 raise ValueError(f"{name} must have shape [B, T] = {(B, T)}, got {tuple(t.shape)}")
     if cfg.beta != 0.0 and ref_logps is None:
         raise ValueError(f"ref_logps is required when beta != 0 (beta={cfg.beta}): pass the reference model's log-probs")
+    if importance_sampling_ratio is not None:
+        check_tensor("importance_sampling_ratio", importance_sampling_ratio, ndim=2, floating=True)
+        if tuple(importance_sampling_ratio.shape) not in ((B, T), (B, 1)):
+            raise ValueError(f"importance_sampling_ratio must have shape [B, T] = {[B, T]} or [B, 1] = {[B, 1]}, "
+                             f"got {tuple(importance_sampling_ratio.shape)}")
     check_same_device(
         logits, completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
-        old_logps=old_logps, ref_logps=ref_logps,
+        old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
+        sampling_logps=sampling_logps,
     )
+    if importance_sampling_ratio is not None:
+        check_nonnegative_ratio(importance_sampling_ratio, mask)
+    check_process_group(process_group)
     if max_completion_length is not None and (
         isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1
     ):
@@ -178,12 +200,37 @@ def validate_loss_inputs(
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
             raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
     check_ids_in_range(completion_ids, V, mask, "completion_ids")
+    to_cdt = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     return LossInputs(
-        logits, completion_ids, mask, advantages,
-        None if old_logps is None else old_logps.to(cdt),
-        None if ref_logps is None else ref_logps.to(cdt),
-        max_completion_length, num_items_in_batch,
+        logits, completion_ids, mask, advantages, to_cdt(old_logps), to_cdt(ref_logps),
+        max_completion_length, num_items_in_batch, to_cdt(importance_sampling_ratio), to_cdt(sampling_logps),
+        process_group,
     )
+
+
+def check_nonnegative_ratio(rho: torch.Tensor, mask: torch.Tensor) -> None:
+    """An importance ratio is a ratio of probabilities: a negative entry (at a kept position) is an error. The
+    fused single pass folds the ratio into the advantage, which is exact only for ratios >= 0. Checked on the
+    CPU (free there) and, with GRPO_KERNELS_DEBUG=1, on any device (a host sync)."""
+    if (rho.device.type != "cpu" and not debug_checks_enabled()) or torch.compiler.is_compiling():
+        return
+    bad = rho < 0
+    if bad.shape == mask.shape:
+        bad &= mask
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"importance_sampling_ratio must be >= 0 (a ratio of probabilities), got "
+                         f"{float(rho[idx])} at index {idx}")
+
+
+def check_process_group(group) -> None:
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised "
+                         "(call dist.init_process_group first, or pass process_group=None)")
 
 
 def check_group_size(group_size, batch: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -81,6 +82,9 @@ def grpo_loss_with_config(
     ref_logps: Optional[torch.Tensor] = None,
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    process_group=None,
     inplace: bool = False,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -89,6 +93,8 @@ def grpo_loss_with_config(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages,
         rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group,
     )
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
@@ -99,7 +105,8 @@ def grpo_loss_with_config(
             raise ValueError("inplace=True needs a fused backend ('cuda', 'triton' or 'cpu'); backend='torch' cannot write the gradient into the logits")
         loss, logps, metrics = reference.grpo_loss(
             x.logits, x.ids, config, x.advantages, x.mask, x.old_logps, x.ref_logps,
-            x.max_completion_length, x.num_items_in_batch,
+            x.max_completion_length, x.num_items_in_batch, importance_sampling_ratio=x.importance_sampling_ratio,
+            sampling_logps=x.sampling_logps, process_group=x.process_group,
         )
     else:
         loss, logps, metrics = grpo_loss_fused(name, x, config, inplace)
@@ -127,8 +134,18 @@ def grpo_loss(
     use_bias_correction_kl: bool = True,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: Optional[float] = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    process_group=None,
     inplace: bool = False,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -136,14 +153,73 @@ def grpo_loss(
 
     Give ``advantages`` ([B] or [B, T]) or ``rewards`` [B] with ``group_size``. Defaults are TRL 1.16's
     GRPOConfig. Returns ``GRPOLossOutput(loss, logps, metrics)``; see SPEC.md for the math.
+
+    TRL's other loss options (same names, defaults and order of operations as its ``GRPOTrainer``):
+
+    - ``loss_type="luspo"``: the clip loss summed over each sequence's kept tokens, then averaged over B.
+      ``loss_type="vespo"``: ``-phi * A * logp`` with VESPO's detached sequence weight
+      ``phi(w) = e^lam w^k e^(-lam w)``, w the sequence's importance ratio (times the sampler's), ``k, lam`` =
+      ``vespo_k_pos, vespo_lambda_pos`` for A >= 0, ``vespo_k_neg, vespo_lambda_neg`` otherwise; reduces like dapo.
+    - ``importance_sampling_ratio`` ([B, T] or [B, 1], >= 0): the sampler correction (e.g. vLLM's log-probs
+      against the trainer's), multiplied into every token's policy loss (not the KL term); for vespo, part of
+      w. Compute it with :func:`sampler_importance_ratio`.
+    - ``off_policy_mask_threshold``: drop sequences with A < 0 whose mean ``sampling_logps - logp`` over kept
+      tokens exceeds it. ``sampling_logps`` [B, T]: the sampler's log-probs (NaN entries count 0); default
+      ``old_logps``; used by this mask only.
+    - ``top_entropy_quantile`` < 1: only the tokens whose entropy is >= the ``1 - top_entropy_quantile``
+      quantile of the kept tokens' entropies (over every rank of ``process_group`` when given: the
+      data-parallel group) enter the policy loss; the normalisers are unchanged.
+    - ``entropy_coef``: ``loss -= entropy_coef * mean entropy`` over the kept (and top-entropy) tokens,
+      differentiated through the entropy; the metric ``policy_loss`` is then the loss before the bonus.
+
+    The options whose token weight depends on other tokens (sequence level, vespo, the two masks, the entropy
+    bonus) run the fused backends in two passes (forward, loss in torch, backward kernel); the rest in one.
     """
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return grpo_loss_with_config(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        inplace=inplace, backend=backend,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group, inplace=inplace, backend=backend,
     )
+
+
+def sampler_importance_ratio(
+    old_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    completion_mask: Optional[torch.Tensor] = None,
+    mode: str = "sequence_mask",
+    clip_min: Optional[float] = None,
+    clip_max: Optional[float] = 3.0,
+) -> torch.Tensor:
+    """The sampler importance-sampling ratio as TRL 1.16 computes it (``vllm_importance_sampling_mode``,
+    ``vllm_importance_sampling_clip_min`` / ``_clip_max``; defaults are TRL's), for ``importance_sampling_ratio=``.
+
+    old_logps [B, T]: the trainer's log-probs of the sampled tokens before the update; sampling_logps [B, T]:
+    the sampler's (vLLM's; NaN where it returned none: ratio 1 there). ``d = (old - sampling) * mask``;
+    ``mode``: "token_truncate" / "token_mask" -> ``exp(d)`` [B, T]; "sequence_truncate" / "sequence_mask" ->
+    ``exp(sum_t d)`` [B, 1]. ``*_truncate`` clamps to ``[clip_min, clip_max]``, ``*_mask`` sets ratios outside
+    it to 0; ``None`` leaves that side open. Returns a detached tensor in the dtype of old_logps.
+    """
+    _validate.check_tensor("old_logps", old_logps, ndim=2, floating=True)
+    _validate.check_tensor("sampling_logps", sampling_logps, ndim=2, floating=True)
+    if sampling_logps.shape != old_logps.shape:
+        raise ValueError(f"sampling_logps must have the shape of old_logps {tuple(old_logps.shape)}, "
+                         f"got {tuple(sampling_logps.shape)}")
+    if completion_mask is None:
+        completion_mask = torch.ones(old_logps.shape, dtype=torch.bool, device=old_logps.device)
+    _validate.check_tensor("completion_mask", completion_mask, ndim=2)
+    if completion_mask.shape != old_logps.shape:
+        raise ValueError(f"completion_mask must have the shape of old_logps {tuple(old_logps.shape)}, "
+                         f"got {tuple(completion_mask.shape)}")
+    _validate.check_same_device(old_logps, sampling_logps=sampling_logps, completion_mask=completion_mask)
+    if mode not in reference.IS_MODES:
+        raise ValueError(f"mode must be one of {reference.IS_MODES}, got {mode!r}")
+    for name, v in (("clip_min", clip_min), ("clip_max", clip_max)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
+            raise ValueError(f"{name} must be None or a number, got {v!r}")
+    return reference.sampler_importance_ratio(old_logps, sampling_logps, completion_mask, mode, clip_min, clip_max)
 
 
 class GRPOLoss(nn.Module):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # -min(c1*A, clamp(c1)*A)
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # -min(c1*A, clamp(c1)*A)
 LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
@@ -24,6 +24,12 @@ class GRPOConfig:
 
     ``epsilon_high=None`` means ``epsilon_low`` (symmetric clip). For ``loss_type="cispo"`` ``epsilon_high``
     is the raw upper bound of the ratio (MiniMax-M1 uses e.g. 5.0), not an offset from 1.
+
+    The rest of TRL's loss: ``vespo_*`` are VESPO's gamma-weight exponents ``k`` and decays ``lambda`` for
+    non-negative / negative advantages; ``off_policy_mask_threshold`` drops a negative-advantage sequence whose
+    mean ``sampling_logps - logp`` exceeds it (None: off); ``top_entropy_quantile`` keeps in the policy loss
+    only the tokens whose entropy is in that top fraction (1.0: all); ``entropy_coef`` subtracts
+    ``entropy_coef`` times the masked mean entropy from the loss, differentiated through the entropy.
     """
 
     beta: float = 0.0
@@ -36,6 +42,13 @@ class GRPOConfig:
     use_bias_correction_kl: bool = True
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -53,6 +66,13 @@ class GRPOConfig:
             _check_number("delta", self.delta, positive=True)
         _check_number("sapo_temperature_pos", self.sapo_temperature_pos, positive=True)
         _check_number("sapo_temperature_neg", self.sapo_temperature_neg, positive=True)
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef"):
+            _check_number(name, getattr(self, name))
+        if self.off_policy_mask_threshold is not None:
+            _check_number("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        _check_number("top_entropy_quantile", self.top_entropy_quantile, nonnegative=True)
+        if self.top_entropy_quantile > 1:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
 
@@ -63,11 +83,22 @@ class GRPOConfig:
 
     @property
     def loss_code(self) -> int:
+        if self.loss_type == "vespo":  # its weight is a sequence sum: never a single-pass kernel flag
+            raise ValueError("loss_type='vespo' has no single-pass kernel code (its weight needs every token)")
         if self.loss_type == "cispo":
             return LOSS_CODE_CISPO
         if self.loss_type == "sapo":
             return LOSS_CODE_SAPO
         return LOSS_CODE_CLIP
+
+    @property
+    def needs_every_token(self) -> bool:
+        """True when a token's gradient weight depends on other tokens' log-probs or entropies (a sequence
+        mean, VESPO's sequence weight, the off-policy mask, the entropy quantile) or on the entropy's own
+        gradient (the entropy bonus): the fused backends then run the forward pass over every token first."""
+        return (self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
+                or self.off_policy_mask_threshold is not None or self.top_entropy_quantile < 1.0
+                or self.entropy_coef != 0.0)
 
     def replace(self, **changes) -> GRPOConfig:
         return replace(self, **changes)

@@ -13,11 +13,14 @@ Shapes: B sequences (P prompts x G completions, contiguous groups), T completion
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 
-from .config import GRPOConfig
+from .config import CLIP_LOSS_TYPES, GRPOConfig
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -82,6 +85,8 @@ class TokenTerms(NamedTuple):
     coef_1: torch.Tensor  # [B, T] or [B, 1]: the ratio after the delta clip (for the clip metrics)
     kl: Optional[torch.Tensor]  # [B, T] after the bias correction, or None when beta == 0
     adv: torch.Tensor  # [B, 1] or [B, T]
+    phi: Optional[torch.Tensor] = None  # vespo: the gamma weight [B, 1] ([B, T] for [B, T] advantages)
+    entropy_mask: Optional[torch.Tensor] = None  # [B, T] bool: the top-entropy tokens, or None when off
 
 
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -98,6 +103,86 @@ def log_importance_weights(logp, old, mask, level):
     return (_masked_sum(log_ratio, mask, -1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
 
 
+def sampler_importance_ratio(old_logps, sampling_logps, mask, mode="sequence_mask", clip_min=None, clip_max=3.0):
+    """The sampler's importance-sampling correction of TRL 1.16 (``vllm_importance_sampling_correction``).
+
+    ``d = nan_to_num((old - sampling) * m, nan=0)`` (a NaN sampling log-prob, which vLLM returns for a token it
+    could not score, gives ratio 1); token modes: ``rho = exp(d)`` [B, T]; sequence modes:
+    ``rho = exp(sum_t d)`` [B, 1]. ``*_truncate`` clamps rho to [clip_min, clip_max]; ``*_mask`` sets it to 0
+    outside that range. ``None`` bounds are open. Detached (it is data, not a function of the policy).
+    """
+    with torch.no_grad():
+        d = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
+        if mode.startswith("sequence"):
+            d = d.sum(-1, keepdim=True)
+        rho = torch.exp(d)
+        if mode.endswith("truncate"):
+            if clip_min is not None or clip_max is not None:
+                rho = torch.clamp(rho, min=clip_min, max=clip_max)
+        else:
+            lo = -math.inf if clip_min is None else clip_min
+            hi = math.inf if clip_max is None else clip_max
+            rho = rho.masked_fill((rho < lo) | (rho > hi), 0.0)
+    return rho
+
+
+def gamma_weights(adv, log_ratio, mask, rho, cfg: GRPOConfig):
+    """VESPO's sequence weight phi(w) = e^lam w^k e^(-lam w) (phi(1) = 1), detached; TRL's get_gamma_weights.
+
+    ``log w = clamp(sum_t m * clamp(log_ratio, -20, 20) + sum_t clamp(log rho, log 1e-8, 20), log 1e-8, 20)``
+    (the sampler ratio ``rho`` over all positions), ``k, lam`` by the sign of A (``lam >= 1e-4``); a NaN or
+    infinite phi is 0. -> [B, 1] ([B, T] when the advantages are per token).
+    """
+    with torch.no_grad():
+        lower = math.log(1e-8)
+        seq = _masked_sum(torch.clamp(log_ratio, -20.0, 20.0), mask, -1).unsqueeze(-1)
+        if rho is not None:
+            seq = seq + torch.clamp(torch.log(rho), lower, 20.0).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, lower, 20.0)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg).to(log_w.dtype)
+        lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_mask(adv, logp, sampling, mask, threshold):
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's get_off_policy_mask): keep a sequence when A >= 0 or
+    its mean ``sampling - sg(logp)`` over kept tokens is <= ``threshold`` (NaN differences count 0).
+    -> float {0, 1}, [B, 1] ([B, T] for per-token advantages)."""
+    d = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+    mean = _masked_sum(d, mask, -1).unsqueeze(-1) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return ((adv >= 0) | (mean <= threshold)).to(logp.dtype)
+
+
+def entropy_quantile(entropy, mask, q: float, process_group=None):
+    """The q-quantile (linear interpolation, as torch.quantile) of the entropies at kept positions, in fp32 as
+    TRL computes it; with a ``process_group`` over the kept entropies of every rank of the group. NaN when no
+    rank has a kept token (then no entropy is >= it). Sorts on the device: no host sync without a group, and
+    no limit on the number of tokens (torch.quantile takes at most 2**24)."""
+    vals = torch.where(mask, entropy.detach().float(), math.inf).reshape(-1)
+    counts = torch.stack([mask.sum(), (mask & torch.isnan(entropy)).sum()]).to(torch.float64)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(process_group)
+        sizes = [torch.zeros(1, dtype=torch.long, device=vals.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([vals.numel()], device=vals.device), group=process_group)
+        longest = max(int(n) for n in sizes)  # ranks may hold different numbers of tokens
+        vals = torch.cat([vals, vals.new_full((longest - vals.numel(),), math.inf)])
+        parts = [torch.empty_like(vals) for _ in range(world)]
+        dist.all_gather(parts, vals, group=process_group)
+        vals = torch.cat(parts)
+        dist.all_reduce(counts, group=process_group)
+    n, n_nan = counts.unbind()
+    ordered = torch.sort(vals).values  # the kept entropies first (NaN ones last, where they only flag n_nan)
+    rank = torch.tensor(q, dtype=torch.float32, device=vals.device) * (n - 1).float()
+    below = rank.long().clamp(0, ordered.numel() - 1)
+    above = rank.ceil().long().clamp(0, ordered.numel() - 1)
+    thr = torch.lerp(ordered[below], ordered[above], rank - below.float())
+    return torch.where((n > 0) & (n_nan == 0), thr, math.nan)
+
+
 def token_terms(
     logp: torch.Tensor,
     cfg: GRPOConfig,
@@ -105,8 +190,14 @@ def token_terms(
     old_logps: Optional[torch.Tensor],
     ref_logps: Optional[torch.Tensor],
     mask: torch.Tensor,
+    *,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    process_group=None,
 ) -> TokenTerms:
-    """The per-token loss of SPEC section 1 (TRL's GRPOTrainer._compute_loss), differentiable in logp."""
+    """The per-token loss of TRL's GRPOTrainer._compute_loss, differentiable in logp, in TRL's order:
+    loss by type -> * off-policy mask -> * top-entropy mask -> * sampler ratio (not vespo) -> + beta * kl."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     old = logp.detach() if old_logps is None else old_logps
     # Garbage (NaN) at masked positions of old / ref / [B, T] advantages must not reach the gradient: a
@@ -117,6 +208,10 @@ def token_terms(
         ref_logps = torch.where(mask, ref_logps, fill)
     if adv.shape == mask.shape:
         adv = torch.where(mask, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+    rho = importance_sampling_ratio
+    if rho is not None and rho.shape == mask.shape:  # ratio 1 at masked positions, where it may be garbage
+        rho = torch.where(mask, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
+    log_ratio = logp - old
     coef_1 = torch.exp(log_importance_weights(logp, old, mask, cfg.importance_sampling_level))
 
     kl = None
@@ -126,20 +221,36 @@ def token_terms(
         if cfg.use_bias_correction_kl:
             kl = kl * coef_1  # before any delta clip, differentiable
 
+    phi = None
     if cfg.loss_type == "cispo":
         loss_tok = -torch.clamp(coef_1, max=cfg.eps_high).detach() * adv * logp
     elif cfg.loss_type == "sapo":
         tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         loss_tok = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
+    elif cfg.loss_type == "vespo":
+        phi = gamma_weights(adv, log_ratio, mask, rho, cfg)
+        loss_tok = -phi * adv * logp
     else:
         coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.eps_high)
         if cfg.delta is not None:
             coef_1 = torch.clamp(coef_1, max=cfg.delta)  # two-sided clip, after coef_2
         loss_tok = -torch.min(coef_1 * adv, coef_2 * adv)
     loss_tok = loss_tok.expand_as(logp)
+    if cfg.off_policy_mask_threshold is not None:
+        sampling = old if sampling_logps is None else sampling_logps
+        loss_tok = loss_tok * off_policy_mask(adv, logp, sampling, mask, cfg.off_policy_mask_threshold)
+    entropy_mask = None
+    if cfg.top_entropy_quantile < 1.0:
+        if entropy is None:
+            raise ValueError("top_entropy_quantile < 1 needs the entropies of the tokens")
+        thr = entropy_quantile(entropy, mask, 1 - cfg.top_entropy_quantile, process_group)
+        entropy_mask = (entropy.detach() * mask >= thr) & mask
+        loss_tok = loss_tok * entropy_mask
+    if rho is not None and cfg.loss_type != "vespo":  # vespo has it inside its sequence weight
+        loss_tok = loss_tok * rho
     if kl is not None:
         loss_tok = loss_tok + cfg.beta * kl
-    return TokenTerms(loss_tok, coef_1, kl, adv)
+    return TokenTerms(loss_tok, coef_1, kl, adv, phi, entropy_mask)
 
 
 def reduction_weights(
@@ -153,11 +264,13 @@ def reduction_weights(
     m = mask.to(dtype)
     if loss_type in ("grpo", "sapo"):
         return m / (mask.sum(-1, keepdim=True).clamp(min=1) * B)
+    if loss_type == "luspo":
+        return m / B
     if loss_type == "bnpo":
         return m / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return m / (B * (T if max_completion_length is None else max_completion_length))
-    # dapo, cispo: one global normaliser (across accumulation steps and ranks when the caller passes it)
+    # dapo, cispo, vespo: one global normaliser (across accumulation steps and ranks when the caller passes it)
     if num_items_in_batch is None:
         return m / mask.sum().clamp(min=1)
     return m / torch.as_tensor(num_items_in_batch, dtype=dtype, device=mask.device).clamp(min=1)
@@ -168,6 +281,8 @@ def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items
     B, T = mask.shape
     if loss_type in ("grpo", "sapo"):
         return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "luspo":  # a sum over each sequence's tokens: long sequences weigh more
+        return _masked_sum(loss_tok, mask, -1).mean()
     if loss_type == "bnpo":
         return _masked_sum(loss_tok, mask) / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
@@ -189,6 +304,24 @@ def _mean_metric(x: torch.Tensor, mask: torch.Tensor, per_sequence: bool = False
     return _masked_sum(x, mask) / mask.sum().clamp(min=1)
 
 
+def _seq_extreme(flag: torch.Tensor, mask: torch.Tensor, per_sequence: bool, largest: bool) -> torch.Tensor:
+    """min (or max) over sequences of each sequence's masked mean of ``flag``, sequences with no kept token
+    skipped (TRL's nanmin / nanmax of masked_seq_mean); NaN when no sequence counts. No host sync."""
+    if per_sequence and flag.shape[-1] == 1:
+        per_seq = flag.reshape(-1)
+        valid = torch.ones_like(per_seq, dtype=torch.bool)
+    else:
+        counts = mask.sum(-1)
+        per_seq = _masked_sum(flag, mask, -1) / counts.clamp(min=1)
+        valid = counts > 0
+    if per_seq.numel() == 0:
+        return flag.new_full((), math.nan)
+    fill = -math.inf if largest else math.inf
+    ext = torch.where(valid, per_seq, fill)
+    ext = ext.max() if largest else ext.min()
+    return torch.where(valid.any(), ext, math.nan)
+
+
 def metrics(terms: TokenTerms, entropy, mask, cfg: GRPOConfig) -> dict[str, torch.Tensor]:
     """TRL's metric names; detached 0-d fp32 tensors, no host sync."""
     out: dict[str, torch.Tensor] = {}
@@ -200,12 +333,16 @@ def metrics(terms: TokenTerms, entropy, mask, cfg: GRPOConfig) -> dict[str, torc
     seq = cfg.importance_sampling_level == "sequence"
     if cfg.loss_type == "cispo":
         out["cispo_clip_ratio"] = _mean_metric(((c1 > cfg.eps_high) & (adv > 0)).to(c1.dtype), mask, seq)
-    elif cfg.loss_type != "sapo":
-        low = (c1 < 1 - cfg.epsilon_low) & (adv < 0)
-        high = (c1 > 1 + cfg.eps_high) & (adv > 0)
-        out["clip_ratio/low_mean"] = _mean_metric(low.to(c1.dtype), mask, seq)
-        out["clip_ratio/high_mean"] = _mean_metric(high.to(c1.dtype), mask, seq)
-        out["clip_ratio/region_mean"] = _mean_metric((low | high).to(c1.dtype), mask, seq)
+    elif cfg.loss_type in CLIP_LOSS_TYPES:
+        low = ((c1 < 1 - cfg.epsilon_low) & (adv < 0)).to(c1.dtype)
+        high = ((c1 > 1 + cfg.eps_high) & (adv > 0)).to(c1.dtype)
+        out["clip_ratio/low_mean"] = _mean_metric(low, mask, seq)
+        out["clip_ratio/high_mean"] = _mean_metric(high, mask, seq)
+        out["clip_ratio/region_mean"] = _mean_metric(torch.maximum(low, high), mask, seq)
+        out["clip_ratio/low_min"] = _seq_extreme(low, mask, seq, largest=False)
+        out["clip_ratio/high_max"] = _seq_extreme(high, mask, seq, largest=True)
+    elif cfg.loss_type == "vespo":
+        out["vespo/phi_seq_mean"] = _mean_metric(terms.phi, mask, terms.phi.shape[-1] == 1 and adv.shape[-1] == 1)
     return {k: v.detach().float() for k, v in out.items()}
 
 
@@ -219,11 +356,26 @@ def loss_from_logps(
     entropy: Optional[torch.Tensor] = None,
     max_completion_length=None,
     num_items_in_batch=None,
+    *,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    process_group=None,
 ):
-    """-> (loss 0-d, metrics dict). Differentiable in ``logp``; ``mask`` is bool [B, T]."""
-    terms = token_terms(logp, cfg, advantages, old_logps, ref_logps, mask)
+    """-> (loss 0-d, metrics dict). Differentiable in ``logp`` (and in ``entropy`` for the entropy bonus);
+    ``mask`` is bool [B, T]."""
+    terms = token_terms(logp, cfg, advantages, old_logps, ref_logps, mask,
+                        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+                        entropy=entropy, process_group=process_group)
     loss = reduce_loss(terms.loss_tok, mask, cfg.loss_type, max_completion_length, num_items_in_batch)
-    return loss, metrics(terms, entropy, mask, cfg)
+    mets = metrics(terms, entropy, mask, cfg)
+    if cfg.entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef != 0 needs the entropies of the tokens")
+        # the bonus acts on the tokens the policy loss acts on; its mean ignores the loss type's normaliser
+        m_e = mask if terms.entropy_mask is None else mask & terms.entropy_mask
+        mets["policy_loss"] = loss.detach().float()
+        loss = loss - cfg.entropy_coef * (_masked_sum(entropy, m_e) / m_e.sum().clamp(min=1))
+    return loss, mets
 
 
 def grpo_loss(
@@ -236,16 +388,25 @@ def grpo_loss(
     ref_logps=None,
     max_completion_length=None,
     num_items_in_batch=None,
+    *,
+    importance_sampling_ratio=None,
+    sampling_logps=None,
+    process_group=None,
 ):
     """Eager GRPO loss: full log-softmax (TRL-style), then :func:`loss_from_logps`.
 
     -> (loss, logps [B, T] detached, metrics).
     """
-    logp = token_logprobs(logits, completion_ids, cfg.temperature, mask=mask)
-    with torch.no_grad():  # the entropy is a metric here: no N x V autograd graph for it
-        _, entropy = token_logprobs(logits.detach(), completion_ids, cfg.temperature, True, mask=mask)
+    if cfg.entropy_coef != 0.0:  # the entropy bonus is differentiated: one graph for both
+        logp, entropy = token_logprobs(logits, completion_ids, cfg.temperature, True, mask=mask)
+    else:
+        logp = token_logprobs(logits, completion_ids, cfg.temperature, mask=mask)
+        with torch.no_grad():  # the entropy is a metric (and a mask) here: no N x V autograd graph for it
+            _, entropy = token_logprobs(logits.detach(), completion_ids, cfg.temperature, True, mask=mask)
     loss, mets = loss_from_logps(
-        logp, cfg, advantages, mask, old_logps, ref_logps, entropy, max_completion_length, num_items_in_batch
+        logp, cfg, advantages, mask, old_logps, ref_logps, entropy, max_completion_length, num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group,
     )
     return loss, logp.detach(), mets
 

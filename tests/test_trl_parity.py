@@ -12,9 +12,11 @@ no entropy bonus, training mode). Two ways of feeding it log-probs:
   TRL's ``add_fused_lm_head`` (TRL's chunked LM head, which computes in fp32), against our loss on
   ``model(...).logits[:, P-1:-1]``: agreement to fp32 rounding, gradient w.r.t. every model parameter.
 
-TRL also logs ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences); those are not
-part of SPEC section 1 and are not produced here. Advantages: TRL computes them inside generation; the
-test below reproduces those lines with TRL's own ``nanstd``.
+The rest of TRL's loss (luspo, vespo, the sampler importance ratio, the off-policy and top-entropy masks,
+the entropy bonus) is driven through the same ``_compute_loss`` with the trainer state that switches it on;
+the sampler ratio itself is compared with the lines of TRL's ``_generate_and_score_completions`` that compute
+it, executed from TRL's installed source. Advantages: TRL computes them inside generation; the test below
+reproduces those lines with TRL's own ``nanstd``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
 F64 = torch.float64
-TRL_ONLY_METRICS = {"clip_ratio/low_min", "clip_ratio/high_max"}
+TRL_ONLY_METRICS = {"entropy_coef"}  # the trainer's (possibly adaptive) coefficient: training-loop state
 
 
 class OneProcessAccelerator:
@@ -50,6 +52,9 @@ class OneProcessAccelerator:
     def gather_for_metrics(self, t):
         return t
 
+    def pad_across_processes(self, t, dim=0, pad_index=0):
+        return t
+
     def autocast(self):
         return contextlib.nullcontext()
 
@@ -60,18 +65,25 @@ class OneProcessAccelerator:
 SAPO_EXACT = (1.0, 1.125)
 
 
+VESPO_DEFAULTS = dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+
+
 def trl_trainer(loss_type, level, beta, bias_correction, delta, eps_low, eps_high, max_completion_length,
-                sapo=SAPO_EXACT):
-    """A GRPOTrainer with exactly the state _compute_loss reads (TRL 1.16)."""
+                sapo=SAPO_EXACT, vespo=None, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
+                entropy_coef=0.0, is_correction=False, accelerator=None):
+    """A GRPOTrainer with exactly the state _compute_loss reads (TRL 1.16). ``is_correction``: the vLLM
+    sampler correction is on (``inputs["importance_sampling_ratio"]`` is then read)."""
     t = object.__new__(trl_grpo.GRPOTrainer)
     args = types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=delta, sapo_temperature_pos=sapo[0],
-                                 sapo_temperature_neg=sapo[1], steps_per_generation=1)
+                                 sapo_temperature_neg=sapo[1], steps_per_generation=1,
+                                 **(VESPO_DEFAULTS if vespo is None else vespo))
     state = dict(
         args=args, loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_low=eps_low,
-        epsilon_high=eps_high, max_completion_length=max_completion_length, top_entropy_quantile=1.0,
-        aux_loss_enabled=False, off_policy_mask_threshold=None, use_vllm=False,
-        vllm_importance_sampling_correction=False, model=torch.nn.Linear(1, 1), current_gradient_accumulation_steps=1,
-        accelerator=OneProcessAccelerator(), _entropy_bonus_enabled=False,
+        epsilon_high=eps_high, max_completion_length=max_completion_length, top_entropy_quantile=top_entropy_quantile,
+        aux_loss_enabled=False, off_policy_mask_threshold=off_policy_mask_threshold, use_vllm=is_correction,
+        vllm_importance_sampling_correction=is_correction, model=torch.nn.Linear(1, 1),
+        current_gradient_accumulation_steps=1, accelerator=accelerator or OneProcessAccelerator(),
+        entropy_coef=entropy_coef, use_adaptive_entropy=False, _entropy_bonus_enabled=entropy_coef != 0.0,
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
     )
     for k, v in state.items():
@@ -108,7 +120,8 @@ def make_inputs(level, temperature, V=9, seed=0):
                 old=logp - log_ratio, ref=logp + torch.rand(B, T, generator=g, dtype=F64) - 0.5)
 
 
-def run_trl(x, trainer, temperature, old_logps, ref_logps, num_items_in_batch):
+def run_trl(x, trainer, temperature, old_logps, ref_logps, num_items_in_batch, **extra_inputs):
+    """``extra_inputs``: e.g. importance_sampling_ratio, sampling_per_token_logps (TRL's input names)."""
     logits = x["logits"].clone().requires_grad_(True)
 
     def logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, **kw):
@@ -126,6 +139,7 @@ def run_trl(x, trainer, temperature, old_logps, ref_logps, num_items_in_batch):
         inputs["old_per_token_logps"] = old_logps
     if ref_logps is not None:
         inputs["ref_per_token_logps"] = ref_logps
+    inputs.update({k: v for k, v in extra_inputs.items() if v is not None})
     loss = trainer._compute_loss(None, inputs)
     loss.backward()
     return loss.detach(), logits.grad, trl_metrics(trainer)
@@ -145,7 +159,7 @@ def assert_same(ours, trl, rtol):
     torch.testing.assert_close(g1, g2.to(g1.dtype), rtol=rtol, atol=1e-14)
     assert set(m1) <= set(m2) and set(m2) - set(m1) <= TRL_ONLY_METRICS, (sorted(m1), sorted(m2))
     for k in m1:
-        assert m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-7), k  # ours are fp32 tensors
+        assert m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-7, nan_ok=True), k  # ours are fp32 tensors
 
 
 CASES = [
@@ -311,3 +325,115 @@ def test_parity_end_to_end_with_trl_fused_head(tiny_llama, loss_type, level, bet
         torch.testing.assert_close(ours_grads[n], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=n)
     for k, v in out.metrics.items():
         assert v.item() == pytest.approx(trl_m[k], rel=1e-4, abs=1e-6), k
+
+
+# --------------------------------------------------------------------------------------------------
+# the rest of TRL's loss: luspo, vespo, the sampler ratio, the two masks, the entropy bonus
+# --------------------------------------------------------------------------------------------------
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def trl_sampler_ratio_code():
+    """The lines of TRL's ``_generate_and_score_completions`` that compute ``vllm_importance_sampling_ratio``
+    (from its installed source, dedented), compiled: run with ``self``, ``completion_mask``, ``tool_mask``,
+    ``old_per_token_logps`` and ``sampling_per_token_logps`` in scope."""
+    import inspect
+    import textwrap
+
+    src = inspect.getsource(trl_grpo.GRPOTrainer._generate_and_score_completions)
+    start = src.index("            if self.use_vllm and self.vllm_importance_sampling_correction:\n"
+                      "                mask = completion_mask")
+    end = src.index("# Compute the per-token log probabilities for the reference model", start)
+    return compile(textwrap.dedent(src[start:end]), "trl_sampler_ratio", "exec")
+
+
+def trl_sampler_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    self = types.SimpleNamespace(use_vllm=True, vllm_importance_sampling_correction=True,
+                                 vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=clip_min,
+                                 vllm_importance_sampling_clip_max=clip_max)
+    scope = dict(self=self, completion_mask=mask, tool_mask=None, old_per_token_logps=old,
+                 sampling_per_token_logps=sampling, torch=torch, math=__import__("math"))
+    exec(trl_sampler_ratio_code(), scope)
+    return scope["vllm_importance_sampling_ratio"]
+
+
+def sampling_logps_of(x, old, seed=3):
+    """The sampler's log-probs: the old ones plus noise, NaN at one kept token (vLLM returns NaN for a token it
+    cannot score) and garbage at masked positions."""
+    g = torch.Generator().manual_seed(seed)
+    s = old + 0.3 * torch.randn(old.shape, generator=g, dtype=old.dtype)
+    s[0, 1] = float("nan")
+    mask = x["mask"].bool()
+    return torch.where(mask, s, torch.full_like(s, float("inf")))
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+@pytest.mark.parametrize("clip_min,clip_max", [(None, 3.0), (0.5, 1.5), (0.8, None), (None, None)])
+def test_sampler_ratio_matches_trl(mode, clip_min, clip_max):
+    x = make_inputs("token", 1.0)
+    old = x["old"]
+    sampling = sampling_logps_of(x, old)
+    if mode.endswith("truncate") and clip_min is None and clip_max is None:
+        pytest.skip("TRL's truncate modes call torch.clamp with no bound, which raises")
+    want = trl_sampler_ratio(old, sampling, x["mask"], mode, clip_min, clip_max)
+    got = gk.sampler_importance_ratio(old, sampling, x["mask"], mode=mode, clip_min=clip_min, clip_max=clip_max)
+    assert got.shape == want.shape == ((6, 3) if mode.startswith("token") else (6, 1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if mode.endswith("mask") and (clip_min, clip_max) == (0.5, 1.5):
+        assert bool((got == 0).any()) and bool((got > 0).any())  # both sides of the mask occur
+
+
+# (option name, TRL trainer state, our keyword options); each option alone, then combined
+NEW_OPTIONS = {
+    "plain": ({}, {}),
+    "is-ratio": ({}, {}),  # the ratio comes with the inputs (below)
+    "off-policy": (dict(off_policy_mask_threshold=0.05), dict(off_policy_mask_threshold=0.05)),
+    "top-entropy": (dict(top_entropy_quantile=0.5), dict(top_entropy_quantile=0.5)),
+    # 0.0: the threshold is the largest entropy itself (an integer rank: the tie rule H >= q decides)
+    "top-entropy-max": (dict(top_entropy_quantile=0.0), dict(top_entropy_quantile=0.0)),
+    "entropy-bonus": (dict(entropy_coef=0.03), dict(entropy_coef=0.03)),
+    "all": (dict(off_policy_mask_threshold=0.05, top_entropy_quantile=0.2, entropy_coef=0.03),
+            dict(off_policy_mask_threshold=0.05, top_entropy_quantile=0.2, entropy_coef=0.03)),
+}
+NEW_CASES = [(lt, lvl, opt, mode, beta)
+             for lt in LOSS_TYPES
+             for lvl in (("token", "sequence") if lt in ("luspo", "vespo") else ("token",))
+             for opt in NEW_OPTIONS
+             for mode in ((IS_MODES if opt == "is-ratio" else ("token_mask",)) if opt in ("is-ratio", "all")
+                          else (None,))
+             for beta in ((0.0, 0.04) if opt in ("all", "plain") else (0.0,))]
+
+
+@pytest.mark.parametrize("case", NEW_CASES, ids=["-".join(str(c) for c in case) for case in NEW_CASES])
+def test_parity_rest_of_trl_loss(case):
+    loss_type, level, opt, mode, beta = case
+    trl_state, ours_opts = NEW_OPTIONS[opt]
+    temperature = 0.7
+    x = make_inputs(level, temperature)
+    eh = CISPO_EH if loss_type == "cispo" else EH
+    T = x["ids"].shape[1]
+    old, ref = x["old"], x["ref"] if beta else None
+    sampling = sampling_logps_of(x, old)
+    rho = None if mode is None else gk.sampler_importance_ratio(old, sampling, x["mask"], mode=mode)
+    vespo = dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.75, vespo_lambda_neg=1.25)
+    trainer = trl_trainer(loss_type, level, beta, True, None, EL, eh, max_completion_length=T, vespo=vespo,
+                          is_correction=rho is not None, **trl_state)
+    trl = run_trl(x, trainer, temperature, old, ref, int(x["mask"].sum()), importance_sampling_ratio=rho,
+                  sampling_per_token_logps=sampling)
+    ours = run_ours(x, temperature, old, ref, loss_type=loss_type, importance_sampling_level=level, beta=beta,
+                    epsilon_low=EL, epsilon_high=eh, sapo_temperature_pos=SAPO_EXACT[0],
+                    sapo_temperature_neg=SAPO_EXACT[1], importance_sampling_ratio=rho, sampling_logps=sampling,
+                    **vespo, **ours_opts)
+    assert_same(ours, trl, rtol=1e-10)
+    assert set(trl[2]) - set(ours[2]) <= TRL_ONLY_METRICS
+
+
+def test_parity_vespo_defaults_and_off_policy_without_sampler():
+    """TRL's vespo defaults; the off-policy mask falls back to old_logps when no sampler log-probs exist."""
+    x = make_inputs("token", 1.0)
+    for loss_type in ("vespo", "dapo"):
+        trainer = trl_trainer(loss_type, "token", 0.0, True, None, EL, EH, 3, off_policy_mask_threshold=-0.05)
+        trl = run_trl(x, trainer, 1.0, x["old"], None, int(x["mask"].sum()))
+        ours = run_ours(x, 1.0, x["old"], None, loss_type=loss_type, epsilon_low=EL, epsilon_high=EH,
+                        off_policy_mask_threshold=-0.05)
+        assert_same(ours, trl, rtol=1e-10)

@@ -163,16 +163,26 @@ class _Accumulator:
         return gh, gw, gb
 
 
-def _ref_logprob_grad(logits: Tensor, ids: Tensor, tau: float, g: Tensor) -> Tensor:
-    """backend "torch": dL/dlogits [n, V] of a chunk for dL/dlogp = g [n], in the logits' dtype.
+def _ref_logprob_grad(logits: Tensor, ids: Tensor, tau: float, g: Tensor, g_ent: Tensor | None = None) -> Tensor:
+    """backend "torch": dL/dlogits [n, V] of a chunk for dL/dlogp = g [n] (and dL/dentropy = g_ent [n]), in
+    the logits' dtype.
 
-    With z = x / tau, logp = z[id] - logsumexp(z):  dlogp/dx_v = (onehot(id)_v - softmax(z)_v) / tau.
+    With z = x / tau, logp = z[id] - logsumexp(z):  dlogp/dx_v = (onehot(id)_v - softmax(z)_v) / tau;
+    H = lse - sum_v p_v z_v:  dH/dx_v = -p_v (log p_v + H) / tau (0 where p_v = 0).
     Written out rather than by autograd: a custom op's implementation runs below the Autograd dispatch
     keys, where autograd records nothing (the float64 tests compare with autograd of the unfused path)."""
     z = logits.to(reference.compute_dtype(logits)) / tau
     p = torch.softmax(z, dim=-1)  # [n, V]
+    d_ent = None
+    if g_ent is not None:
+        logp_all = torch.log_softmax(z, dim=-1)
+        ent = -(torch.where(p > 0, p * logp_all, 0.0)).sum(-1, keepdim=True)
+        d_ent = torch.where(p > 0, p * (logp_all + ent), 0.0).mul_(-g_ent.to(p.dtype).unsqueeze(-1))
+        del logp_all
     d = p.mul_(-g.to(p.dtype).unsqueeze(-1))
     d.scatter_add_(-1, ids.unsqueeze(-1), g.to(d.dtype).unsqueeze(-1))
+    if d_ent is not None:
+        d.add_(d_ent)
     return d.div_(tau).to(logits.dtype)
 
 
@@ -250,8 +260,9 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     return logp.view(B, T), ent.view(B, T), stats
 
 
-def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want):
-    """Pass 2: given g = dL/dlogp [B, T], recompute each chunk's logits and accumulate the gradients."""
+def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want, ent=None, g_ent=None):
+    """Pass 2: given g = dL/dlogp [B, T] (and g_ent = dL/dentropy with the pass-1 entropy ``ent``, or None),
+    recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
     L = None if backend == "torch" else launchers(backend)
     mflat, iflat = mask.reshape(-1), ids.reshape(-1)
@@ -259,14 +270,20 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
     acc = _Accumulator(hidden, weight, bias, want)
     g = torch.where(mask, g, 0.0).reshape(-1)  # masked positions: exactly zero rows
     g_f = g.to(torch.float32).contiguous()
+    if g_ent is not None:
+        g_ent = torch.where(mask, g_ent, 0.0).reshape(-1)
+        ge_f, ent_f = g_ent.to(torch.float32).contiguous(), ent.reshape(-1).to(torch.float32).contiguous()
+    sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
     for n0, n1 in _chunks(N, chunk):
         h_c, logits = _logits_of(rows, weight, bias, n0, n1)
         lg3 = None
         if L is None:
-            dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1])
+            dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1], sl(g_ent, n0, n1))
         else:
             lg3 = logits.unsqueeze(0)
-            L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], None, g_f[n0:n1], None, tau, lg3)
+            has_ent = g_ent is not None
+            L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
+                           ge_f[n0:n1] if has_ent else None, tau, lg3)
             dlogits = logits
         acc.add(n0, n1, h_c, dlogits)
         del logits, dlogits, lg3
@@ -327,31 +344,36 @@ def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
 
 @custom_op("grpo_kernels::fused_linear_logprobs_bwd", mutates_args=())
 def _logprobs_bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, stats: Tensor,
-                     g_logp: Tensor, tau: float, chunk_size: int, backend: str,
-                     want_grads: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """Pass 2 -> dL/dhidden, dL/dW, dL/db for dL/dlogp = ``g_logp`` [B, T] (empty where not wanted)."""
-    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads)
+                     g_logp: Tensor, tau: float, chunk_size: int, backend: str, want_grads: list[bool],
+                     entropy: Tensor | None = None, g_ent: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 2 -> dL/dhidden, dL/dW, dL/db for dL/dlogp = ``g_logp`` [B, T] and, when given, dL/dentropy =
+    ``g_ent`` [B, T] with the pass-1 ``entropy`` (empty where not wanted)."""
+    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads,
+                               entropy, g_ent)
 
 
 @_logprobs_bwd_op.register_fake
-def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads):
+def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads, entropy=None, g_ent=None):
     return _grad_fakes(hidden, weight, bias, want_grads)
 
 
 def _logprobs_setup(ctx, inputs, output):
     hidden, weight, bias, ids, mask, tau, chunk_size, backend = inputs
-    ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2])
+    ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2], output[1])
     ctx.args = (tau, chunk_size, backend)
-    ctx.mark_non_differentiable(output[1], output[2])  # the entropy is a metric; the stats are internal
+    ctx.mark_non_differentiable(output[2])  # the stats are internal
 
 
 def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
-    hidden, weight, bias, ids, mask, stats = ctx.saved_tensors
+    hidden, weight, bias, ids, mask, stats, ent = ctx.saved_tensors
     need = ctx.needs_input_grad
     want = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
-    if g_logp is None or not any(want):
+    if (g_logp is None and g_ent is None) or not any(want):
         return (None,) * 8
-    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp.contiguous(), *ctx.args, want)
+    g_logp = torch.zeros_like(ent) if g_logp is None else g_logp.contiguous()
+    ge = None if g_ent is None else g_ent.contiguous()
+    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp, *ctx.args, want,
+                                  None if ge is None else ent, ge)
     pick = lambda t, w: t if w else None  # noqa: E731
     return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), None, None, None, None, None
 
@@ -444,6 +466,9 @@ def fused_linear_grpo_loss_with_config(
     ref_logps: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None,
+    process_group=None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -460,6 +485,8 @@ def fused_linear_grpo_loss_with_config(
         stand_in, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group,
     )
     name = resolve_backend(backend, hidden.device)
     if name != "torch" and hidden.dtype == torch.float64:
@@ -481,25 +508,37 @@ def fused_linear_grpo_loss_with_config(
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)]
     loss_args = (adv, mask, old, ref)
-    if any(want) and config.importance_sampling_level == "token":
-        # single pass: the gradients are computed now; the loss carries them to backward
+    extra = dict(importance_sampling_ratio=x.importance_sampling_ratio, sampling_logps=x.sampling_logps,
+                 process_group=x.process_group)
+    if any(want) and not config.needs_every_token:
+        # single pass: the gradients are computed now; the loss carries them to backward. A sampler ratio
+        # rho >= 0 scales the policy term only: the kernel takes rho * A (see _ops.grpo_loss_fused).
+        adv_k = adv
+        if x.importance_sampling_ratio is not None:
+            rho = x.importance_sampling_ratio
+            rho = torch.where(mask, rho, 0.0) if rho.shape == mask.shape else rho
+            adv_k = (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * rho
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
-            hidden.detach(), lm_head_weight.detach(), bias_d, ids, mask, adv, old, ref, num_items,
+            hidden.detach(), lm_head_weight.detach(), bias_d, ids, mask, adv_k, old, ref, num_items,
             x.max_completion_length, _pack_config(config), config.loss_type, int(chunk_size), name, want,
         )
         logp = torch.where(mask, logp, 0.0)
         with torch.no_grad():
-            loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items)
+            loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
+                                                      **extra)
         loss = _attach(loss, hidden, lm_head_weight, lm_head_bias, gh, gw, gb)
     else:
         # two passes (or only the first, without gradients): log-probs now; autograd of the loss below
-        # gives g = dL/dlogp [B, T] (GSPO's sequence mean couples a row's tokens), and the backward of
-        # _logprobs_op recomputes each chunk's logits to turn g into dL/dhidden, dL/dW, dL/db.
+        # gives g = dL/dlogp [B, T] (and dL/dentropy for the entropy bonus), where a token's weight needs
+        # every token first (sequence means, VESPO's weight, the off-policy and top-entropy masks); the
+        # backward of _logprobs_op recomputes each chunk's logits to turn g into dL/dhidden, dL/dW, dL/db.
         logp, ent, _ = _logprobs_op(hidden, lm_head_weight, lm_head_bias, ids, mask, config.temperature,
                                     int(chunk_size), name)
         logp = torch.where(mask, logp, 0.0)
-        loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items)
+        ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
+        loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
+                                                  **extra)
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
@@ -525,8 +564,18 @@ def fused_linear_grpo_loss(
     use_bias_correction_kl: bool = True,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None,
+    process_group=None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -535,15 +584,19 @@ def fused_linear_grpo_loss(
     hidden ``[B, T, H]`` (the hidden states aligned with ``completion_ids``, e.g. ``h[:, P-1:-1]``; any
     strides), lm_head_weight ``[V, H]``, lm_head_bias ``[V]`` or None, all of one dtype. The N = B*T rows are
     processed ``chunk_size`` at a time (default: from a memory budget, see :func:`default_chunk_size`), so
-    only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss`; the loss
-    is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
+    only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss` (including
+    luspo / vespo, ``importance_sampling_ratio``, ``sampling_logps`` with ``off_policy_mask_threshold``,
+    ``top_entropy_quantile`` with ``process_group``, ``entropy_coef``); the options whose token weight needs
+    every token run in two passes (the backward recomputes each chunk's logits). The loss is differentiable
+    w.r.t. hidden, lm_head_weight and lm_head_bias.
     """
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return fused_linear_grpo_loss_with_config(
         hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-        backend=backend,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group, chunk_size=chunk_size, backend=backend,
     )
 
 

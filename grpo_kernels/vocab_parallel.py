@@ -242,6 +242,9 @@ def grpo_loss_with_config(
     ref_logps: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None,
+    process_group=None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """:func:`grpo_loss` with the options as one :class:`GRPOConfig`."""
@@ -257,6 +260,8 @@ def grpo_loss_with_config(
         logits_shard, torch.zeros_like(completion_ids), config, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group,
     )
     mask = x.mask
     # masked ids may be garbage: give each rank an id of its own shard there (rows zeroed, g = 0, no error)
@@ -264,10 +269,9 @@ def grpo_loss_with_config(
     logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask,
                           _backend(backend, logits_shard), "completion_ids")
     logp = torch.where(mask, logp, 0.0)
-    loss, metrics = reference.loss_from_logps(
-        logp, config, x.advantages, mask, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
-        x.num_items_in_batch,
-    )
+    # the entropy bonus differentiates the entropy (every rank gets the gradient of its own columns)
+    ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
+    loss, metrics = reference.loss_from_logps(logp, config, entropy=ent, **x.loss_kwargs())
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
@@ -293,16 +297,32 @@ def grpo_loss(
     use_bias_correction_kl: bool = True,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None,
+    process_group=None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary: ``logits_shard [B, T, V_r]`` holds
     this rank's columns (see :func:`token_logprobs`), ``completion_ids`` are global ids. The loss, logps and
-    metrics are identical on every rank; ``loss.backward()`` on each rank gives the gradient of its shard."""
+    metrics are identical on every rank; ``loss.backward()`` on each rank gives the gradient of its shard.
+
+    The loss options are those of :func:`grpo_kernels.grpo_loss`. ``group`` is the vocabulary-parallel group
+    (whose ranks hold the same tokens); ``process_group`` is the data-parallel group whose ranks hold other
+    sequences, over which ``top_entropy_quantile`` takes its quantile (None: this rank's tokens)."""
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, backend=backend,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        process_group=process_group, backend=backend,
     )

@@ -195,7 +195,8 @@ def check_large_magnitude_entropy(backend):
 # helpers of the reliability tests (test_properties, test_extreme_inputs, test_determinism): any backend,
 # any device, every input of grpo_loss, the metrics too
 # --------------------------------------------------------------------------------------------------
-CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
+CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio",
+                "clip_ratio/low_min", "clip_ratio/high_max")
 
 
 class one_thread:
@@ -284,7 +285,9 @@ def _clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
                                             li.num_items_in_batch)
         at[sign] = {k: v.item() for k, v in mets.items()}
     bounds = {}
-    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "cispo_clip_ratio"):
+    # (low_min / high_max: a min / max over sequences of means of monotone flags, monotone as well)
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "cispo_clip_ratio", "clip_ratio/low_min",
+                 "clip_ratio/high_max"):
         if name in at[1.0]:
             bounds[name] = (min(at[-1.0][name], at[1.0][name]), max(at[-1.0][name], at[1.0][name]))
     if "clip_ratio/region_mean" in at[1.0]:  # low + high (disjoint: A < 0 vs A > 0)

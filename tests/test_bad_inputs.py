@@ -179,6 +179,17 @@ CASES = {
     "ref_logps-shape": lambda mp: loss(ref_logps=X["ref"].T),
     "ref_logps-device": lambda mp: loss(ref_logps=meta(X["ref"])),
     "ref_logps-missing-with-beta": lambda mp: loss(ref_logps=None),
+    # ---- sampler importance ratio, sampling log-probs, process group ----
+    "importance_sampling_ratio-shape": lambda mp: loss(importance_sampling_ratio=torch.ones(B, 2)),
+    "importance_sampling_ratio-integer": lambda mp: loss(importance_sampling_ratio=torch.ones(B, T, dtype=torch.long)),
+    "importance_sampling_ratio-device": lambda mp: loss(importance_sampling_ratio=meta(torch.ones(B, 1))),
+    "importance_sampling_ratio-negative": lambda mp: loss(importance_sampling_ratio=-torch.ones(B, 1)),
+    "sampling_logps-shape": lambda mp: loss(sampling_logps=X["old"][:, :2]),
+    "sampling_logps-device": lambda mp: loss(sampling_logps=meta(X["old"])),
+    "process_group-without-distributed": lambda mp: loss(process_group=object()),
+    "sampler_importance_ratio-mode": lambda mp: gk.sampler_importance_ratio(X["old"], X["ref"], mode="token"),
+    "sampler_importance_ratio-shape": lambda mp: gk.sampler_importance_ratio(X["old"], X["ref"][:, :2]),
+    "sampler_importance_ratio-clip": lambda mp: gk.sampler_importance_ratio(X["old"], X["ref"], clip_max="3"),
     # ---- reduction arguments ----
     "max_completion_length-not-positive": lambda mp: loss(max_completion_length=0),
     "max_completion_length-float": lambda mp: loss(max_completion_length=3.0),
@@ -196,6 +207,8 @@ CASES = {
     "delta-not-positive": lambda mp: loss(delta=0.0),
     "sapo-temperature-not-positive": lambda mp: loss(sapo_temperature_neg=0.0),
     "use_bias_correction_kl-not-bool": lambda mp: loss(use_bias_correction_kl=1),
+    "top_entropy_quantile-out-of-range": lambda mp: loss(top_entropy_quantile=1.5),
+    "off_policy_mask_threshold-not-finite": lambda mp: loss(off_policy_mask_threshold=float("inf")),
     "inplace-not-bool": lambda mp: loss(inplace=1),
     "inplace-on-the-reference": lambda mp: loss(inplace=True),
     # ---- token_logprobs options ----
@@ -300,7 +313,7 @@ def test_readme_row(row, monkeypatch):
         pytest.skip("no fused CPU backend is built")
     if row["id"].startswith(("vocab_parallel", "logits_shard", "vocab_start")) and not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    if row["id"] == "vocab_parallel-no-process-group" and dist.is_initialized():
+    if row["id"] in ("vocab_parallel-no-process-group", "process_group-without-distributed") and dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     if row["id"] == "backend-triton-without-interpreter" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (the reason given is then that one)")

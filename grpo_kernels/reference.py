@@ -427,6 +427,8 @@ def token_loss_grad(logp, cfg: GRPOConfig, adv, old=None, ref=None):
     - KL (beta != 0): r = ref - logp, kl = e^r - r - 1, dkl = 1 - e^r; with the bias correction
       (kl * c1)' = dkl*c1 + kl*c1;  d += beta * that.
     """
+    if cfg.loss_type == "vespo":
+        raise ValueError("loss_type='vespo' has no per-token derivative: its weight needs the whole sequence")
     w = torch.zeros_like(logp) if old is None else logp - old
     c1 = torch.exp(w)
     if cfg.loss_type == "cispo":

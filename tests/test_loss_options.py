@@ -214,6 +214,22 @@ def test_grpo_loss_module_takes_the_options():
     assert torch.equal(a.loss, b.loss)
 
 
+@pytest.mark.parametrize("opt", ["is-ratio", "all"])
+def test_inplace_matches_out_of_place(opt):
+    backend, _ = backend_for_test("cpu", None)
+    opts, with_ratio = OPTION_SETS[opt]
+    x, ids, inputs = batch()
+    cfg = config("vespo" if opt == "all" else "dapo", opts, 0.04)
+    outs = []
+    for inplace in (False, True):
+        leaf = x.detach().clone().requires_grad_()
+        out = gk.grpo_loss_with_config(leaf * 1, ids, cfg, inplace=inplace, backend=backend,
+                                       **inputs_for(inputs, with_ratio))
+        out.loss.backward()
+        outs.append((out.loss.detach(), leaf.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 @pytest.mark.parametrize("loss_type,opt", [("dapo", "is-ratio"), ("vespo", "all"), ("luspo", "entropy-bonus"),
                                            ("grpo", "top-entropy")])
 def test_fused_linear_options(loss_type, opt):
@@ -302,6 +318,34 @@ _DIST_SCRIPT = textwrap.dedent("""
                          process_group=dist.group.WORLD, backend=backend)
         b = gk.grpo_loss(x, ids, completion_mask=mask, advantages=adv, top_entropy_quantile=0.3, backend=backend)
         assert torch.isfinite(a.loss) and not torch.equal(a.loss, b.loss), backend
+    # vocabulary-parallel: the same batch on both ranks, the vocabulary split in two; every option, the entropy
+    # bonus's gradient through each rank's shard; against grpo_loss on the full logits
+    g = torch.Generator().manual_seed(7)
+    Vf = 23
+    full = torch.randn(3, 4, Vf, generator=g, dtype=torch.float64) * 2
+    ids = torch.randint(0, Vf, (3, 4), generator=g)
+    mask = torch.rand(3, 4, generator=g) > 0.2
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+    old = torch.log_softmax(full, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) + 0.2 * torch.randn(3, 4, generator=g)
+    samp = old + 0.1
+    rho = gk.sampler_importance_ratio(old, samp, mask, mode="token_truncate", clip_min=0.5, clip_max=1.5)
+    opts = dict(completion_mask=mask, advantages=adv, old_logps=old, sampling_logps=samp, importance_sampling_ratio=rho,
+                off_policy_mask_threshold=0.05, top_entropy_quantile=0.5, entropy_coef=0.1)
+    lo, hi = (0, 12) if rank == 0 else (12, Vf)
+    for loss_type in ("vespo", "luspo", "dapo"):
+        for backend in gk.available_backends("cpu"):
+            x = full if backend == "torch" else full.float()
+            ref_in = x.clone().requires_grad_()
+            want = gk.grpo_loss(ref_in, ids, loss_type=loss_type, backend="torch", **opts)
+            want.loss.backward()
+            shard = x[..., lo:hi].clone().requires_grad_()
+            got = gk.vocab_parallel.grpo_loss(shard, ids, vocab_start=lo, loss_type=loss_type, backend=backend, **opts)
+            got.loss.backward()
+            tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.loss, want.loss, **tol)
+            torch.testing.assert_close(shard.grad, ref_in.grad[..., lo:hi], **tol)
+            for k in want.metrics:
+                torch.testing.assert_close(got.metrics[k], want.metrics[k], **tol)
     dist.destroy_process_group()
     print("ok", rank)
 """)
@@ -309,7 +353,10 @@ _DIST_SCRIPT = textwrap.dedent("""
 
 def test_top_entropy_quantile_across_two_ranks(tmp_path):
     """2 gloo processes with different token counts: the mask equals TRL's get_high_entropy_mask run over
-    the same two ranks (its accelerator's pad / gather done with torch.distributed)."""
+    the same two ranks (its accelerator's pad / gather done with torch.distributed). Then
+    vocab_parallel.grpo_loss with every option on a vocabulary split over the two ranks equals grpo_loss on
+    the full logits (float64 reference: to float64 rounding; fused fp32: to fp32 rounding of the same
+    fp32 logits)."""
     pytest.importorskip("trl")
     script = tmp_path / "quantile_two_ranks.py"
     script.write_text(_DIST_SCRIPT)

@@ -121,8 +121,8 @@ def check_loss_grad(c, opts, adv, old, temperature, level):
     - gradcheck (float64 central differences) w.r.t. the logits, with ``old`` a constant;
     - ``old=None`` (on-policy: old = sg(logp), so the value does not move with the logits and finite
       differences see nothing): its gradient must equal the one with ``old`` = logp(x0) given as a constant;
-    - cispo's factor sg(min(c1, eps_high)) is a stop-gradient too: there the gradient is compared with
-      central differences of the numpy transcription with that factor frozen at x0.
+    - cispo's factor sg(min(c1, eps_high)) and vespo's weight sg(phi) are stop-gradients too: there the
+      gradient is compared with central differences of the numpy transcription with that factor frozen at x0.
     """
     x0 = c["logits"]
     beta_ref = c["ref"] if opts["beta"] else None
@@ -142,18 +142,22 @@ def check_loss_grad(c, opts, adv, old, temperature, level):
         torch.testing.assert_close(grad(None), grad(old), rtol=RTOL, atol=1e-15)
     g = grad(old)
     assert torch.all(g[~c["mask"]] == 0), "a masked position got a gradient"
-    if opts["loss_type"] != "cispo":
+    if opts["loss_type"] not in ("cispo", "vespo"):
         assert torch.autograd.gradcheck(lambda t: f(t, old), (x0.clone().requires_grad_(True),))
         return
     n = {k: v.numpy() for k, v in c.items()}
     n_adv, n_old = adv.numpy(), old.numpy()
     kw = dict(opts, importance_sampling_level=level)
-    frozen = np_cispo_ratio(np_logp_entropy(n["logits"], n["ids"], temperature)[0], n_old, n["mask"], level,
-                            opts["epsilon_high"])
+    logp0 = np_logp_entropy(n["logits"], n["ids"], temperature)[0]
+    if opts["loss_type"] == "cispo":
+        kw["cispo_coef"] = np_cispo_ratio(logp0, n_old, n["mask"], level, opts["epsilon_high"])
+    else:
+        a = n_adv[:, None] if n_adv.ndim == 1 else n_adv
+        kw["vespo_phi"] = np_vespo_phi(np.where(n["mask"], logp0 - n_old, 0.0), a, 2.0, 3.0, 3.0, 2.0)
 
     def np_f(logits):
         logp, ent = np_logp_entropy(logits, n["ids"], temperature)
-        return np_loss(logp, ent, n["mask"], n_adv, n_old, n["ref"], cispo_coef=frozen, **kw)[0]
+        return np_loss(logp, ent, n["mask"], n_adv, n_old, n["ref"], **kw)[0]
 
     h, fd = 1e-6, np.zeros_like(n["logits"])
     for i in np.ndindex(*fd.shape):
@@ -207,9 +211,16 @@ def test_token_logprobs_gradcheck(temperature, entropy):
 # token_loss_grad: the hand-derived per-token derivative the kernels mirror
 # --------------------------------------------------------------------------------------------------
 TLG_RATIOS = [0.5, 0.7, 0.95, 1.1, 1.4, 2.0]  # below 1-el, inside, above 1+eh, above cispo's 1.3 and delta
+SINGLE_PASS_LOSS_TYPES = [lt for lt in LOSS_TYPES if lt != "vespo"]  # vespo's weight needs its whole sequence
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_token_loss_grad_refuses_vespo():
+    logp = torch.zeros(1, 2, dtype=F64)
+    with pytest.raises(ValueError, match="vespo"):
+        reference.token_loss_grad(logp, GRPOConfig(loss_type="vespo"), torch.ones(1, 1, dtype=F64))
+
+
+@pytest.mark.parametrize("loss_type", SINGLE_PASS_LOSS_TYPES)
 @pytest.mark.parametrize("beta,bc", BETAS)
 @pytest.mark.parametrize("delta", [False, True])
 @pytest.mark.parametrize("off_policy", [False, True])
@@ -261,10 +272,12 @@ def np_logp_entropy(logits, ids, temperature):
 def np_loss(logp, ent, mask, adv, old, ref, *, loss_type="dapo", importance_sampling_level="token", beta=0.0,
             use_bias_correction_kl=True, epsilon_low=0.2, epsilon_high=None, delta=None,
             sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, max_completion_length=None,
-            num_items_in_batch=None, cispo_coef=None):
+            num_items_in_batch=None, cispo_coef=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+            vespo_lambda_neg=2.0, vespo_phi=None):
     """-> (loss, metrics) in float64 numpy; masked positions may hold anything.
 
-    ``cispo_coef``: the stop-gradient factor min(c1, eps_high) frozen at another point (finite differences).
+    ``cispo_coef`` / ``vespo_phi``: the stop-gradient factor min(c1, eps_high) / VESPO's sequence weight,
+    frozen at another point (finite differences).
     """
     m = mask.astype(bool)
     B, T = m.shape
@@ -283,8 +296,12 @@ def np_loss(logp, ent, mask, adv, old, ref, *, loss_type="dapo", importance_samp
         kl = np.exp(d) - d - 1
         if use_bias_correction_kl:
             kl = kl * c1
+    phi = None
     if loss_type == "cispo":
         lt = -(np.minimum(c1, eh) if cispo_coef is None else cispo_coef) * A * logp
+    elif loss_type == "vespo":
+        phi = np_vespo_phi(lr, A, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        lt = -(phi if vespo_phi is None else vespo_phi) * A * logp
     elif loss_type == "sapo":
         tau = np.where(A > 0, sapo_temperature_pos, sapo_temperature_neg)
         lt = -(1.0 / (1.0 + np.exp(-tau * (c1 - 1))) * 4 / tau) * A
@@ -299,6 +316,8 @@ def np_loss(logp, ent, mask, adv, old, ref, *, loss_type="dapo", importance_samp
     lt = np.where(m, lt, 0.0)
     if loss_type in ("grpo", "sapo"):
         loss = (lt.sum(1) / np.maximum(m.sum(1), 1)).mean()
+    elif loss_type == "luspo":
+        loss = lt.sum(1).mean()
     elif loss_type == "bnpo":
         loss = lt.sum() / max(m.sum(), 1)
     elif loss_type == "dr_grpo":
@@ -312,17 +331,40 @@ def np_loss(logp, ent, mask, adv, old, ref, *, loss_type="dapo", importance_samp
     def flag_mean(x):  # per-sequence flags [B, 1] are averaged over B (TRL's global_masked_mean)
         return x.mean() if importance_sampling_level == "sequence" and x.shape[1] == 1 else tok_mean(x)
 
+    def seq_extreme(x, fn):  # fn over sequences of the masked per-sequence mean, empty sequences skipped
+        if importance_sampling_level == "sequence" and x.shape[1] == 1:
+            return fn(x[:, 0])
+        n = m.sum(1)
+        per_seq = np.where(m, x, 0.0).sum(1) / np.maximum(n, 1)
+        return fn(per_seq[n > 0]) if (n > 0).any() else math.nan
+
     mets = {"entropy": tok_mean(ent)}
     if kl is not None:
         mets["kl"] = tok_mean(kl)
     if loss_type == "cispo":
         mets["cispo_clip_ratio"] = flag_mean(((c1 > eh) & (A > 0)).astype(float))
+    elif loss_type == "vespo":
+        mets["vespo/phi_seq_mean"] = phi.mean() if phi.shape[1] == 1 else tok_mean(phi)
     elif loss_type != "sapo":
         low, high = (c1 < 1 - epsilon_low) & (A < 0), (c1 > 1 + eh) & (A > 0)
         mets["clip_ratio/low_mean"] = flag_mean(low.astype(float))
         mets["clip_ratio/high_mean"] = flag_mean(high.astype(float))
         mets["clip_ratio/region_mean"] = flag_mean((low | high).astype(float))
+        mets["clip_ratio/low_min"] = seq_extreme(low.astype(float), np.min)
+        mets["clip_ratio/high_max"] = seq_extreme(high.astype(float), np.max)
     return loss, mets
+
+
+def np_vespo_phi(log_ratio, A, k_pos, lam_pos, k_neg, lam_neg):
+    """VESPO's weight phi(w) = e^lam w^k e^(-lam w), w = exp of the clamped sum of the clamped token log-ratios
+    (masked entries of ``log_ratio`` are 0); k, lam by the sign of A; lam >= 1e-4; a non-finite phi is 0."""
+    lo = math.log(1e-8)
+    log_w = np.clip(np.clip(log_ratio, -20, 20).sum(1, keepdims=True), lo, 20)
+    k = np.where(A >= 0, k_pos, k_neg)
+    lam = np.maximum(np.where(A >= 0, lam_pos, lam_neg), 1e-4)
+    with np.errstate(over="ignore", invalid="ignore"):
+        phi = np.exp(lam + k * log_w - lam * np.exp(log_w))
+    return np.where(np.isfinite(phi), phi, 0.0)
 
 
 def np_cispo_ratio(logp, old, mask, level, eh):
@@ -607,7 +649,13 @@ def test_all_masked_batch_is_zero_not_nan():
                                **loss_options(lt, 0.3, True, False))
             out.loss.backward()
             assert out.loss.item() == 0.0 and torch.all(x.grad == 0), (lt, lvl)
-            assert all(v.item() == 0.0 for v in out.metrics.values()), (lt, lvl, out.metrics)
+            # TRL's values with no kept token: at token level the min / max over no sequence is NaN (at sequence
+            # level the per-sequence flags of every sequence count, as TRL takes them: 0); phi(w = 1) = 1 for
+            # every sequence (its mean is over sequences, kept or not); every other metric is 0
+            empty = math.nan if lvl == "token" else 0.0
+            want = {"clip_ratio/low_min": empty, "clip_ratio/high_max": empty, "vespo/phi_seq_mean": 1.0}
+            for k, v in out.metrics.items():
+                assert v.item() == pytest.approx(want.get(k, 0.0), nan_ok=True), (lt, lvl, k, v)
 
 
 def test_target_next_to_banned_tokens_is_finite():
@@ -755,7 +803,8 @@ def test_clip_metrics_are_strict_at_the_bound(level, opts):
                        backend="torch", **opts)
     flags = {k: v.item() for k, v in out.metrics.items() if k != "entropy"}
     want = {"cispo_clip_ratio"} if opts["loss_type"] == "cispo" else {
-        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+        "clip_ratio/high_max"}
     assert set(flags) == want
     assert all(v == 0.0 for v in flags.values()), flags
 

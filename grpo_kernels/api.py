@@ -85,6 +85,7 @@ def grpo_loss_with_config(
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """:func:`grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     x = _validate.validate_loss_inputs(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages,
         rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -98,7 +99,7 @@ def grpo_loss_with_config(
         if inplace:
             raise ValueError("inplace=True needs a fused backend ('cuda', 'triton' or 'cpu'); backend='torch' cannot write the gradient into the logits")
         loss, logps, metrics = reference.grpo_loss(
-            x.logits, x.ids, config, x.advantages, x.mask, x.old_logps, x.ref_logps,
+            x.logits, x.ids, config, x.advantages, x.weights, x.old_logps, x.ref_logps,
             x.max_completion_length, x.num_items_in_batch,
         )
     else:
@@ -120,6 +121,7 @@ def grpo_loss(
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: Optional[float] = None,
+    epsilon: Optional[float] = None,
     delta: Optional[float] = None,
     temperature: float = 1.0,
     loss_type: str = "dapo",
@@ -156,7 +158,10 @@ class GRPOLoss(nn.Module):
         unknown = set(options) - set(GRPOConfig.field_names())
         if unknown:
             raise TypeError(f"unknown GRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}")
-        self.config = _validate.check_config(config) if config is not None else GRPOConfig(**options)
+        if config is None:
+            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
+        else:
+            self.config, self.max_completion_length = _validate.loss_config(config, None)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend, self.inplace = backend, inplace
@@ -164,6 +169,8 @@ class GRPOLoss(nn.Module):
     def forward(self, logits, completion_ids, **inputs) -> GRPOLossOutput:
         inputs.setdefault("inplace", self.inplace)
         inputs.setdefault("backend", self.backend)
+        if inputs.get("max_completion_length") is None:
+            inputs["max_completion_length"] = self.max_completion_length
         return grpo_loss_with_config(logits, completion_ids, self.config, **inputs)
 
     def extra_repr(self) -> str:

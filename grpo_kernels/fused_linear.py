@@ -187,12 +187,14 @@ def _logits_of(rows: _Rows, weight, bias, n0, n1):
 
 
 def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, cfg, chunk, backend, want):
-    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk."""
+    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk.
+
+    ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
     B, T, _ = hidden.shape
     N = B * T
     tau = cfg.temperature
     L = None if backend == "torch" else launchers(backend)
-    mflat, iflat = mask.reshape(-1), ids.reshape(-1)
+    mflat, iflat = reference.kept(mask).reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     cdt = reference.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
     logp_out = torch.zeros(N, dtype=cdt, device=hidden.device)
@@ -447,8 +449,9 @@ def fused_linear_grpo_loss_with_config(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`fused_linear_grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
-    _validate.check_config(config)
+    """:func:`fused_linear_grpo_loss` with the loss options given as one :class:`GRPOConfig` (or a
+    ``trl.GRPOConfig``, whose ``max_completion_length`` is used when the call passes none)."""
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
     V = lm_head_weight.shape[0]
@@ -480,12 +483,12 @@ def fused_linear_grpo_loss_with_config(
 
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)]
-    loss_args = (adv, mask, old, ref)
+    loss_args = (adv, x.weights, old, ref)
     if any(want) and config.importance_sampling_level == "token":
         # single pass: the gradients are computed now; the loss carries them to backward
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
-            hidden.detach(), lm_head_weight.detach(), bias_d, ids, mask, adv, old, ref, num_items,
+            hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv, old, ref, num_items,
             x.max_completion_length, _pack_config(config), config.loss_type, int(chunk_size), name, want,
         )
         logp = torch.where(mask, logp, 0.0)
@@ -518,6 +521,7 @@ def fused_linear_grpo_loss(
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    epsilon: float | None = None,
     delta: float | None = None,
     temperature: float = 1.0,
     loss_type: str = "dapo",
@@ -581,7 +585,10 @@ class FusedLinearGRPOLoss(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _check_chunk_size(chunk_size)
-        self.config = config if config is not None else GRPOConfig(**options)
+        if config is None:
+            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
+        else:
+            self.config, self.max_completion_length = _validate.loss_config(config, None)
         self.backend, self.chunk_size = backend, chunk_size
         # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
         self._head = (lm_head, weight, bias)
@@ -596,6 +603,8 @@ class FusedLinearGRPOLoss(nn.Module):
         weight, bias = self.head()
         inputs.setdefault("chunk_size", self.chunk_size)
         inputs.setdefault("backend", self.backend)
+        if inputs.get("max_completion_length") is None:
+            inputs["max_completion_length"] = self.max_completion_length
         return fused_linear_grpo_loss_with_config(hidden, weight, completion_ids, self.config, lm_head_bias=bias,
                                                   **inputs)
 

@@ -244,7 +244,8 @@ def grpo_loss_with_config(
     num_items_in_batch=None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`grpo_loss` with the options as one :class:`GRPOConfig`."""
+    """:func:`grpo_loss` with the options as one :class:`GRPOConfig` (or a ``trl.GRPOConfig``)."""
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     group = _check_group(group)
     _validate.check_logits(logits_shard, "logits_shard")
     _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
@@ -265,7 +266,7 @@ def grpo_loss_with_config(
                           _backend(backend, logits_shard), "completion_ids")
     logp = torch.where(mask, logp, 0.0)
     loss, metrics = reference.loss_from_logps(
-        logp, config, x.advantages, mask, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
+        logp, config, x.advantages, x.weights, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
         x.num_items_in_batch,
     )
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
@@ -286,6 +287,7 @@ def grpo_loss(
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    epsilon: float | None = None,
     delta: float | None = None,
     temperature: float = 1.0,
     loss_type: str = "dapo",

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validate, reference
+from ._docs import fill
 from ._memory import empty_grad
 from ._ops import layout_3d
 from .api import GRPOLossOutput
@@ -244,7 +245,24 @@ def grpo_loss_with_config(
     num_items_in_batch=None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`grpo_loss` with the options as one :class:`GRPOConfig` (or a ``trl.GRPOConfig``)."""
+    """:func:`grpo_loss` with the options as one config object.
+
+    Parameters
+    ----------
+    logits_shard, completion_ids
+        As in :func:`grpo_loss`.
+    config : GRPOConfig or trl.GRPOConfig
+        The loss options; a ``trl.GRPOConfig`` is read with ``GRPOConfig.from_trl``, and its
+        ``max_completion_length`` is used when the call passes none.
+    group, vocab_start, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
+    max_completion_length, num_items_in_batch, backend
+        As in :func:`grpo_loss`.
+
+    Returns
+    -------
+    GRPOLossOutput
+        As in :func:`grpo_loss`.
+    """
     config, max_completion_length = _validate.loss_config(config, max_completion_length)
     group = _check_group(group)
     _validate.check_logits(logits_shard, "logits_shard")
@@ -272,6 +290,7 @@ def grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@fill
 def grpo_loss(
     logits_shard: Tensor,
     completion_ids: Tensor,
@@ -299,9 +318,31 @@ def grpo_loss(
     num_items_in_batch=None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary: ``logits_shard [B, T, V_r]`` holds
-    this rank's columns (see :func:`token_logprobs`), ``completion_ids`` are global ids. The loss, logps and
-    metrics are identical on every rank; ``loss.backward()`` on each rank gives the gradient of its shard."""
+    """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary across a process group.
+
+    The loss, logps and metrics are identical on every rank; ``loss.backward()`` on each rank gives the
+    gradient of its shard. Every rank must call it with the same ids and loss inputs (a collective).
+
+    Parameters
+    ----------
+    logits_shard : Tensor [B, T, V_r]
+        This rank's vocabulary columns ``[vocab_start, vocab_start + V_r)`` of the logits that predict
+        ``completion_ids`` (stride 1 along V_r).
+    completion_ids : Tensor [B, T], integer
+        Global vocabulary ids, the same on every rank.
+    group : ProcessGroup or None, default None
+        The group the vocabulary is sharded over; None is the default (world) group.
+    vocab_start : int or None, default None
+        The first global id of this rank's columns; None means ``rank * V_r`` (equal shards in rank order).
+    {{loss_inputs}}
+    {{loss_options}}
+    {{reduction}}
+    {{backend}}
+
+    Returns
+    -------
+    {{returns}}
+    """
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,

@@ -26,7 +26,7 @@ PATTERNS = {
     "points outside the checkout": re.compile(r"\.\./" + "sha" + "red" + r"\b"),
     # "work item 7", "Items 10/5", capitalised or not, with the word spelled out
     "names a work-item number": re.compile(r"\b" + "[Ii]" + _WORK[1:] + r"s?\s*#?\d", re.ASCII),
-    # a bare "#12" (an "owner/repo#12" reference to a public tracker is fine: preceded by a word character)
+    # a hash and a number alone (an owner/repo reference to a public tracker is fine: a word character precedes)
     "names a work-item number with #": re.compile(r"(?<![\w/.&#-])#\d+\b"),
     "names a numbered section of a document the repository lacks": re.compile(r"\b[Ss]" + r"ection \d+[a-z]?\b"),
 }
@@ -72,19 +72,19 @@ def test_no_tracked_file_points_outside_the_repository():
 
 
 @pytest.mark.parametrize("line, flagged", [
-    (_DOC + ".md section 3", True),
+    (_DOC + ".md sec" + "tion 3", True),
     ("see " + _DOC + " for the math", True),
     ("the contract is " + "../" + "shared/docs/x.md", True),
     ("(" + _WORK + " 7)", True),
     (_WORK.capitalize() + " 10/5: the wheel", True),
     (_WORK.capitalize() + "s 7 and 10", True),
-    ("fixed in #12", True),
-    ("as " + "section 1b" + " states", True),
+    ("fixed in #" + "12", True),
+    ("as sec" + "tion 1b states", True),
     ("importlib.util.find_spec(name)", False),
     ("spec = importlib.util.spec_from_file_location(...)", False),
     ("SPECIAL = ('<pad>',)", False),
     ("_NO_" + _DOC + " = ['T']", False),
-    ("huggingface/trl#4321 is the upstream report", False),
+    ("huggingface/trl#" + "4321 is the upstream report", False),
     ("https://github.com/huggingface/trl/blob/v1.16.0/trl/trainer/grpo_trainer.py#L3083", False),
     ("[bad input](../README.md#bad-input)", False),
     ("the SMs must also " + _WORK + " the kernels' instructions", False),

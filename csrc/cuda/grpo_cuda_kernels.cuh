@@ -7,9 +7,11 @@
 //             memory merge the states with gk::lse_merge -> row statistics (m, log s), entropy
 //             H = log s - t/s, logp = (x[id] - m) / tau - log s.
 //   backward  out_v = -p_v (a + b (d_v + H)) with p_v = e^{d_v}, d_v = (x_v - m) / tau - log s from the
-//             saved pair (m, log s), a = g_logp/tau, b = g_ent/tau, and out[id] += a (written by thread 0
-//             after a barrier with gk::grad_elem, see below). Why the pair, and x - m before the scaling:
-//             docs/contract.md#row-statistics.
+//             saved PAIR (m, log s) (never one rounded lse: z_v - fl(lse) loses |lse| eps / 2 of p_v at
+//             logits ~1e4 or tau 1e-3), a = g_logp/tau, b = g_ent/tau, and out[id] += a (written by thread 0
+//             after a barrier with gk::grad_elem, see below).
+//   x - m (not x / tau - m / tau) also keeps nvcc from contracting the shift into an FMA against a rounded
+//   m / tau (which gave the top logit of a V = 1 row a log-prob above 0 in the C++ AVX2 build).
 //   fused     forward, then g = coef * dloss/dlogp(logp) (gk::dloss_dlogp), then the backward with b = 0.
 // Memory access: a row is split into a scalar head (up to the first 16-byte boundary of the row), an
 // unmasked main loop of 16-byte vectors (float4 = 4 fp32, uint4 = 8 bf16/fp16), 4 independent vectors in

@@ -5,13 +5,16 @@
 // the device and <cmath> on the host. All arithmetic is fp32; inputs of any storage dtype are converted
 // with Elem<DT>::load.
 //
-// The math (docs/contract.md), one row of the logits (z = x / tau, V entries):
+// One row of the logits (z = x / tau, V entries):
 //   lse = log sum_v e^{z_v},  p_v = e^{z_v - lse},  logp = z[id] - lse,
 //   entropy H = lse - sum_v p_v z_v = log s - t / s   with   s = sum_v e^{d_v},  t = sum_v e^{d_v} d_v,
-//   d_v = (x_v - m) / tau for the running max m of the RAW logits.
+//   d_v = (x_v - m) / tau for the running max m of the RAW logits. Writing H through (s, t) relative to m
+//   avoids the cancellation of "lse - sum p z" when |z| ~ 1e4 (both terms ~1e4, their difference ~1).
 //   dL/dx_v = ( g_logp (onehot_v - p_v) - g_ent p_v (z_v - lse + H) ) / tau.
-// Row statistics: the PAIR (m, log s), never lse = m / tau + log s as one float, and d = (x - m) / tau with
-// the shift first; why both: docs/contract.md#row-statistics.
+// Row statistics: a row is summarised by the PAIR (m, log s), never by lse = m / tau + log s as one float:
+//   z_v - lse = (x_v - m) / tau - log s   keeps full precision where |lse| is large (logits ~1e4, tau 1e-3),
+//   while z_v - fl(lse) loses |lse| eps / 2 (5e-4 relative in p at |lse| = 1e4). x - m is exact for the top
+//   logits (Sterbenz), so the top token of a V = 1 row gets d = 0 exactly (no FMA against a rounded m / tau).
 #pragma once
 
 #include <stdint.h>
@@ -105,7 +108,7 @@ GK_HD void lse_merge(LseState& a, const LseState& b, float inv_tau) {
   a.m = m;
 }
 
-// lse as one float (tests only: the kernels keep the pair (m, log s))
+// lse as one float (tests only: the kernels keep the pair (m, log s), see the top of this file)
 GK_HD float lse_value(const LseState& st, float inv_tau) { return st.m * inv_tau + logf(st.s); }
 
 GK_HD float entropy_value(const LseState& st) { return logf(st.s) - st.t / st.s; }

@@ -2,7 +2,7 @@
 
 - Every link into TRL's source names a line of TRL 1.16 (the installed copy is that version) that holds the
   code the formula follows; ``TRL_LINES`` says, per link, a piece of that first line.
-- Every ``docs/contract.md#section`` pointer in a tracked file and every in-page link names a heading of
+- Every ``contract.md#<heading>`` pointer in a tracked file and every in-page link names a heading of
   the page.
 """
 

@@ -1,8 +1,7 @@
 """grpo_kernels: a fused GRPO loss core for PyTorch.
 
 One pass over the logits computes per-token log-probs, entropy, the clipped importance-ratio loss and
-the KL penalty, without materialising the full-vocabulary softmax.
-The contract (math, API, bad input): docs/contract.md.
+the KL penalty, without materialising the full-vocabulary softmax. See README.md and SPEC.md.
 """
 
 from . import vocab_parallel  # vocab_parallel.token_logprobs / .grpo_loss over torch.distributed

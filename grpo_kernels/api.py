@@ -1,4 +1,4 @@
-"""Public functions: validate, pick a backend, run it (docs/contract.md#api)."""
+"""Public functions: validate, pick a backend, run it."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def grpo_loss(
     """The GRPO loss over logits ``[B, T, V]`` (any strides but the last) in one pass, no N x V softmax.
 
     Give ``advantages`` ([B] or [B, T]) or ``rewards`` [B] with ``group_size``. Defaults are TRL 1.16's
-    GRPOConfig. Returns ``GRPOLossOutput(loss, logps, metrics)``; the math is in docs/contract.md.
+    GRPOConfig. Returns ``GRPOLossOutput(loss, logps, metrics)``; see SPEC.md for the math.
     """
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return grpo_loss_with_config(

@@ -231,7 +231,7 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
 
 def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
-    ``backends/base.py``), one chunk of logits at a time."""
+    docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
     N = B * T
     L = None if backend == "torch" else launchers(backend)

@@ -1,4 +1,4 @@
-"""The eager reference (``backend="torch"``): SPEC section 1 written to be read.
+"""The eager reference (``backend="torch"``): docs/contract.md written to be read.
 
 It is the oracle of every test (called on float64 inputs it computes in float64) and the "pure PyTorch"
 baseline of the benchmarks: like TRL it materialises the full-vocabulary log-softmax in fp32.
@@ -9,6 +9,10 @@ the metrics are always computed here. The kernels' only copy of the loss math is
 specified by :func:`token_loss_grad`.
 
 Shapes: B sequences (P prompts x G completions, contiguous groups), T completion tokens, V vocabulary.
+
+``mask`` [B, T] of the loss functions below is the completion mask: bool, or real token weights (TRL's
+formulas multiply by it: ``(l * m).sum(-1) / m.sum(-1)``, ``(l * m).sum() / m.sum()``). A position of
+weight 0 (False) is dropped: its id, logits, old / ref log-probs and advantage may be anything.
 """
 
 from __future__ import annotations
@@ -89,14 +93,21 @@ class TokenTerms(NamedTuple):
     entropy_mask: Optional[torch.Tensor] = None  # [B, T] bool: the top-entropy tokens, or None when off
 
 
+def kept(mask: torch.Tensor) -> torch.Tensor:
+    """The positions that count (bool): the mask itself, or where its weight is not 0."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum of x where mask, with garbage (NaN/inf) at masked positions ignored, not multiplied by 0."""
-    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    """sum of x * mask, with garbage (NaN/inf) at weight-0 positions ignored, not multiplied by 0."""
+    if mask.dtype != torch.bool:
+        x = x * mask.to(x.dtype)
+    x = torch.where(kept(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x.sum() if dim is None else x.sum(dim)
 
 
 def log_importance_weights(logp, old, mask, level):
-    """w = logp - old (token) or the masked mean of it over the sequence (GSPO), shape [B, 1]."""
+    """w = logp - old (token) or the (weighted) masked mean of it over the sequence (GSPO), shape [B, 1]."""
     log_ratio = logp - old
     if level == "token":
         return log_ratio
@@ -160,6 +171,7 @@ def entropy_quantile(entropy, mask, q: float, process_group=None):
     TRL computes it; with a ``process_group`` over the kept entropies of every rank of the group. NaN when no
     rank has a kept token (then no entropy is >= it). Sorts on the device: no host sync without a group, and
     no limit on the number of tokens (torch.quantile takes at most 2**24)."""
+    mask = kept(mask)
     vals = torch.where(mask, entropy.detach().float(), math.inf).reshape(-1)
     counts = torch.stack([mask.sum(), (mask & torch.isnan(entropy)).sum()]).to(torch.float64)
     if process_group is not None:
@@ -196,21 +208,22 @@ def token_terms(
     entropy: Optional[torch.Tensor] = None,
     process_group=None,
 ) -> TokenTerms:
-    """The per-token loss of TRL's GRPOTrainer._compute_loss, differentiable in logp, in TRL's order:
+    """The per-token loss of TRL's GRPOTrainer._compute_loss, differentiable in logp, in TRL's order
+    (``mask``: bool or token weights):
     loss by type -> * off-policy mask -> * top-entropy mask -> * sampler ratio (not vespo) -> + beta * kl."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     old = logp.detach() if old_logps is None else old_logps
     # Garbage (NaN) at masked positions of old / ref / [B, T] advantages must not reach the gradient: a
     # per-sequence c1 [B, 1] sums cotangent * value over the row, and 0 * NaN = NaN there.
-    fill = logp.detach()
-    old = torch.where(mask, old, fill)
+    fill, keep = logp.detach(), kept(mask)
+    old = torch.where(keep, old, fill)
     if ref_logps is not None:
-        ref_logps = torch.where(mask, ref_logps, fill)
+        ref_logps = torch.where(keep, ref_logps, fill)
     if adv.shape == mask.shape:
-        adv = torch.where(mask, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+        adv = torch.where(keep, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
     rho = importance_sampling_ratio
-    if rho is not None and rho.shape == mask.shape:  # ratio 1 at masked positions, where it may be garbage
-        rho = torch.where(mask, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
+    if rho is not None and rho.shape == mask.shape:  # ratio 1 at dropped positions, where it may be garbage
+        rho = torch.where(keep, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
     log_ratio = logp - old
     coef_1 = torch.exp(log_importance_weights(logp, old, mask, cfg.importance_sampling_level))
 
@@ -243,8 +256,8 @@ def token_terms(
     if cfg.top_entropy_quantile < 1.0:
         if entropy is None:
             raise ValueError("top_entropy_quantile < 1 needs the entropies of the tokens")
-        thr = entropy_quantile(entropy, mask, 1 - cfg.top_entropy_quantile, process_group)
-        entropy_mask = (entropy.detach() * mask >= thr) & mask
+        thr = entropy_quantile(entropy, keep, 1 - cfg.top_entropy_quantile, process_group)
+        entropy_mask = (entropy.detach() * mask >= thr) & keep  # TRL compares the weighted entropy
         loss_tok = loss_tok * entropy_mask
     if rho is not None and cfg.loss_type != "vespo":  # vespo has it inside its sequence weight
         loss_tok = loss_tok * rho
@@ -258,7 +271,8 @@ def reduction_weights(
 ) -> torch.Tensor:
     """coef[B, T] such that loss = sum coef * loss_tok (0 at masked positions); O(N), no N x V.
 
-    The fused single pass needs it before the kernel runs, so it depends on the mask alone.
+    The fused single pass needs it before the kernel runs, so it depends on the mask alone (bool, or token
+    weights: coef = weight / normaliser, the normaliser being the weights' sum where TRL's is).
     """
     B, T = mask.shape
     m = mask.to(dtype)
@@ -277,7 +291,7 @@ def reduction_weights(
 
 
 def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items_in_batch=None):
-    """The reductions of SPEC section 1, written as TRL writes them."""
+    """The reductions (docs/contract.md#reductions), written as TRL writes them."""
     B, T = mask.shape
     if loss_type in ("grpo", "sapo"):
         return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()
@@ -312,8 +326,8 @@ def _seq_extreme(flag: torch.Tensor, mask: torch.Tensor, per_sequence: bool, lar
         valid = torch.ones_like(per_seq, dtype=torch.bool)
     else:
         counts = mask.sum(-1)
-        per_seq = _masked_sum(flag, mask, -1) / counts.clamp(min=1)
         valid = counts > 0
+        per_seq = _masked_sum(flag, mask, -1) / torch.where(valid, counts, 1)  # TRL divides by the weight sum
     if per_seq.numel() == 0:
         return flag.new_full((), math.nan)
     fill = -math.inf if largest else math.inf
@@ -362,7 +376,7 @@ def loss_from_logps(
     process_group=None,
 ):
     """-> (loss 0-d, metrics dict). Differentiable in ``logp`` (and in ``entropy`` for the entropy bonus);
-    ``mask`` is bool [B, T]."""
+    ``mask`` is bool or token weights [B, T]."""
     terms = token_terms(logp, cfg, advantages, old_logps, ref_logps, mask,
                         importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
                         entropy=entropy, process_group=process_group)
@@ -372,7 +386,7 @@ def loss_from_logps(
         if entropy is None:
             raise ValueError("entropy_coef != 0 needs the entropies of the tokens")
         # the bonus acts on the tokens the policy loss acts on; its mean ignores the loss type's normaliser
-        m_e = mask if terms.entropy_mask is None else mask & terms.entropy_mask
+        m_e = mask if terms.entropy_mask is None else mask * terms.entropy_mask
         mets["policy_loss"] = loss.detach().float()
         loss = loss - cfg.entropy_coef * (_masked_sum(entropy, m_e) / m_e.sum().clamp(min=1))
     return loss, mets
@@ -397,12 +411,13 @@ def grpo_loss(
 
     -> (loss, logps [B, T] detached, metrics).
     """
+    keep = kept(mask)
     if cfg.entropy_coef != 0.0:  # the entropy bonus is differentiated: one graph for both
-        logp, entropy = token_logprobs(logits, completion_ids, cfg.temperature, True, mask=mask)
+        logp, entropy = token_logprobs(logits, completion_ids, cfg.temperature, True, mask=keep)
     else:
-        logp = token_logprobs(logits, completion_ids, cfg.temperature, mask=mask)
+        logp = token_logprobs(logits, completion_ids, cfg.temperature, mask=keep)
         with torch.no_grad():  # the entropy is a metric (and a mask) here: no N x V autograd graph for it
-            _, entropy = token_logprobs(logits.detach(), completion_ids, cfg.temperature, True, mask=mask)
+            _, entropy = token_logprobs(logits.detach(), completion_ids, cfg.temperature, True, mask=keep)
     loss, mets = loss_from_logps(
         logp, cfg, advantages, mask, old_logps, ref_logps, entropy, max_completion_length, num_items_in_batch,
         importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,

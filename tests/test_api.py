@@ -384,9 +384,12 @@ def test_metric_names(loss_type, beta, level):
                epsilon_high=5.0 if loss_type == "cispo" else None)
     want = {"entropy"} | ({"kl"} if beta else set())
     if loss_type in CLIP_LOSS_TYPES:
-        want |= {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
+        want |= {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                 "clip_ratio/high_max"}
     elif loss_type == "cispo":
         want |= {"cispo_clip_ratio"}
+    elif loss_type == "vespo":
+        want |= {"vespo/phi_seq_mean"}
     assert set(out.metrics) == want
     for k, v in out.metrics.items():
         assert v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad and math.isfinite(v.item()), k

@@ -209,7 +209,7 @@ CASES = {
     "group_advantages-eps": lambda mp: advantages(eps=-1e-4),
     # ---- GRPOLoss ----
     "GRPOLoss-config-and-options": lambda mp: gk.GRPOLoss(GRPOConfig(), beta=0.1),
-    "GRPOLoss-unknown-option": lambda mp: gk.GRPOLoss(epsilon=0.2),
+    "GRPOLoss-unknown-option": lambda mp: gk.GRPOLoss(eps=0.2),  # TRL's `epsilon` is an accepted alias
     "GRPOLoss-backend": lambda mp: gk.GRPOLoss(backend="gpu"),
     # ---- fused_linear_grpo_loss / FusedLinearGRPOLoss (the loss inputs as grpo_loss's rows) ----
     "hidden-not-3d": lambda mp: linear(hidden=HIDDEN[0]),

@@ -121,10 +121,16 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
       [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
          uintptr_t old, uintptr_t ref, uintptr_t adv, uintptr_t coef, int loss_code, double eps_low, double eps_high,
          bool has_delta, double delta, double beta, bool bias_corr, double sapo_pos, double sapo_neg, uintptr_t logp,
-         uintptr_t ent, uintptr_t out, int64_t osb, int64_t ost, uintptr_t stream, int block) {
+         uintptr_t ent, uintptr_t out, int64_t osb, int64_t ost, uintptr_t stream, int block, int cluster) {
         const gkcuda::Rows rv = rows(x, dtype, B, T, V, sb, st);
         const float it = inv(tau);
         check_block(block);
+        if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8)
+          throw std::invalid_argument("cluster must be 0 (choose), 1 (3-pass kernel), 2, 4 or 8, got " +
+                                      std::to_string(cluster));
+        if (cluster >= 2 && gkcuda::cluster_smem_bytes(V, dtype, cluster) > gkcuda::kClusterSmemMax)
+          throw std::invalid_argument("cluster=" + std::to_string(cluster) + ": a row of V=" + std::to_string(V) +
+                                      " does not fit the shared memory of that cluster");
         if (loss_code < 0 || loss_code > 2)
           throw std::invalid_argument("loss_code must be 0 (clip), 1 (cispo) or 2 (sapo), got " +
                                       std::to_string(loss_code));
@@ -142,7 +148,7 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
         {
           py::gil_scoped_release nogil;
           e = gkcuda::fused_fwd_bwd(rv, ptr<const int64_t>(ids), it, a, ptr<float>(logp), ptr<float>(ent),
-                                    gkcuda::Out{ptr<void>(out), osb, ost}, block, stream_of(stream));
+                                    gkcuda::Out{ptr<void>(out), osb, ost}, block, stream_of(stream), cluster);
         }
         check(e, "fused_fwd_bwd");
       },
@@ -151,5 +157,24 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
       py::arg("loss_code"), py::arg("eps_low"), py::arg("eps_high"), py::arg("has_delta"), py::arg("delta"),
       py::arg("beta"), py::arg("bias_corr"), py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("logp"),
       py::arg("ent"), py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("stream"), py::arg("block") = 0,
-      "logp, entropy and the loss gradient w.r.t. the logits in one launch");
+      py::arg("cluster") = 0,
+      "logp, entropy and the loss gradient w.r.t. the logits in one launch (cluster: 0 = choose, 1 = the "
+      "3-pass kernel, 2 / 4 / 8 = the 2-pass cluster kernel with that many blocks per row)");
+
+  m.def(
+      "fused_cluster_size",
+      [](int64_t V, int dtype, int cc_major, uintptr_t x) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
+        return gkcuda::fused_cluster_size(gkcuda::Rows{ptr<const void>(x), dtype, 1, 1, V, V, V}, cc_major);
+      },
+      py::arg("V"), py::arg("dtype"), py::arg("cc_major"), py::arg("x") = 16,
+      "blocks per row of the 2-pass cluster kernel that fused_fwd_bwd picks for rows of V elements of dtype on a "
+      "GPU of compute capability cc_major (x: the logits pointer), 0 = the 3-pass kernel");
+  m.def("cluster_smem_bytes", &gkcuda::cluster_smem_bytes, py::arg("V"), py::arg("dtype"), py::arg("C"),
+        "dynamic shared memory per block of the cluster kernel");
+  m.attr("CLUSTER_SMEM_PREFERRED") = gkcuda::kClusterSmemPreferred;
+  m.attr("CLUSTER_SMEM_MAX") = gkcuda::kClusterSmemMax;
+#ifdef GK_CUDA_EMU_EXTRA
+  GK_CUDA_EMU_EXTRA(m);
+#endif
 }

@@ -376,6 +376,14 @@ def test_kernel_choice(emu):
                 assert c == 2 or emu.cluster_smem_bytes(V, dt, c // 2) > pref  # the smallest that fits
             else:
                 assert emu.cluster_smem_bytes(V, dt, 8) > mx
+    # the Python mirror of the static roofline note
+    from bench import roofline as rl
+
+    assert (rl.CLUSTER_SMEM_PREFERRED, rl.CLUSTER_SMEM_MAX) == (pref, mx)
+    for V in (1, 7, 1000, 24575, 24576, 24577, 32000, 49152, 128256, 151936, 196608, 393216, 409600, 600000):
+        for dt, es in ((bf16, 2), (f32, 4)):
+            assert emu.fused_cluster_size(V, dt, 9) == rl.cluster_size(V, es), (V, es)
+            assert emu.cluster_smem_bytes(V, dt, 4) == rl.cluster_smem_bytes(V, es, 4)
 
 
 def test_dispatch_sm80_keeps_the_3pass_kernel_and_real_configuration(emu):

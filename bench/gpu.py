@@ -113,7 +113,7 @@ def time_fused_kernels(n: int, vocabs, repeats: int = 10, warmup: int = 3, modul
     import torch
 
     from bench import roofline
-    from grpo_kernels.backends.base import TokenLossParams
+    from grpo_kernels.backends.base import LossParams
     from grpo_kernels.backends.cuda_backend import _DTYPE_CODE, CudaLaunchers
     from grpo_kernels.config import GRPOConfig
 
@@ -121,7 +121,7 @@ def time_fused_kernels(n: int, vocabs, repeats: int = 10, warmup: int = 3, modul
         module = importlib.import_module("grpo_kernels._cuda")
     dtype = dtype or torch.bfloat16
     cc = torch.cuda.get_device_capability()[0] if device == "cuda" else module.device_cc()[0]
-    params = TokenLossParams.from_config(GRPOConfig(loss_type="dapo", beta=0.04))
+    params = LossParams.from_config(GRPOConfig(loss_type="dapo", beta=0.04))
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for V in vocabs:

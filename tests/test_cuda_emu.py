@@ -46,6 +46,7 @@ from kernel_checks import (
     LOSS_DELTA,
     assert_rule,
     check_all_banned_but_one,
+    check_boundary_binding,
     check_fused_launcher,
     check_inplace,
     check_large_magnitude_entropy,
@@ -60,7 +61,7 @@ from kernel_checks import (
 
 import grpo_kernels.backends as backends
 from grpo_kernels import reference
-from grpo_kernels.backends.base import BackendInfo, TokenLossParams
+from grpo_kernels.backends.base import BackendInfo, LossParams, native
 from grpo_kernels.backends.cuda_backend import _DTYPE_CODE, CudaLaunchers
 from grpo_kernels.config import GRPOConfig
 
@@ -260,7 +261,7 @@ def test_on_policy_and_entropy_temperature(fused64):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_launcher_matches_token_loss_grad(emu, variant):
-    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant]), TokenLossParams.from_config)
+    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant]), LossParams.from_config)
     expect_variant(emu, variant, 211, torch.float32)
 
 
@@ -294,7 +295,7 @@ def test_fused_every_row_alignment(emu, dtype, variant):
     x = base[1 : 1 + rows * (V + 1)].view(1, rows, V + 1)[:, :, :V]
     ids = torch.randint(0, V, (rows,))
     adv, coef = torch.randn(rows), torch.rand(rows) + 0.1
-    params = TokenLossParams.from_config(GRPOConfig(loss_type="dapo"))
+    params = LossParams.from_config(GRPOConfig(loss_type="dapo"))
     L = CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant])
     out = torch.empty(x.shape, dtype=dtype)
     logp, ent = L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
@@ -331,7 +332,7 @@ def test_fused_masked_rows_bad_ids_and_guard(emu, dtype, variant):
     out = guard[4096 : 4096 + B * T * V].view(B, T, V)
     out.fill_(5.0)
     L = CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant])
-    params = TokenLossParams.from_config(GRPOConfig(loss_type="dapo"))
+    params = LossParams.from_config(GRPOConfig(loss_type="dapo"))
     logp, ent = L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
     expect_variant(emu, variant, V, dtype)
     assert torch.isnan(logp[[1, 4, 5]]).all() and torch.isfinite(logp[[0, 2, 3]]).all()
@@ -395,7 +396,7 @@ def test_dispatch_sm80_keeps_the_3pass_kernel_and_real_configuration(emu):
     x = (torch.randn(1, 2, V) * 2).to(torch.bfloat16)
     ids = torch.randint(0, V, (2,))
     adv, coef = torch.randn(2), torch.rand(2) + 0.1
-    params = TokenLossParams.from_config(GRPOConfig(loss_type="dapo"))
+    params = LossParams.from_config(GRPOConfig(loss_type="dapo"))
     L = CudaLaunchers(emu, "cpu")
     try:
         emu.set_device_cc(8, 0)
@@ -423,14 +424,14 @@ def test_binding_rejects_bad_cluster(emu):
         CudaLaunchers(emu, "cpu", cluster=3)
     ids, v = torch.zeros(2, dtype=torch.int64), torch.zeros(2)
     out = torch.empty_like(x)
-    params = TokenLossParams.from_config(GRPOConfig())
+    params = LossParams.from_config(GRPOConfig())
     with pytest.raises(ValueError, match="does not fit"):
         CudaLaunchers(emu, "cpu", cluster=2).fused_fwd_bwd(torch.randn(1, 1, 1_000_000), ids[:1], 1.0, None, None,
                                                            v[:1], v[:1], params, torch.empty(1, 1, 1_000_000))
+    L = CudaLaunchers(emu, "cpu")
+    L.cluster = 3  # past the launcher's own check: the binding checks it too
     with pytest.raises(ValueError, match="cluster must be"):
-        emu.fused_fwd_bwd(x.data_ptr(), 0, 1, 2, 11, 22, 11, ids.data_ptr(), 1.0, 0, 0, v.data_ptr(), v.data_ptr(),
-                          0, 0.2, 0.2, False, 0.0, 0.0, False, 1.0, 1.0, v.data_ptr(), v.data_ptr(), out.data_ptr(),
-                          22, 11, 0, 0, 3)
+        L.fused_fwd_bwd(x, ids, 1.0, None, None, v, v, params, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,13 +450,22 @@ def test_binding_rejects_bad_arguments(emu):
     x = torch.randn(2, 3, 11)
     ids = torch.zeros(6, dtype=torch.int64)
     o = torch.empty(6)
-    args = (x.data_ptr(), 0, 2, 3, 11, 33, 11, ids.data_ptr())
+    def rows(**change):
+        fields = dict(logits=x.data_ptr(), dtype=0, B=2, T=3, V=11, stride_b=33, stride_t=11, ids=ids.data_ptr(),
+                      tau=1.0)
+        return native(emu.Rows, **{**fields, **change})
+
+    out = native(emu.Outputs, logp=o.data_ptr(), stats=o.data_ptr())
     with pytest.raises(ValueError, match="block"):
-        emu.logprobs_fwd(*args, 1.0, o.data_ptr(), o.data_ptr(), 0, 0, 48)
+        emu.logprobs_fwd(rows(), out, 0, 48)
     with pytest.raises(ValueError, match="dtype"):
-        emu.logprobs_fwd(x.data_ptr(), 5, *args[2:], 1.0, o.data_ptr(), o.data_ptr(), 0, 0)
+        emu.logprobs_fwd(rows(dtype=5), out, 0)
     with pytest.raises(ValueError, match="tau"):
-        emu.logprobs_fwd(*args, 0.0, o.data_ptr(), o.data_ptr(), 0, 0)
+        emu.logprobs_fwd(rows(tau=0.0), out, 0)
+    with pytest.raises(ValueError, match="non-null"):
+        emu.logprobs_fwd(rows(ids=0), out, 0)
+    with pytest.raises(AttributeError):
+        native(emu.Rows, stride_v=1)  # a field the struct does not have
     with pytest.raises(ValueError, match="ids"):
         CudaLaunchers(emu, "cpu").logprobs_fwd(x, ids[:5], 1.0, False)
     with pytest.raises(ValueError, match="logits"):
@@ -531,3 +541,7 @@ def test_fractional_mask_weights(emu, level, variant, dtype):
     for loss_type in ("grpo", "dapo", "sapo"):
         cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04)
         check_loss_outputs(x, ids, cfg, emu_backend(emu, 64, VARIANTS[variant]), inputs)
+
+
+def test_boundary_binding(emu):
+    check_boundary_binding(emu)

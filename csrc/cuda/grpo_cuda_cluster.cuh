@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(kMaxBlock) fused_cluster_kernel(KArgs a) {
   Raw* const sbuf = reinterpret_cast<Raw*>(gk_cluster_buf);
   const int C = static_cast<int>(cluster.num_blocks()), r = static_cast<int>(cluster.block_rank());
   const int64_t n = blockIdx.x / C, tid = threadIdx.x, bs = blockDim.x;
-  const ET* xrow = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
-  ET* orow = static_cast<ET*>(a.out) + row_offset(n, a.T, a.osb, a.ost);
-  const int64_t V = a.V, id = a.ids[n];
+  const ET* xrow = static_cast<const ET*>(a.x.logits) + row_offset(n, a.x.T, a.x.stride_b, a.x.stride_t);
+  ET* orow = static_cast<ET*>(a.out.grad) + row_offset(n, a.x.T, a.out.grad_stride_b, a.out.grad_stride_t);
+  const int64_t V = a.x.V, id = a.x.ids[n];
   const bool valid = id >= 0 && id < V;
   const float it = a.inv_tau;
   const float x_id = valid ? gk::Elem<DT>::load(xrow[id]) : gk::quiet_nan();
@@ -193,22 +193,24 @@ __global__ void __launch_bounds__(kMaxBlock) fused_cluster_kernel(KArgs a) {
   const float ls = logf(row.s), H = gk::entropy_value(row);
   const float logp = gk::shifted_logit(x_id, row.m, ls, it);  // NaN for an invalid id
   if (r == 0 && tid == 0) {
-    a.logp[n] = logp;
-    a.ent[n] = H;
+    a.out.logp[n] = logp;
+    a.out.entropy[n] = H;
   }
 
   // ---- gradient: shared memory -> HBM ---------------------------------------------------------------
   const uintptr_t rel = reinterpret_cast<uintptr_t>(orow) - reinterpret_cast<uintptr_t>(xrow);
   const bool vec_out = (rel & 15u) == 0;
-  const float coef = a.coef[n];
+  const float coef = a.in.coef[n];
   if (coef == 0.f) {  // masked row: exact zeros whatever its logits (uniform branch)
     ZeroOp<DT> z{orow, sp.head, vec_out};
     if (has_h) z.scalar(tid, 0.f);
     if (has_t) z.scalar(sp.tail + tid, 0.f);
     visit_chunk<DT>(sbuf, k0, k1, z);
   } else {
-    const float g = coef * gk::dloss_dlogp(logp, a.old != nullptr, a.old ? a.old[n] : 0.f, a.ref != nullptr,
-                                           a.ref ? a.ref[n] : 0.f, a.adv[n], a.lp);
+    const float* old = a.in.old_logps;
+    const float* ref = a.in.ref_logps;
+    const float g = coef * gk::dloss_dlogp(logp, old != nullptr, old ? old[n] : 0.f, ref != nullptr,
+                                           ref ? ref[n] : 0.f, a.in.advantages[n], a.lp);
     GradOp<DT, false> gop{it, row.m, ls, H, g * it, 0.f, orow, sp.head, vec_out};
     if (has_h) gop.scalar(tid, xh);
     if (has_t) gop.scalar(sp.tail + tid, xt);

@@ -1,4 +1,4 @@
-"""Input validation of the public functions, in one place, used by every backend before any kernel launches.
+"""Input validation (docs/contract.md#bad-input), in one place, used by every backend before any kernel launches.
 
 Errors are ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, value, device or
 layout) and always name the argument and what was expected.

@@ -1,4 +1,4 @@
-"""The eager reference (``backend="torch"``): SPEC section 1 written to be read.
+"""The eager reference (``backend="torch"``): docs/contract.md written to be read.
 
 It is the oracle of every test (called on float64 inputs it computes in float64) and the "pure PyTorch"
 baseline of the benchmarks: like TRL it materialises the full-vocabulary log-softmax in fp32.
@@ -176,7 +176,7 @@ def reduction_weights(
 
 
 def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items_in_batch=None):
-    """The reductions of SPEC section 1, written as TRL writes them."""
+    """The reductions (docs/contract.md#reductions), written as TRL writes them."""
     B, T = mask.shape
     if loss_type in ("grpo", "sapo"):
         return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()

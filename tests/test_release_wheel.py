@@ -55,7 +55,8 @@ def _nvcc() -> str | None:  # the rule of setup.py
 
 
 def _missing_tools() -> list[str]:
-    missing = [m for m in ("ziglang", "auditwheel", "pybind11", "wheel") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("ziglang", "auditwheel", "pybind11", "setuptools.command.bdist_wheel")
+               if importlib.util.find_spec(m) is None]
     return missing + [t for t in ("git", "objdump", "readelf", "unzip") if shutil.which(t) is None]
 
 
@@ -151,7 +152,7 @@ def test_cuda_architectures(unpacked):
 
 
 _SMOKE = r"""
-import os, sys
+import math, os, sys
 site = os.environ["GK_SITE"]
 import torch  # first, as grpo_kernels itself does: its libgomp.so.1 is the one the CPU module binds to
 import grpo_kernels as gk
@@ -170,7 +171,7 @@ ref = torch.randn(B, T) * 0.1 - 5.0
 kw = dict(completion_mask=mask, rewards=rewards, group_size=G, old_logps=old, ref_logps=ref, beta=0.04)
 
 def run(backend, dtype):
-    x = logits.to(dtype).requires_grad_(True)
+    x = logits.detach().to(dtype, copy=True).requires_grad_(True)
     out = gk.grpo_loss(x, ids, backend=backend, **kw)
     out.loss.backward()
     return out.loss.detach().double(), x.grad.double()
@@ -181,8 +182,10 @@ expected = {"cpu", "torch"} | ({"triton"} if os.environ.get("GK_TRITON") == "1" 
 assert set(backends) == expected, (backends, expected)
 for b in backends:
     got, grad = run(b, torch.float32)
-    # float32 arithmetic over V terms: a few ulp of the log-sum-exp, relative to the loss / gradient scale
-    tol = 64 * torch.finfo(torch.float32).eps
+    # float32: the log-sum-exp over V terms is off by at most about log2(V) * eps * (1 + |lse|), |lse| ~ log V,
+    # and the loss and its gradient are ratio-weighted means of per-token terms carrying that error
+    # (x4 for the rounding of exp / log themselves)
+    tol = 4 * math.log2(V) * (1 + math.log(V)) * torch.finfo(torch.float32).eps
     assert abs(got - want) <= tol * max(1.0, abs(want)), (b, got, want)
     assert (grad - want_grad).abs().max() <= tol * max(1.0, want_grad.abs().max()), b
     print("BACKEND OK", b)

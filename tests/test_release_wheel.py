@@ -15,7 +15,7 @@ its libc++ into ~/.cache/zig) of the release configuration: all CUDA architectur
   triton, the version of this environment, where this environment has it), used from a directory outside
   the source tree: every CPU backend (cpu, torch, and triton under TRITON_INTERPRET=1) computes the loss and
   its gradient within float32 tolerance of the float64 reference, ``grpo_kernels._cuda`` imports without a
-  GPU, exactly one OpenMP runtime is mapped (torch's libgomp) and ``python -m grpo_kernels`` reports it all.
+  GPU and ``backend="cuda"`` then raises BackendUnavailableError ("no CUDA device"), exactly one OpenMP runtime is mapped (torch's libgomp) and ``python -m grpo_kernels`` reports it all.
 
 The fresh venv costs about 2-3 min (torch is unpacked from pip's cache). Total about 5-6 min warm.
 """
@@ -112,6 +112,7 @@ def test_auditwheel_external_libraries(release_wheel):
     assert set(report["external_libs"]) == {"libgomp.so.1"}, report["external_libs"]
     names = zipfile.ZipFile(release_wheel).namelist()
     assert not [n for n in names if ".libs/" in n or "libgomp" in n], names  # nothing vendored
+    assert not [n for n in names if n.startswith(("tests/", "bench/", "csrc/", "python/", "scripts/"))], names
     assert {n for n in names if n.endswith(".so")} == {
         f"grpo_kernels/{m}.cpython-{sys.version_info.major}{sys.version_info.minor}-{os.uname().machine}-linux-gnu.so"
         for m in ("_C", "_cuda")}, names
@@ -190,6 +191,15 @@ for b in backends:
     assert (grad - want_grad).abs().max() <= tol * max(1.0, want_grad.abs().max()), b
     print("BACKEND OK", b)
 
+if not torch.cuda.is_available():  # the CUDA module is there, the device is not: a clear error, no crash
+    try:
+        gk.token_logprobs(logits, ids, backend="cuda")
+    except gk.BackendUnavailableError as e:
+        assert "no CUDA device" in str(e), e
+        print("CUDA RAISED", e)
+    else:
+        sys.exit("backend='cuda' did not raise on a machine without a CUDA device")
+
 maps = {l.split()[-1] for l in open("/proc/self/maps") if len(l.split()) >= 6}
 omp = sorted(p for p in maps if os.path.basename(p).startswith(("libgomp", "libomp", "libiomp")))
 print("OPENMP", omp)
@@ -224,6 +234,7 @@ def test_installs_beside_torch_and_runs_outside_the_tree(release_wheel, tmp_path
     p = subprocess.run([py, "-c", _SMOKE], cwd=work, env=run_env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"smoke test failed:\n{p.stdout}\n{p.stderr[-4000:]}"
     assert p.stdout.count("BACKEND OK") == (3 if triton else 2), p.stdout
+    assert "CUDA RAISED" in p.stdout, p.stdout  # torch==2.13.0 from the local disk is the CPU build
 
     p = subprocess.run([py, "-m", "grpo_kernels"], cwd=work, env=run_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -197,5 +197,6 @@ def show_config(file=None) -> None:
         out.append("  not recorded (grpo_kernels/_build_info.py is missing)")
     else:
         for key, value in c["build"].items():
-            out.append(f"  {key + ':':22}{' '.join(value) if isinstance(value, list) else value}")
+            shown = " ".join(value) if isinstance(value, list) else "not used" if value is None else value
+            out.append(f"  {key + ':':22}{shown}")
     print("\n".join(out), file=file if file is not None else sys.stdout)

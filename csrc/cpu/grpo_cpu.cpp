@@ -15,7 +15,7 @@
 // ISA: every row kernel is compiled from one template body for the compiler's baseline ISA and, on x86-64,
 // twice more through function attributes: AVX2+FMA+F16C (256-bit vectors) and AVX-512 F/BW/DQ/VL with
 // 512-bit vectors preferred. The widest set the CPU reports is chosen at load time (GRPO_KERNELS_CPU_ISA=
-// avx2 or =baseline asks for less), so one wheel runs on any x86-64 CPU. AVX-512 halves the instructions
+// avx2 or =baseline, any case, asks for less), so one wheel runs on any x86-64 CPU. AVX-512 halves the instructions
 // of the exp loops: fp32 fused loss 28-31 -> 18-21 ms at N=2048, V=32000 on a 2-core AMD EPYC (Zen 4, reused
 // output buffer, 2026-12-02); bf16 gains little (28 -> 24 ms) because GCC 12 keeps 256-bit vectors in the
 // loops that load 16-bit elements. The OpenMP row loops are baseline code that call the row kernel through a
@@ -26,6 +26,7 @@
 #include <new>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>  // strcasecmp
 
 #include "grpo_math.h"
 
@@ -267,7 +268,7 @@ const RowKernels* choose_default() {
   const RowKernels* best = &isa_base::table;
   for (const IsaBuild& b : kBuilds) {
     if (b.cpu_runs()) best = b.table;
-    if (env && strcmp(env, b.name) == 0) break;
+    if (env && strcasecmp(env, b.name) == 0) break;  // any case; unknown names are rejected in Python
   }
   return best;
 }

@@ -5,7 +5,7 @@
 // the device and <cmath> on the host. All arithmetic is fp32; inputs of any storage dtype are converted
 // with Elem<DT>::load.
 //
-// SPEC section 1, one row of the logits (z = x / tau, V entries):
+// One row of the logits (z = x / tau, V entries):
 //   lse = log sum_v e^{z_v},  p_v = e^{z_v - lse},  logp = z[id] - lse,
 //   entropy H = lse - sum_v p_v z_v = log s - t / s   with   s = sum_v e^{d_v},  t = sum_v e^{d_v} d_v,
 //   d_v = (x_v - m) / tau for the running max m of the RAW logits. Writing H through (s, t) relative to m

@@ -11,7 +11,8 @@
   ``GRPO_KERNELS_SKIP_CUDA=1`` skips it; without nvcc the CPU module alone is built, with a message.
   ``GRPO_KERNELS_CUDA_ARCHS="80;90"`` narrows the architecture list (faster local builds; PTX of the last one
   is added); ``GRPO_KERNELS_CUDA_ARCHS=native`` builds for the GPUs of the build machine only (their
-  compute capability from nvidia-smi; an error without a GPU). Without it, torch's ``TORCH_CUDA_ARCH_LIST`` ("8.0;9.0+PTX") is honoured if set.
+  compute capability from nvidia-smi; an error without a GPU). Without it, torch's ``TORCH_CUDA_ARCH_LIST``
+  ("8.0;9.0+PTX") is honoured if set.
 - ``GRPO_KERNELS_GLIBC=2.28`` (release builds, scripts/build_release.sh): the pybind11 binding files are
   compiled and both modules linked by ``zig c++`` (PyPI ``ziglang``) against glibc 2.28's symbol versions,
   with LLVM's libc++ / libc++abi / libunwind linked statically and hidden; the kernel files stay on g++

@@ -130,8 +130,10 @@ def config() -> dict[str, Any]:
         except ImportError as e:
             cuda["error"] = f"{type(e).__name__}: {e}"
     if torch.cuda.is_available():
-        cuda["devices"] = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                           for i in range(torch.cuda.device_count())]
+        cuda["devices"] = []
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            cuda["devices"].append(f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     try:
         build = importlib.import_module("grpo_kernels._build_info").BUILD_INFO
     except ImportError:
@@ -160,7 +162,8 @@ def show_config(file=None) -> None:
     g = c["grpo_kernels"]
     out.append(f"grpo_kernels {g['version']}  ({g['path']})")
     for key in ("python", "platform", "torch", "triton", "TRITON_INTERPRET", "GRPO_KERNELS_BACKEND"):
-        out.append(f"  {key + ':':22}{c[key] if c[key] is not None else 'not set' if key.isupper() else 'not installed'}")
+        value = c[key] if c[key] is not None else "not set" if key.isupper() else "not installed"
+        out.append(f"  {key + ':':22}{value}")
     out.append("backends (device type: name: available, or why not)")
     for dt, table in c["backends"].items():
         for name, reason in table.items():

@@ -90,7 +90,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "sink.cpp").write_text(SINK)
-        mods = {"pybind11": _build(d, "cost_pybind11", PYBIND), "limited API (abi3)": _build(d, "cost_limited", LIMITED)}
+        mods = {"pybind11": _build(d, "cost_pybind11", PYBIND),
+                "limited API (abi3)": _build(d, "cost_limited", LIMITED)}
         call = (140000000, 0, 8, 512, 32000, 512 * 32000, 32000, 140000001, 1.0, 140000002, 140000003, 0, 0)
         res = {}
         for _ in range(args.repeats):  # interleaved, best of the repeats: the machine may be shared

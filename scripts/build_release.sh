@@ -30,7 +30,11 @@ if ! "$PY" -c "import ziglang, auditwheel, pybind11, setuptools.command.bdist_wh
     exit 2
 fi
 NVCC=""
-if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC=$CUDA_HOME/bin/nvcc; else NVCC=$(command -v nvcc || true); fi
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+    NVCC=$CUDA_HOME/bin/nvcc
+else
+    NVCC=$(command -v nvcc || true)
+fi
 if [ -z "$NVCC" ]; then
     echo "build_release: nvcc not found (set CUDA_HOME): a release wheel must contain grpo_kernels._cuda" >&2
     exit 2
@@ -39,7 +43,9 @@ fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/src" "$WORK/raw"
-git -C "$ROOT" ls-files -co --exclude-standard -z | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src" 2>/dev/null || true)
+# (a tracked file deleted in the working tree is listed but absent: cp skips it)
+git -C "$ROOT" ls-files -co --exclude-standard -z \
+    | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src" 2>/dev/null || true)
 
 echo "build_release: building with GRPO_KERNELS_GLIBC=$GLIBC, nvcc $NVCC" >&2
 # the release's architecture list and flags are setup.py's defaults, whatever this shell has set

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from grpo_kernels import _C
-from grpo_kernels.backends.base import TokenLossParams
+from grpo_kernels.backends.base import LossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     x32 = y = None
 
     default = _C.isa()
-    params = TokenLossParams.from_config(GRPOConfig())
+    params = LossParams.from_config(GRPOConfig())
     try:
         for name in args.dtypes.split(","):
             x = (2 * torch.randn(1, n, v)).to(DTYPES[name])

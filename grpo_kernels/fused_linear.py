@@ -42,7 +42,6 @@ backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``refer
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,7 @@ from ._docs import fill
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
 from .backends import BACKENDS, launchers, resolve_backend
-from .backends.base import TokenLossParams
+from .backends.base import LossParams
 from .config import GRPOConfig
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -100,17 +99,6 @@ def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 # --------------------------------------------------------------------------------------------------
 # the chunk loop (runs inside the custom op: real tensors only)
 # --------------------------------------------------------------------------------------------------
-def _pack_config(cfg: GRPOConfig) -> list[float]:
-    return [cfg.beta, cfg.epsilon_low, cfg.eps_high, math.nan if cfg.delta is None else cfg.delta, cfg.temperature,
-            float(cfg.use_bias_correction_kl), cfg.sapo_temperature_pos, cfg.sapo_temperature_neg]
-
-
-def _unpack_config(v: list[float], loss_type: str, level: str) -> GRPOConfig:
-    return GRPOConfig(beta=v[0], epsilon_low=v[1], epsilon_high=v[2], delta=None if math.isnan(v[3]) else v[3],
-                      temperature=v[4], use_bias_correction_kl=bool(v[5]), sapo_temperature_pos=v[6],
-                      sapo_temperature_neg=v[7], loss_type=loss_type, importance_sampling_level=level)
-
-
 class _Rows:
     """Row chunks of hidden [B, T, H] as [n, H], masked rows zeroed (garbage there must not reach dW)."""
 
@@ -187,13 +175,14 @@ def _logits_of(rows: _Rows, weight, bias, n0, n1):
     return h_c, F.linear(h_c, weight, bias)  # [n, V] in the input dtype (fp32 accumulation in the GEMM)
 
 
-def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, cfg, chunk, backend, want):
+def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, params, loss_type, tau, chunk,
+                 backend, want):
     """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk.
 
     ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
     B, T, _ = hidden.shape
     N = B * T
-    tau = cfg.temperature
+    cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the reference's view of the same scalars
     L = None if backend == "torch" else launchers(backend)
     mflat, iflat = reference.kept(mask).reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
@@ -207,7 +196,6 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     adv_f = flat((adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T))
     old_f, ref_f = flat(old), flat(ref) if cfg.beta != 0.0 else None
     coef_f = flat(coef)
-    params = TokenLossParams.from_config(cfg)
     sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
     for n0, n1 in _chunks(N, chunk):
         h_c, logits = _logits_of(rows, weight, bias, n0, n1)
@@ -294,20 +282,20 @@ def _cdt(hidden) -> torch.dtype:
 def _fused_linear_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, advantages: Tensor,
     old_logps: Tensor | None, ref_logps: Tensor | None, num_items_in_batch: Tensor | None,
-    max_completion_length: int | None, config: list[float], loss_type: str, chunk_size: int, backend: str,
-    want_grads: list[bool],
+    max_completion_length: int | None, params: list[float], loss_type: str, tau: float, chunk_size: int,
+    backend: str, want_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Token-level single pass. -> logp [B, T], entropy [B, T] (fp32; float64 for float64 hidden) and the
     loss's gradients w.r.t. hidden [B, T, H], weight [V, H], bias [V] (an empty tensor where
     ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions."""
-    cfg = _unpack_config(config, loss_type, "token")
     return _single_pass(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
-                        max_completion_length, cfg, chunk_size, backend, want_grads)
+                        max_completion_length, LossParams.unpack(params), loss_type, tau, chunk_size, backend,
+                        want_grads)
 
 
 @_fused_linear_op.register_fake
 def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
-      max_completion_length, config, loss_type, chunk_size, backend, want_grads):
+      max_completion_length, params, loss_type, tau, chunk_size, backend, want_grads):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
             *_grad_fakes(hidden, weight, bias, want_grads))
@@ -506,7 +494,8 @@ def fused_linear_grpo_loss_with_config(
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
             hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv, old, ref, num_items,
-            x.max_completion_length, _pack_config(config), config.loss_type, int(chunk_size), name, want,
+            x.max_completion_length, LossParams.from_config(config).pack(), config.loss_type, config.temperature,
+            int(chunk_size), name, want,
         )
         logp = torch.where(mask, logp, 0.0)
         with torch.no_grad():

@@ -40,6 +40,7 @@ from kernel_checks import (
     LOSS_DELTA,
     assert_rule,
     check_all_banned_but_one,
+    check_boundary_binding,
     check_fused_launcher,
     check_inplace,
     check_large_magnitude_entropy,
@@ -54,7 +55,7 @@ from kernel_checks import (
 
 import grpo_kernels.backends as backends
 from grpo_kernels import reference
-from grpo_kernels.backends.base import BackendInfo, TokenLossParams
+from grpo_kernels.backends.base import BackendInfo, LossParams, native
 from grpo_kernels.backends.cuda_backend import CudaLaunchers
 from grpo_kernels.config import GRPOConfig
 
@@ -230,7 +231,7 @@ def test_on_policy_and_entropy_temperature(b64):
 
 
 def test_fused_launcher_matches_token_loss_grad(emu):
-    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64), TokenLossParams.from_config)
+    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64), LossParams.from_config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,13 +250,22 @@ def test_binding_rejects_bad_arguments(emu):
     x = torch.randn(2, 3, 11)
     ids = torch.zeros(6, dtype=torch.int64)
     o = torch.empty(6)
-    args = (x.data_ptr(), 0, 2, 3, 11, 33, 11, ids.data_ptr())
+    def rows(**change):
+        fields = dict(logits=x.data_ptr(), dtype=0, B=2, T=3, V=11, stride_b=33, stride_t=11, ids=ids.data_ptr(),
+                      tau=1.0)
+        return native(emu.Rows, **{**fields, **change})
+
+    out = native(emu.Outputs, logp=o.data_ptr(), stats=o.data_ptr())
     with pytest.raises(ValueError, match="block"):
-        emu.logprobs_fwd(*args, 1.0, o.data_ptr(), o.data_ptr(), 0, 0, 48)
+        emu.logprobs_fwd(rows(), out, 0, 48)
     with pytest.raises(ValueError, match="dtype"):
-        emu.logprobs_fwd(x.data_ptr(), 5, *args[2:], 1.0, o.data_ptr(), o.data_ptr(), 0, 0)
+        emu.logprobs_fwd(rows(dtype=5), out, 0)
     with pytest.raises(ValueError, match="tau"):
-        emu.logprobs_fwd(*args, 0.0, o.data_ptr(), o.data_ptr(), 0, 0)
+        emu.logprobs_fwd(rows(tau=0.0), out, 0)
+    with pytest.raises(ValueError, match="non-null"):
+        emu.logprobs_fwd(rows(ids=0), out, 0)
+    with pytest.raises(AttributeError):
+        native(emu.Rows, stride_v=1)  # a field the struct does not have
     with pytest.raises(ValueError, match="ids"):
         CudaLaunchers(emu, "cpu").logprobs_fwd(x, ids[:5], 1.0, False)
     with pytest.raises(ValueError, match="logits"):
@@ -316,3 +326,7 @@ def test_fractional_mask_weights(b64, level, dtype):
     for loss_type in ("grpo", "dapo", "sapo"):
         cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04)
         check_loss_outputs(x, ids, cfg, b64, inputs)
+
+
+def test_boundary_binding(emu):
+    check_boundary_binding(emu)

@@ -18,7 +18,7 @@ its libc++ into ~/.cache/zig) of the release configuration: all CUDA architectur
   GPU and ``backend="cuda"`` then raises BackendUnavailableError ("no CUDA device"), exactly one OpenMP
   runtime is mapped (torch's libgomp), and ``python -m grpo_kernels`` reports it all.
 
-The fresh venv costs about 2-3 min (torch and triton are unpacked from pip's cache). Measured: 8.8 min for
+The fresh venv costs about 2-4 min (torch and triton are unpacked from pip's cache). Measured: 5.6 to 8.8 min for
 the file on the 2-core machine while other jobs ran (user CPU time 1.5 min); skipped without nvcc.
 """
 

@@ -8,7 +8,12 @@ from . import vocab_parallel  # vocab_parallel.token_logprobs / .grpo_loss over 
 from .api import GRPOLoss, GRPOLossOutput, group_advantages, grpo_loss, grpo_loss_with_config, token_logprobs
 from .backends import BackendUnavailableError, available_backends
 from .config import GRPOConfig
-from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_grpo_loss_with_config
+from .fused_linear import (
+    FusedLinearGRPOLoss,
+    fused_linear_grpo_loss,
+    fused_linear_grpo_loss_with_config,
+    fused_linear_token_logprobs,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +26,7 @@ __all__ = [
     "available_backends",
     "fused_linear_grpo_loss",
     "fused_linear_grpo_loss_with_config",
+    "fused_linear_token_logprobs",
     "group_advantages",
     "grpo_loss",
     "grpo_loss_with_config",

@@ -4,8 +4,9 @@ Both trainers load the same tiny model (the digit Qwen2 of python/tasks.py, buil
 temporary directory; nothing is downloaded) and get the same hand-made batch: left-padded prompts,
 completions of different lengths, old log-probs away from the current ones (so ratios leave the clip
 range), reference log-probs. TRL's ``_compute_loss`` is run as shipped. The losses, the gradients of
-every parameter and the logged metrics must agree to 1e-5: both compute in fp32 from the same logits
-(TRL through its chunked LM head, the adapter through grpo_kernels), so they differ by rounding only.
+every parameter and the logged metrics must agree to 1e-5: both compute in fp32 from the same hidden states
+(TRL through its chunked LM head, the adapter through grpo_kernels' streamed head), so they differ by
+rounding only. tests/test_trl_trainer_parity.py covers the rest of TRL's options.
 """
 
 import sys
@@ -131,9 +132,12 @@ def test_adapter_rejects_options_it_does_not_implement(model_dir, tmp_path):
 def test_adapter_training_steps_run(model_dir, tmp_path, monkeypatch):
     import grpo_kernels.integrations.trl as adapter
 
-    calls = []
-    real = adapter.grpo_loss_with_config
-    monkeypatch.setattr(adapter, "grpo_loss_with_config", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    calls, passes = [], []
+    real = adapter.fused_linear_grpo_loss_with_config
+    monkeypatch.setattr(adapter, "fused_linear_grpo_loss_with_config",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real_lp = adapter.fused_linear_token_logprobs
+    monkeypatch.setattr(adapter, "fused_linear_token_logprobs", lambda *a, **k: passes.append(a[0].shape) or real_lp(*a, **k))
     trainer = make_trainer(GRPOKernelsTrainer, model_dir, tmp_path, max_steps=2, num_iterations=2, beta=0.04)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -144,3 +148,6 @@ def test_adapter_training_steps_run(model_dir, tmp_path, monkeypatch):
     assert changed, "no parameter moved in two optimizer steps"
     # Every micro-batch's loss went through grpo_kernels (2 steps x 2 accumulation micro-batches).
     assert len(calls) == 4 and calls[0].beta == 0.04 and calls[0].loss_type == "dapo"
+    # The old-policy (num_iterations = 2) and reference log-prob passes went through the streamed head, over the
+    # completion positions only (hidden [b, T, H] with T = max_completion_length at most).
+    assert len(passes) >= 4 and all(s[1] <= 4 for s in passes)

@@ -107,9 +107,13 @@ def worker(cfg: dict) -> dict:
     trainer.current_gradient_accumulation_steps = 1
     x = _inputs(cfg)
 
+    values = {}
+
     def loss_bwd():
         model.zero_grad(set_to_none=True)
-        trainer._compute_loss(model, x).backward()
+        loss = trainer._compute_loss(model, x)
+        loss.backward()
+        values["loss"] = loss.item()
         model.zero_grad(set_to_none=True)  # the parameter gradients are the model's, not the loss's memory
 
     ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
@@ -117,7 +121,9 @@ def worker(cfg: dict) -> dict:
 
     def logps():
         with torch.no_grad():
-            trainer._get_per_token_logps_and_entropies(model, ids, attn, cfg["completion"], batch_size=cfg["batch"])
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, cfg["completion"],
+                                                                  batch_size=cfg["batch"])
+        values["logps_sum"] = (lp * x["completion_mask"]).sum().item()
 
     out = {"impl": cfg["impl"], "vocab": cfg["vocab"]}
     for name, fn in (("loss_bwd", loss_bwd), ("logps", logps)):
@@ -129,6 +135,7 @@ def worker(cfg: dict) -> dict:
             ms.append((time.perf_counter() - t0) * 1e3)
         out[name] = {"median_ms": statistics.median(ms), "worst_ms": max(ms), "runs_ms": ms,
                      "peak_extra_mib": _peak_extra_mib(fn)}
+    out.update(values)  # the two implementations must compute the same numbers
     return out
 
 

@@ -176,14 +176,15 @@ def test_train_runs_per_loss_type(model_dir, tmp_path, loss_type):
 
 
 def test_two_cpu_processes_with_accelerate_launch(model_dir, tmp_path):
-    """accelerate launch --multi_gpu --cpu --num_processes 2 (DDP over gloo; without --multi_gpu accelerate starts one process): one step, parameters equal on both ranks."""
+    """One step under ``accelerate launch --multi_gpu --num_processes 2`` with ``use_cpu=True`` (torchrun, DDP
+    over gloo; ``--cpu`` would start a single process): the parameters are equal on both ranks afterwards."""
     import os
     import subprocess
 
     script = Path(__file__).parent / "scripts" / "trl_two_process.py"
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path), str(model_dir)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

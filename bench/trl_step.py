@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
         p.error(f"--n ({a.n}) must be a multiple of --completion ({T})")
     vocabs = [int(v) for v in a.vocab.split(",")]
     base = dict(batch=a.n // T, completion=T, prompt=a.prompt, hidden=a.hidden, repeats=a.repeats,
-                backend=a.backend, out_dir=str(Path(a.out) / "_trainer_tmp"))
+                backend=a.backend, out_dir=tempfile.mkdtemp(prefix="trl_step_"))  # models and trainer output
     env = runner.environment(torch.device("cpu"))
     env["trl"], env["transformers"] = runner._version("trl"), runner._version("transformers")
     load = runner.LoadMeter()

@@ -42,6 +42,7 @@ backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``refer
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -74,17 +75,21 @@ CHUNK_FRACTION_OF_LOGITS = 16
 CHUNK_MIN_ROWS = 128
 
 
-def _bytes_per_logit(backend: str, dtype: torch.dtype) -> int:
+def _bytes_per_logit(backend: str, dtype: torch.dtype, transform: bool = False) -> int:
     """Bytes a chunk needs per logit: fused backends write the gradient over the chunk's logits (one
     buffer in the input dtype); the reference also holds an fp32 copy, the log-softmax, its exp and the
-    fp32 gradient (about 4 fp32 buffers) next to the logits and their gradient in the input dtype."""
+    fp32 gradient (about 4 fp32 buffers) next to the logits and their gradient in the input dtype. A head
+    transform (``logit_scale`` / ``final_logit_softcapping``) adds the transformed logits and their
+    derivative in fp32 and the gradient cast back to the input dtype."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return elem if backend != "torch" else 2 * elem + 4 * 4
+    base = elem if backend != "torch" else 2 * elem + 4 * 4
+    return base + (2 * 8 + elem if transform else 0)
 
 
-def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str) -> int:
+def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str,
+                       transform: bool = False) -> int:
     """Rows per chunk from the memory budget explained above (always in [1, n_rows])."""
-    per_row = vocab * _bytes_per_logit(backend, dtype)
+    per_row = vocab * _bytes_per_logit(backend, dtype, transform)
     elem = torch.empty((), dtype=dtype).element_size()
     budget = min(CHUNK_BUDGET_BYTES, n_rows * vocab * elem // CHUNK_FRACTION_OF_LOGITS)
     cap = CHUNK_BUDGET_BYTES
@@ -175,8 +180,30 @@ def _logits_of(rows: _Rows, weight, bias, n0, n1):
     return h_c, F.linear(h_c, weight, bias)  # [n, V] in the input dtype (fp32 accumulation in the GEMM)
 
 
+def _transform(x: Tensor, head: list[float]) -> tuple[Tensor, Tensor | float | None]:
+    """The logits the loss sees from the head's output x [n, V]: y = cap * tanh(s * x / cap) (or s * x
+    without a cap), computed in fp32 (float64 for the oracle) as TRL's chunked head does. Returns y and
+    dy/dx = s * (1 - tanh^2) (the float s without a cap), or (x, None) when the head is plain (s = 1, no cap)."""
+    scale, cap = head
+    if scale == 1.0 and cap == 0.0:
+        return x, None
+    y = x.to(reference.compute_dtype(x)) * scale  # a new buffer: x stays untouched
+    if cap == 0.0:
+        return y, scale
+    t = y.div_(cap).tanh_()
+    dydx = torch.mul(t, t).neg_().add_(1.0).mul_(scale)
+    return t.mul_(cap), dydx
+
+
+def _untransform_grad(dy: Tensor, dydx, x: Tensor) -> Tensor:
+    """dL/dx [n, V] in x's dtype from dL/dy (written over y)."""
+    if dydx is None:
+        return dy
+    return dy.mul_(dydx).to(x.dtype)
+
+
 def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, params, loss_type, tau, chunk,
-                 backend, want):
+                 backend, want, head):
     """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk.
 
     ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
@@ -198,7 +225,8 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     coef_f = flat(coef)
     sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
     for n0, n1 in _chunks(N, chunk):
-        h_c, logits = _logits_of(rows, weight, bias, n0, n1)
+        h_c, x = _logits_of(rows, weight, bias, n0, n1)
+        logits, dydx = _transform(x, head)
         ids_c, lg3 = iflat[n0:n1], None
         if L is None:
             # the reference's log-probs, and g = coef * dloss_tok/dlogp as specified by token_loss_grad
@@ -212,12 +240,12 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
                                       coef_f[n0:n1], params, lg3)
             dlogits = logits
         logp_out[n0:n1], ent_out[n0:n1] = lp, ent
-        acc.add(n0, n1, h_c, dlogits)
-        del logits, dlogits, lg3  # the next chunk's logits must not coexist with this one's
+        acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
+        del x, logits, dlogits, dydx, lg3  # the next chunk's logits must not coexist with this one's
     return logp_out.view(B, T), ent_out.view(B, T), *acc.result(hidden, weight, bias)
 
 
-def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
+def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, want_entropy=True):
     """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
     docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
@@ -229,19 +257,24 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     logp, ent = (torch.zeros(N, dtype=cdt, device=hidden.device) for _ in range(2))
     stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
     for n0, n1 in _chunks(N, chunk):
-        _, logits = _logits_of(rows, weight, bias, n0, n1)
+        _, x = _logits_of(rows, weight, bias, n0, n1)
+        logits, _ = _transform(x, head)
+        del x
         if L is None:
             logp[n0:n1], ent[n0:n1] = reference.token_logprobs(logits, iflat[n0:n1], tau, True)
             m = logits.to(cdt).amax(-1, keepdim=True)
             stats[n0:n1, 0] = m.squeeze(-1)
             stats[n0:n1, 1] = torch.logsumexp((logits.to(cdt) - m) / tau, -1)
         else:
-            logp[n0:n1], stats[n0:n1], ent[n0:n1] = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, True)
+            lp, st, e = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, want_entropy)
+            logp[n0:n1], stats[n0:n1] = lp, st
+            if want_entropy:
+                ent[n0:n1] = e
         del logits
     return logp.view(B, T), ent.view(B, T), stats
 
 
-def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want):
+def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want, head):
     """Pass 2: given g = dL/dlogp [B, T], recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
     L = None if backend == "torch" else launchers(backend)
@@ -251,7 +284,8 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
     g = torch.where(mask, g, 0.0).reshape(-1)  # masked positions: exactly zero rows
     g_f = g.to(torch.float32).contiguous()
     for n0, n1 in _chunks(N, chunk):
-        h_c, logits = _logits_of(rows, weight, bias, n0, n1)
+        h_c, x = _logits_of(rows, weight, bias, n0, n1)
+        logits, dydx = _transform(x, head)
         lg3 = None
         if L is None:
             dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1])
@@ -259,8 +293,8 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
             lg3 = logits.unsqueeze(0)
             L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], None, g_f[n0:n1], None, tau, lg3)
             dlogits = logits
-        acc.add(n0, n1, h_c, dlogits)
-        del logits, dlogits, lg3
+        acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
+        del x, logits, dlogits, dydx, lg3
     return acc.result(hidden, weight, bias)
 
 
@@ -283,19 +317,20 @@ def _fused_linear_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, advantages: Tensor,
     old_logps: Tensor | None, ref_logps: Tensor | None, num_items_in_batch: Tensor | None,
     max_completion_length: int | None, params: list[float], loss_type: str, tau: float, chunk_size: int,
-    backend: str, want_grads: list[bool],
+    backend: str, want_grads: list[bool], head: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Token-level single pass. -> logp [B, T], entropy [B, T] (fp32; float64 for float64 hidden) and the
     loss's gradients w.r.t. hidden [B, T, H], weight [V, H], bias [V] (an empty tensor where
-    ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions."""
+    ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions.
+    ``head`` = [logit_scale, final_logit_softcapping or 0] (see :func:`_transform`)."""
     return _single_pass(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
                         max_completion_length, LossParams.unpack(params), loss_type, tau, chunk_size, backend,
-                        want_grads)
+                        want_grads, head)
 
 
 @_fused_linear_op.register_fake
 def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
-      max_completion_length, params, loss_type, tau, chunk_size, backend, want_grads):
+      max_completion_length, params, loss_type, tau, chunk_size, backend, want_grads, head):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
             *_grad_fakes(hidden, weight, bias, want_grads))
@@ -303,14 +338,14 @@ def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_ite
 
 @custom_op("grpo_kernels::fused_linear_logprobs", mutates_args=())
 def _logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, tau: float,
-                 chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                 chunk_size: int, backend: str, head: list[float], want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 1 -> logp [B, T], entropy [B, T] (compute dtype), row statistics [N, 2] fp32. Differentiable in logp: its
     backward is pass 2 (:func:`_logprobs_bwd_op`) with the upstream g = dL/dlogp."""
-    return _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk_size, backend)
+    return _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk_size, backend, head, want_entropy)
 
 
 @_logprobs_op.register_fake
-def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
+def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend, head, want_entropy):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
             hidden.new_empty((B * T, 2), dtype=torch.float32))
@@ -319,20 +354,22 @@ def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
 @custom_op("grpo_kernels::fused_linear_logprobs_bwd", mutates_args=())
 def _logprobs_bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, stats: Tensor,
                      g_logp: Tensor, tau: float, chunk_size: int, backend: str,
-                     want_grads: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                     want_grads: list[bool], head: list[float]) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 2 -> dL/dhidden, dL/dW, dL/db for dL/dlogp = ``g_logp`` [B, T] (empty where not wanted)."""
-    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads)
+    return _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads,
+                               head)
 
 
 @_logprobs_bwd_op.register_fake
-def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads):
+def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads, head):
     return _grad_fakes(hidden, weight, bias, want_grads)
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, mask, tau, chunk_size, backend = inputs
+    hidden, weight, bias, ids, mask, tau, chunk_size, backend, head, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2])
     ctx.args = (tau, chunk_size, backend)
+    ctx.head = head
     ctx.mark_non_differentiable(output[1], output[2])  # the entropy is a metric; the stats are internal
 
 
@@ -341,10 +378,11 @@ def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
     need = ctx.needs_input_grad
     want = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
     if g_logp is None or not any(want):
-        return (None,) * 8
-    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp.contiguous(), *ctx.args, want)
+        return (None,) * 10
+    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp.contiguous(), *ctx.args, want,
+                                  ctx.head)
     pick = lambda t, w: t if w else None  # noqa: E731
-    return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), None, None, None, None, None
+    return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), *(None,) * 7
 
 
 _logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
@@ -389,6 +427,42 @@ _attach.register_autograd(_attach_backward, setup_context=_attach_setup)
 def _check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None (chosen from a memory budget) or a positive int, got {chunk_size!r}")
+
+
+def _check_head_transform(logit_scale, final_logit_softcapping) -> list[float]:
+    """-> [logit_scale, final_logit_softcapping or 0.0], the ``head`` argument of the ops."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite real number, got {logit_scale!r}")
+    cap = final_logit_softcapping
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
+                            or cap <= 0):
+        raise ValueError(f"final_logit_softcapping must be None or a finite number > 0, got {cap!r}")
+    return [float(logit_scale), 0.0 if cap is None else float(cap)]
+
+
+def _full_tensor(t: Tensor | None) -> Tensor | None:
+    """An FSDP2 / tensor-parallel DTensor head gathered into one plain tensor (differentiable: its backward
+    hands each rank its shard's gradient), as TRL does before its chunked head; plain tensors pass through."""
+    if t is None or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives an ``F.linear`` on ``device`` now (None when autocast is off)."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _cast_for_autocast(dtype: torch.dtype | None, *tensors):
+    """Casts, as autocast casts the inputs of F.linear: floating tensors other than float64 to ``dtype``
+    (differentiable: the gradients reach the original tensors in their dtype)."""
+    if dtype is None:
+        return tensors
+    return tuple(t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype) for t in tensors)
 
 
 def _check_head(hidden, weight, bias, completion_ids):
@@ -436,6 +510,8 @@ def fused_linear_grpo_loss_with_config(
     ref_logps: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -449,7 +525,7 @@ def fused_linear_grpo_loss_with_config(
         The loss options; a ``trl.GRPOConfig`` is read with :meth:`GRPOConfig.from_trl`, and its
         ``max_completion_length`` is used when the call passes none.
     lm_head_bias, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
-    max_completion_length, num_items_in_batch, chunk_size, backend
+    max_completion_length, num_items_in_batch, logit_scale, final_logit_softcapping, chunk_size, backend
         As in :func:`fused_linear_grpo_loss`.
 
     Returns
@@ -457,6 +533,18 @@ def fused_linear_grpo_loss_with_config(
     GRPOLossOutput
         As in :func:`fused_linear_grpo_loss`.
     """
+    head = _check_head_transform(logit_scale, final_logit_softcapping)
+    lm_head_weight, lm_head_bias = _full_tensor(lm_head_weight), _full_tensor(lm_head_bias)
+    amp = _autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
+    hidden, lm_head_weight, lm_head_bias = _cast_for_autocast(amp, hidden, lm_head_weight, lm_head_bias)
+    if amp is not None:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_grpo_loss_with_config(
+                hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias,
+                completion_mask=completion_mask, advantages=advantages, rewards=rewards, group_size=group_size,
+                old_logps=old_logps, ref_logps=ref_logps, max_completion_length=max_completion_length,
+                num_items_in_batch=num_items_in_batch, logit_scale=logit_scale,
+                final_logit_softcapping=final_logit_softcapping, chunk_size=chunk_size, backend=backend)
     config, max_completion_length = _validate.loss_config(config, max_completion_length)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
@@ -474,7 +562,7 @@ def fused_linear_grpo_loss_with_config(
     if name != "torch" and hidden.dtype == torch.float64:
         raise TypeError(f"hidden of dtype float64 runs only on backend='torch' (the reference), not {name!r}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name)
+        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
 
     mask = x.mask
     zero = torch.zeros((), dtype=x.advantages.dtype, device=hidden.device)
@@ -496,7 +584,7 @@ def fused_linear_grpo_loss_with_config(
         logp, ent, gh, gw, gb = _fused_linear_op(
             hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv, old, ref, num_items,
             x.max_completion_length, LossParams.from_config(config).pack(), config.loss_type, config.temperature,
-            int(chunk_size), name, want,
+            int(chunk_size), name, want, head,
         )
         logp = torch.where(mask, logp, 0.0)
         with torch.no_grad():
@@ -507,7 +595,7 @@ def fused_linear_grpo_loss_with_config(
         # gives g = dL/dlogp [B, T] (GSPO's sequence mean couples a row's tokens), and the backward of
         # _logprobs_op recomputes each chunk's logits to turn g into dL/dhidden, dL/dW, dL/db.
         logp, ent, _ = _logprobs_op(hidden, lm_head_weight, lm_head_bias, ids, mask, config.temperature,
-                                    int(chunk_size), name)
+                                    int(chunk_size), name, head, True)
         logp = torch.where(mask, logp, 0.0)
         loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items)
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
@@ -539,6 +627,8 @@ def fused_linear_grpo_loss(
     sapo_temperature_neg: float = 1.05,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -562,6 +652,12 @@ def fused_linear_grpo_loss(
     {{loss_inputs}}
     {{loss_options}}
     {{reduction}}
+    logit_scale : float, default 1.0
+        Multiplies the head's output x before the loss (Cohere's ``logit_scale``, Granite's
+        ``1 / logits_scaling``).
+    final_logit_softcapping : float or None, default None
+        Caps the scaled logits as Gemma 2/3 do: ``y = cap * tanh(logit_scale * x / cap)``; the temperature then
+        divides y (TRL's order). Computed in fp32 per chunk and differentiated exactly.
     chunk_size : int or None, default None
         Rows per chunk; None chooses it from a memory budget (:func:`default_chunk_size`).
     {{backend}}
@@ -570,14 +666,68 @@ def fused_linear_grpo_loss(
     -------
     {{returns}}
         The loss is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
+
+    Notes
+    -----
+    Under ``torch.autocast`` for the device of ``hidden`` the head runs in the autocast dtype, exactly as the
+    model's own ``lm_head`` (an ``F.linear``) would: floating inputs other than float64 are cast to it (the
+    gradients reach the originals in their dtype). An FSDP2 or tensor-parallel ``DTensor`` weight (and bias)
+    is gathered once with ``full_tensor()`` (its backward reduces the gradient back to the shards), as TRL does.
     """
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return fused_linear_grpo_loss_with_config(
         hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-        backend=backend,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch, logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping, chunk_size=chunk_size, backend=backend,
     )
+
+
+def fused_linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    ids: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """``token_logprobs(F.linear(hidden, weight, bias), ids, ...)`` chunk by chunk, never all N x V logits.
+
+    The forward pass of an old-policy / reference / sampler log-prob pass: hidden ``[B, T, H]`` (any
+    strides), weight ``[V, H]``, bias ``[V]`` or None, ids ``[B, T]`` in [0, V). Returns logps ``[B, T]`` fp32
+    (float64 for float64 inputs) and, with ``return_entropy``, the entropy ``[B, T]`` of
+    ``softmax(y / temperature)``. ``logit_scale`` and ``final_logit_softcapping`` transform the head's output
+    as in :func:`fused_linear_grpo_loss`; autocast and DTensor heads are handled as there. Forward only: the
+    results carry no gradient (call it under ``torch.no_grad()`` or not, the same). Memory: one chunk of
+    ``chunk_size`` rows of logits (default from the memory budget of :func:`default_chunk_size`).
+    """
+    head = _check_head_transform(logit_scale, final_logit_softcapping)
+    weight, bias = _full_tensor(weight), _full_tensor(bias)
+    amp = _autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
+    hidden, weight, bias = _cast_for_autocast(amp, hidden, weight, bias)
+    _check_head(hidden, weight, bias, ids)
+    tau = _validate.check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    _check_chunk_size(chunk_size)
+    B, T, _ = hidden.shape
+    V = weight.shape[0]
+    _validate.check_ids_in_range(ids, V, None, "ids")
+    name = resolve_backend(backend, hidden.device)
+    if name != "torch" and hidden.dtype == torch.float64:
+        raise TypeError(f"hidden of dtype float64 runs only on backend='torch' (the reference), not {name!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
+    mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        logp, ent, _ = _logprobs_op(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                    ids.long(), mask, tau, int(chunk_size), name, head, return_entropy)
+    return (logp, ent) if return_entropy else logp
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -603,6 +753,8 @@ class FusedLinearGRPOLoss(nn.Module):
         As in :func:`fused_linear_grpo_loss`.
     backend : str, default "auto"
         As in :func:`fused_linear_grpo_loss`.
+    logit_scale, final_logit_softcapping : float, float or None
+        The head's output transform, as in :func:`fused_linear_grpo_loss` (defaults 1.0 and None).
     **options
         The loss options of :func:`fused_linear_grpo_loss` (beta, epsilon_low, epsilon_high, epsilon,
         delta, temperature, loss_type, importance_sampling_level, use_bias_correction_kl,
@@ -614,7 +766,8 @@ class FusedLinearGRPOLoss(nn.Module):
 
     def __init__(self, lm_head: nn.Module | None = None, *, weight: Tensor | None = None,
                  bias: Tensor | None = None, config: GRPOConfig | None = None, chunk_size: int | None = None,
-                 backend: str = "auto", **options):
+                 backend: str = "auto", logit_scale: float = 1.0, final_logit_softcapping: float | None = None,
+                 **options):
         super().__init__()
         if (lm_head is None) == (weight is None):
             raise ValueError("pass exactly one of lm_head (a module with .weight [V, H] and .bias) or weight= [V, H]")
@@ -637,6 +790,8 @@ class FusedLinearGRPOLoss(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _check_chunk_size(chunk_size)
+        _check_head_transform(logit_scale, final_logit_softcapping)
+        self.logit_scale, self.final_logit_softcapping = logit_scale, final_logit_softcapping
         if config is None:
             self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
         else:
@@ -655,6 +810,8 @@ class FusedLinearGRPOLoss(nn.Module):
         weight, bias = self.head()
         inputs.setdefault("chunk_size", self.chunk_size)
         inputs.setdefault("backend", self.backend)
+        inputs.setdefault("logit_scale", self.logit_scale)
+        inputs.setdefault("final_logit_softcapping", self.final_logit_softcapping)
         if inputs.get("max_completion_length") is None:
             inputs["max_completion_length"] = self.max_completion_length
         return fused_linear_grpo_loss_with_config(hidden, weight, completion_ids, self.config, lm_head_bias=bias,

@@ -252,6 +252,8 @@ CASES = {
     "lm_head_bias-dtype": lambda mp: linear(lm_head_bias=torch.zeros(V).half()),
     "fused_linear-completion_ids-shape": lambda mp: linear(completion_ids=X["ids"][:, :-1]),
     "chunk_size-invalid": lambda mp: linear(chunk_size=0),
+    "logit_scale-invalid": lambda mp: linear(logit_scale=float("inf")),
+    "final_logit_softcapping-invalid": lambda mp: linear(final_logit_softcapping=0.0),
     "FusedLinearGRPOLoss-head-and-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.Linear(H, V), weight=WEIGHT),
     "FusedLinearGRPOLoss-no-head": lambda mp: gk.FusedLinearGRPOLoss(),
     "FusedLinearGRPOLoss-head-without-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.ReLU()),

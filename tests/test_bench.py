@@ -198,3 +198,24 @@ def test_liger_row_computes_our_loss_and_gradient(layout):
         case.leaves[0].grad = None
     assert results["liger"][0] == pytest.approx(results["eager"][0], rel=1e-5, abs=1e-6)
     torch.testing.assert_close(results["liger"][1], results["eager"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_trl_step_smoke(tmp_path):
+    """bench.trl_step at a tiny size: both trainers, both V, the same loss and log-probs, the result files."""
+    pytest.importorskip("trl")
+    from bench import trl_step
+
+    res = trl_step.main(["--n", "128", "--completion", "32", "--hidden", "32", "--vocab", "300,600", "--repeats", "1",
+                         "--backend", "torch", "--out", str(tmp_path)])
+    rows = {(r["impl"], r["vocab"]): r for r in res["rows"]}
+    assert set(rows) == {(i, v) for i in trl_step.IMPLS for v in (300, 600)}
+    for v in (300, 600):
+        ours, theirs = rows[("grpo_kernels", v)], rows[("trl", v)]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)
+        assert ours["logps_sum"] == pytest.approx(theirs["logps_sum"], rel=1e-4)
+        for r in (ours, theirs):
+            for ph in ("loss_bwd", "logps"):
+                assert 0 < r[ph]["median_ms"] <= r[ph]["worst_ms"] and r[ph]["peak_extra_mib"] >= 0
+    assert len(res["targets"]) == 9
+    md = (tmp_path / "cpu-trl_step-n128-h32.md").read_text()
+    assert "| 300 | loss_bwd | trl |" in md and res["environment"]["trl"]

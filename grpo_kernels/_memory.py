@@ -10,8 +10,7 @@ more than the fused kernel itself. Two things remove that cost:
   never handed out while any tensor, view or numpy array still refers to it. A larger cached buffer serves a
   smaller request (the completion length changes from step to step); a request larger than every cached buffer
   allocates a new one, which replaces the smallest. At most ``_SLOTS`` buffers are kept; this is the memory a
-  step needs at its peak anyway, held between steps. ``GRPO_KERNELS_GRAD_CACHE=0`` turns the reuse off;
-  :func:`release_cached` frees the cached buffers.
+  step needs at its peak anyway, held between steps; :func:`release_cached` frees it.
 - huge pages: a new buffer is advised ``MADV_HUGEPAGE`` before its first touch (125 faults of 2 MiB instead of
   64,000 of 4 KiB). Only a hint: where THP is disabled ("never") or the call fails, nothing changes. torch's
   own switch, ``THP_MEM_ALLOC_ENABLE=1``, applies to every allocation and is read once at start-up; this applies
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 import threading
 
@@ -43,13 +41,6 @@ if sys.platform.startswith("linux"):
         _madvise.restype = ctypes.c_int
     except (OSError, AttributeError):
         _madvise = None
-
-
-def _cache_enabled() -> bool:
-    v = os.environ.get("GRPO_KERNELS_GRAD_CACHE", "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"GRPO_KERNELS_GRAD_CACHE must be '0' (no reuse) or '1' (reuse), got {v!r}")
-    return v == "1"
 
 
 _lock = threading.Lock()
@@ -80,7 +71,7 @@ def empty_grad(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised contiguous gradient buffer; on the CPU a reused one where a cached buffer is free."""
     device = torch.device(device)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < _MIN_BYTES or torch.compiler.is_compiling() or not _cache_enabled():
+    if device.type != "cpu" or nbytes < _MIN_BYTES or torch.compiler.is_compiling():
         out = torch.empty(shape, dtype=dtype, device=device)
         hint_huge_pages(out)
         return out

@@ -1,6 +1,6 @@
 """Peak CPU memory of one forward+backward of one implementation, in this fresh process.
 
-    python -m bench._one '{"op": "loss", "impl": "eager", "args": {...}}'
+    python -m bench._one '{"op": "loss", "impl": "reference", "args": {...}}'
 
 Prints one JSON line: ``peak_extra_bytes`` = peak RSS during the measured forward+backward minus the RSS
 just before it, with the inputs allocated and the implementation warmed up (compiled, thread pools

@@ -264,8 +264,9 @@ def test_percentile_is_nearest_rank():
 
 @pytest.mark.skipif("cpu" not in grpo_kernels.available_backends("cpu"), reason="the C++ CPU module is not built")
 def test_latency_smoke(tmp_path, capsys):
-    out = tmp_path / "lat.json"
-    r = latency.main(["--n", "64", "--v", "500", "--t", "16", "--calls", "4", "--json", str(out)])
+    r = latency.main(["--n", "64", "--v", "500", "--t", "16", "--calls", "4", "--out", str(tmp_path)])
+    out = tmp_path / "cpu-latency-n64-v500-fp32.json"
+    assert "| first call ms |" in (tmp_path / "cpu-latency-n64-v500-fp32.md").read_text()
     assert r["calls"] == 4 and len(r["times_ms"]) == 4 and r["first_ms"] == r["times_ms"][0]
     steady = r["times_ms"][1:]
     assert r["steady_max_ms"] == max(steady) and r["steady_p50_ms"] in steady

@@ -5,7 +5,7 @@
 For each build in ``grpo_kernels._C.ISAS`` that this CPU runs (baseline, avx2, avx512), the launchers of
 ``backend="cpu"`` with a preallocated output (no N x V allocation, no autograd, no loss reduction): the fused
 loss kernel (log-probs, entropy and dL/dlogits in one pass, token level, dapo) and the forward kernel with
-entropy. ``torch.exp(x, out=y)`` over N x V fp32 is the exp floor of the benchmarks (SPEC section 3).
+entropy. ``torch.exp(x, out=y)`` over N x V fp32 is the exp floor of the benchmarks (docs/contract.md#performance).
 Prints median milliseconds over ``--repeats`` after 2 warm-up calls; writes nothing.
 """
 
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from grpo_kernels import _C
-from grpo_kernels.backends.base import TokenLossParams
+from grpo_kernels.backends.base import LossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     x32 = y = None
 
     default = _C.isa()
-    params = TokenLossParams.from_config(GRPOConfig())
+    params = LossParams.from_config(GRPOConfig())
     try:
         for name in args.dtypes.split(","):
             x = (2 * torch.randn(1, n, v)).to(DTYPES[name])

@@ -152,7 +152,7 @@ def variants(V_list=(32000, 50257), dtypes=(torch.float32, torch.bfloat16, torch
     """(name, plan) for every kernel and flag combination ``grpo_kernels._ops`` can launch, on the model-output
     view ``logits[:, P-1:-1]`` of a [B, T + P, V] buffer (ragged V: rows off the 16-byte grid)."""
     from grpo_kernels.backends import triton_backend as tb
-    from grpo_kernels.backends.base import TokenLossParams
+    from grpo_kernels.backends.base import LossParams
     from grpo_kernels.config import GRPOConfig
 
     B, T, P = 2, 3, 2
@@ -172,7 +172,7 @@ def variants(V_list=(32000, 50257), dtypes=(torch.float32, torch.bfloat16, torch
             for old, (beta, bias), delta in itertools.product((None, f), ((0.0, True), (0.04, True), (0.04, False)),
                                                                deltas):
                 cfg = GRPOConfig(loss_type=loss_type, beta=beta, use_bias_correction_kl=bias, delta=delta)
-                p = tb.plan_fused(x, ids, 1.0, old, f if beta else None, f, f, TokenLossParams.from_config(cfg),
+                p = tb.plan_fused(x, ids, 1.0, old, f if beta else None, f, f, LossParams.from_config(cfg),
                                   out, f, f)
                 flags = ",".join(f"{k}={int(v)}" for k, v in p.constexprs.items() if k not in ("ALIGN", "BLOCK"))
                 yield f"fused[{flags}] {tag}", p

@@ -27,7 +27,7 @@ from torch.library import custom_op
 from . import reference
 from ._memory import empty_grad
 from .backends import launchers
-from .backends.base import TokenLossParams
+from .backends.base import LossParams
 from .config import GRPOConfig
 
 _OPS: dict[str, dict] = {}
@@ -100,18 +100,18 @@ def ops_for(name: str) -> dict:
     fwd.register_autograd(backward, setup_context=setup_context)
 
     # ---- single pass: forward + gradient of sum(coef * loss_tok) --------------------------------
-    def fused_body(logits, ids, tau, old, ref, adv, coef, p, out):
-        return L.fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, TokenLossParams(*p), out)
+    def fused_body(logits, ids, tau, old, ref, adv, coef, params, out):
+        return L.fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, LossParams.unpack(params), out)
 
     @custom_op(ns + "fused", mutates_args=("out",))
     def fused(logits: Tensor, ids: Tensor, tau: float, old: Optional[Tensor], ref: Optional[Tensor], adv: Tensor,
               coef: Tensor, params: list[float], out: Tensor) -> tuple[Tensor, Tensor]:
-        return fused_body(logits, ids, tau, old, ref, adv, coef, _unpack(params), out)
+        return fused_body(logits, ids, tau, old, ref, adv, coef, params, out)
 
     @custom_op(ns + "fused_inplace", mutates_args=("logits",))
     def fused_inplace(logits: Tensor, ids: Tensor, tau: float, old: Optional[Tensor], ref: Optional[Tensor],
                       adv: Tensor, coef: Tensor, params: list[float]) -> tuple[Tensor, Tensor]:
-        return fused_body(logits, ids, tau, old, ref, adv, coef, _unpack(params), logits)
+        return fused_body(logits, ids, tau, old, ref, adv, coef, params, logits)
 
     def fused_fake(logits, ids, *rest):
         return _f32(ids.numel(), logits), _f32(ids.numel(), logits)
@@ -121,15 +121,6 @@ def ops_for(name: str) -> dict:
 
     _OPS[name] = {"fwd": fwd, "fused": fused, "fused_inplace": fused_inplace}
     return _OPS[name]
-
-
-def _pack(p: TokenLossParams) -> list[float]:
-    return [float(v) for v in (p.loss_code, p.epsilon_low, p.epsilon_high, p.has_delta, p.delta, p.beta,
-                               p.bias_correction_kl, p.sapo_temperature_pos, p.sapo_temperature_neg)]
-
-
-def _unpack(v: list[float]) -> tuple:
-    return (int(v[0]), v[1], v[2], bool(v[3]), v[4], v[5], bool(v[6]), v[7], v[8])
 
 
 # ---- attach a precomputed gradient to a loss value ------------------------------------------------
@@ -190,17 +181,17 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     B, T, _ = logits.shape
     ids = torch.where(mask, x.ids, 0).reshape(-1).long().contiguous()  # masked ids may be garbage
     tau = cfg.temperature
-    loss_args = dict(advantages=x.advantages, mask=mask, old_logps=x.old_logps, ref_logps=x.ref_logps,
+    loss_args = dict(advantages=x.advantages, mask=x.weights, old_logps=x.old_logps, ref_logps=x.ref_logps,
                      max_completion_length=x.max_completion_length, num_items_in_batch=x.num_items_in_batch)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
 
     if need_grad and cfg.importance_sampling_level == "token":
-        coef = reference.reduction_weights(mask, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
+        coef = reference.reduction_weights(x.weights, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
         adv = x.advantages.float()
         adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1).contiguous()
         vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731
         args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv, coef.reshape(-1).contiguous(),
-                _pack(TokenLossParams.from_config(cfg)))
+                LossParams.from_config(cfg).pack())
         if inplace:
             grad = logits.detach()
             logp, ent = ops["fused_inplace"](grad, *args)

@@ -42,7 +42,6 @@ backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``refer
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +49,11 @@ from torch import Tensor, nn
 from torch.library import custom_op
 
 from . import _validate, reference
+from ._docs import fill
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
 from .backends import BACKENDS, launchers, resolve_backend
-from .backends.base import TokenLossParams
+from .backends.base import LossParams
 from .config import GRPOConfig
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -99,17 +99,6 @@ def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 # --------------------------------------------------------------------------------------------------
 # the chunk loop (runs inside the custom op: real tensors only)
 # --------------------------------------------------------------------------------------------------
-def _pack_config(cfg: GRPOConfig) -> list[float]:
-    return [cfg.beta, cfg.epsilon_low, cfg.eps_high, math.nan if cfg.delta is None else cfg.delta, cfg.temperature,
-            float(cfg.use_bias_correction_kl), cfg.sapo_temperature_pos, cfg.sapo_temperature_neg]
-
-
-def _unpack_config(v: list[float], loss_type: str, level: str) -> GRPOConfig:
-    return GRPOConfig(beta=v[0], epsilon_low=v[1], epsilon_high=v[2], delta=None if math.isnan(v[3]) else v[3],
-                      temperature=v[4], use_bias_correction_kl=bool(v[5]), sapo_temperature_pos=v[6],
-                      sapo_temperature_neg=v[7], loss_type=loss_type, importance_sampling_level=level)
-
-
 class _Rows:
     """Row chunks of hidden [B, T, H] as [n, H], masked rows zeroed (garbage there must not reach dW)."""
 
@@ -186,13 +175,16 @@ def _logits_of(rows: _Rows, weight, bias, n0, n1):
     return h_c, F.linear(h_c, weight, bias)  # [n, V] in the input dtype (fp32 accumulation in the GEMM)
 
 
-def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, cfg, chunk, backend, want):
-    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk."""
+def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, params, loss_type, tau, chunk,
+                 backend, want):
+    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk.
+
+    ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
     B, T, _ = hidden.shape
     N = B * T
-    tau = cfg.temperature
+    cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the reference's view of the same scalars
     L = None if backend == "torch" else launchers(backend)
-    mflat, iflat = mask.reshape(-1), ids.reshape(-1)
+    mflat, iflat = reference.kept(mask).reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     cdt = reference.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
     logp_out = torch.zeros(N, dtype=cdt, device=hidden.device)
@@ -204,7 +196,6 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     adv_f = flat((adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T))
     old_f, ref_f = flat(old), flat(ref) if cfg.beta != 0.0 else None
     coef_f = flat(coef)
-    params = TokenLossParams.from_config(cfg)
     sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
     for n0, n1 in _chunks(N, chunk):
         h_c, logits = _logits_of(rows, weight, bias, n0, n1)
@@ -228,7 +219,7 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
 
 def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
-    ``backends/base.py``), one chunk of logits at a time."""
+    docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
     N = B * T
     L = None if backend == "torch" else launchers(backend)
@@ -291,20 +282,20 @@ def _cdt(hidden) -> torch.dtype:
 def _fused_linear_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, advantages: Tensor,
     old_logps: Tensor | None, ref_logps: Tensor | None, num_items_in_batch: Tensor | None,
-    max_completion_length: int | None, config: list[float], loss_type: str, chunk_size: int, backend: str,
-    want_grads: list[bool],
+    max_completion_length: int | None, params: list[float], loss_type: str, tau: float, chunk_size: int,
+    backend: str, want_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Token-level single pass. -> logp [B, T], entropy [B, T] (fp32; float64 for float64 hidden) and the
     loss's gradients w.r.t. hidden [B, T, H], weight [V, H], bias [V] (an empty tensor where
     ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions."""
-    cfg = _unpack_config(config, loss_type, "token")
     return _single_pass(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
-                        max_completion_length, cfg, chunk_size, backend, want_grads)
+                        max_completion_length, LossParams.unpack(params), loss_type, tau, chunk_size, backend,
+                        want_grads)
 
 
 @_fused_linear_op.register_fake
 def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
-      max_completion_length, config, loss_type, chunk_size, backend, want_grads):
+      max_completion_length, params, loss_type, tau, chunk_size, backend, want_grads):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
             *_grad_fakes(hidden, weight, bias, want_grads))
@@ -447,8 +438,25 @@ def fused_linear_grpo_loss_with_config(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`fused_linear_grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
-    _validate.check_config(config)
+    """:func:`fused_linear_grpo_loss` with the loss options given as one config object.
+
+    Parameters
+    ----------
+    hidden, lm_head_weight, completion_ids
+        As in :func:`fused_linear_grpo_loss`.
+    config : GRPOConfig or trl.GRPOConfig
+        The loss options; a ``trl.GRPOConfig`` is read with :meth:`GRPOConfig.from_trl`, and its
+        ``max_completion_length`` is used when the call passes none.
+    lm_head_bias, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
+    max_completion_length, num_items_in_batch, chunk_size, backend
+        As in :func:`fused_linear_grpo_loss`.
+
+    Returns
+    -------
+    GRPOLossOutput
+        As in :func:`fused_linear_grpo_loss`.
+    """
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
     V = lm_head_weight.shape[0]
@@ -480,13 +488,14 @@ def fused_linear_grpo_loss_with_config(
 
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)]
-    loss_args = (adv, mask, old, ref)
+    loss_args = (adv, x.weights, old, ref)
     if any(want) and config.importance_sampling_level == "token":
         # single pass: the gradients are computed now; the loss carries them to backward
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
-            hidden.detach(), lm_head_weight.detach(), bias_d, ids, mask, adv, old, ref, num_items,
-            x.max_completion_length, _pack_config(config), config.loss_type, int(chunk_size), name, want,
+            hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv, old, ref, num_items,
+            x.max_completion_length, LossParams.from_config(config).pack(), config.loss_type, config.temperature,
+            int(chunk_size), name, want,
         )
         logp = torch.where(mask, logp, 0.0)
         with torch.no_grad():
@@ -503,6 +512,7 @@ def fused_linear_grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@fill
 def fused_linear_grpo_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -518,6 +528,7 @@ def fused_linear_grpo_loss(
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
+    epsilon: float | None = None,
     delta: float | None = None,
     temperature: float = 1.0,
     loss_type: str = "dapo",
@@ -532,11 +543,32 @@ def fused_linear_grpo_loss(
 ) -> GRPOLossOutput:
     """``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` without the logits.
 
-    hidden ``[B, T, H]`` (the hidden states aligned with ``completion_ids``, e.g. ``h[:, P-1:-1]``; any
-    strides), lm_head_weight ``[V, H]``, lm_head_bias ``[V]`` or None, all of one dtype. The N = B*T rows are
-    processed ``chunk_size`` at a time (default: from a memory budget, see :func:`default_chunk_size`), so
-    only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss`; the loss
-    is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
+    The N = B*T rows are processed ``chunk_size`` at a time, so only one chunk of logits (and its gradient)
+    exists at a time; the gradients w.r.t. hidden, weight and bias are computed in the forward pass with
+    token-level ratios (sequence-level: recomputed chunk by chunk in ``backward``).
+
+    Parameters
+    ----------
+    hidden : Tensor [B, T, H]
+        The last hidden states aligned with ``completion_ids`` (e.g. ``h[:, P-1:-1]`` of prompt +
+        completion, P prompt tokens; any strides): float32, bfloat16 or float16 (float64 on "torch").
+    lm_head_weight : Tensor [V, H]
+        The LM head's weight, of the dtype of ``hidden``.
+    completion_ids : Tensor [B, T], integer
+        The sampled completion tokens, each in [0, V) where the mask keeps it.
+    lm_head_bias : Tensor [V] or None, default None
+        The LM head's bias, if it has one.
+    {{loss_inputs}}
+    {{loss_options}}
+    {{reduction}}
+    chunk_size : int or None, default None
+        Rows per chunk; None chooses it from a memory budget (:func:`default_chunk_size`).
+    {{backend}}
+
+    Returns
+    -------
+    {{returns}}
+        The loss is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
     """
     config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
     return fused_linear_grpo_loss_with_config(
@@ -554,6 +586,29 @@ class FusedLinearGRPOLoss(nn.Module):
     ref_logps=R)``, or ``FusedLinearGRPOLoss(weight=W, bias=b, ...)``. The head is referenced, not
     registered: the loss module owns no parameters or state (the model does; tied embeddings, FSDP and
     optimizer state are unaffected), and the current ``weight``/``bias`` tensors are read at each call.
+
+    Parameters
+    ----------
+    lm_head : nn.Module or None, default None
+        A module with ``.weight`` [V, H] (and ``.bias`` [V] or None), e.g. ``model.lm_head``.
+    weight : Tensor [V, H] or None, default None
+        The head's weight, instead of ``lm_head`` (give exactly one of them).
+    bias : Tensor [V] or None, default None
+        The head's bias with ``weight=``.
+    config : GRPOConfig, trl.GRPOConfig or None, default None
+        The loss options as one object (a ``trl.GRPOConfig``'s ``max_completion_length`` included); give
+        either ``config`` or keyword options.
+    chunk_size : int or None, default None
+        As in :func:`fused_linear_grpo_loss`.
+    backend : str, default "auto"
+        As in :func:`fused_linear_grpo_loss`.
+    **options
+        The loss options of :func:`fused_linear_grpo_loss` (beta, epsilon_low, epsilon_high, epsilon,
+        delta, temperature, loss_type, importance_sampling_level, use_bias_correction_kl,
+        sapo_temperature_pos, sapo_temperature_neg), defaults as there.
+
+    ``forward(hidden, completion_ids, **inputs)`` takes the inputs of :func:`fused_linear_grpo_loss`
+    and returns its :class:`GRPOLossOutput`.
     """
 
     def __init__(self, lm_head: nn.Module | None = None, *, weight: Tensor | None = None,
@@ -581,7 +636,10 @@ class FusedLinearGRPOLoss(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _check_chunk_size(chunk_size)
-        self.config = config if config is not None else GRPOConfig(**options)
+        if config is None:
+            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
+        else:
+            self.config, self.max_completion_length = _validate.loss_config(config, None)
         self.backend, self.chunk_size = backend, chunk_size
         # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
         self._head = (lm_head, weight, bias)
@@ -596,6 +654,8 @@ class FusedLinearGRPOLoss(nn.Module):
         weight, bias = self.head()
         inputs.setdefault("chunk_size", self.chunk_size)
         inputs.setdefault("backend", self.backend)
+        if inputs.get("max_completion_length") is None:
+            inputs["max_completion_length"] = self.max_completion_length
         return fused_linear_grpo_loss_with_config(hidden, weight, completion_ids, self.config, lm_head_bias=bias,
                                                   **inputs)
 

@@ -279,7 +279,7 @@ def _clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
     li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
     at = {}
     for sign in (-1.0, 1.0):
-        _, mets = reference.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.mask,
+        _, mets = reference.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.weights,
                                             li.old_logps, li.ref_logps, None, li.max_completion_length,
                                             li.num_items_in_batch)
         at[sign] = {k: v.item() for k, v in mets.items()}
@@ -306,10 +306,10 @@ def _loss_of_logps(x, ids, cfg, inputs, logps):
 
     li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
     lp = logps.double().clone().requires_grad_()
-    terms = reference.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.mask)
-    loss = reference.reduce_loss(terms.loss_tok, li.mask, cfg.loss_type, li.max_completion_length,
+    terms = reference.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.weights)
+    loss = reference.reduce_loss(terms.loss_tok, li.weights, cfg.loss_type, li.max_completion_length,
                                  li.num_items_in_batch)
-    kl = None if terms.kl is None else reference._mean_metric(terms.kl.detach(), li.mask)
+    kl = None if terms.kl is None else reference._mean_metric(terms.kl.detach(), li.weights)
     g = torch.autograd.grad(loss, lp, allow_unused=True)[0] if loss.requires_grad else None
     x64 = x.detach().double().requires_grad_()
     logp_x = reference.token_logprobs(x64, torch.where(li.mask, ids, 0), cfg.temperature, mask=li.mask)
@@ -512,3 +512,39 @@ def check_saved_bytes_per_token(backend):
     per_token = sum(t.numel() * t.element_size() for t in others) / (B * T)
     print(f"\n{backend}: {per_token:.1f} bytes saved for backward per token")
     assert 0 < per_token <= 20, f"{per_token} bytes per token saved"
+
+
+def check_boundary_binding(module):
+    """The Python mirror of the loss parameters against the C++ struct of ``module``: the same field names in
+    the same order, and every field survives a trip through C++ (passed by value and returned) with a value
+    of its own, so two fields bound to one slot would show. The other boundary structs start zeroed and
+    reject unknown names."""
+    from dataclasses import asdict, fields
+
+    import numpy as np
+
+    from grpo_kernels.backends.base import LossParams, native
+
+    assert module.LossParams.FIELDS == tuple(f.name for f in fields(LossParams))
+    p = LossParams(loss_code=2, epsilon_low=0.125, epsilon_high=0.375, has_delta=True, delta=1.5, beta=0.0625,
+                   use_bias_correction_kl=False, sapo_temperature_pos=0.75, sapo_temperature_neg=1.25)
+    assert len({v for v in asdict(p).values() if not isinstance(v, bool)}) == 7  # distinct: a crossed slot shows
+    echoed = module.echo_loss_params(p.to_native(module))
+    assert {name: getattr(echoed, name) for name in module.LossParams.FIELDS} == asdict(p)
+    assert LossParams.unpack(p.pack()) == p
+    # values that fp32 cannot hold arrive rounded to fp32, as the kernels compute
+    q = LossParams.from_config(gk.GRPOConfig(epsilon_low=0.1, beta=0.3, delta=1.7))
+    back = module.echo_loss_params(q.to_native(module))
+    for name in ("epsilon_low", "epsilon_high", "beta", "delta"):
+        assert getattr(back, name) == float(np.float32(getattr(q, name))), name
+    for cls in (module.Rows, module.TokenInputs, module.Outputs):
+        obj = cls()
+        assert all(getattr(obj, name) == 0 for name in cls.FIELDS), cls.__name__
+        with_all = native(cls, **{name: 8 * (i + 1) for i, name in enumerate(cls.FIELDS)})
+        assert [getattr(with_all, name) for name in cls.FIELDS] == [8 * (i + 1) for i in range(len(cls.FIELDS))]
+        try:
+            native(cls, not_a_field=1)
+        except AttributeError:
+            pass
+        else:
+            raise AssertionError(f"{cls.__name__} accepted an unknown field")

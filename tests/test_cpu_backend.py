@@ -37,7 +37,7 @@ from kernel_checks import (
 
 import grpo_kernels as gk
 from grpo_kernels import _C
-from grpo_kernels.backends.base import TokenLossParams
+from grpo_kernels.backends.base import LossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
@@ -113,7 +113,7 @@ def test_on_policy_and_grad_in_forward_path(isa):
 
 
 def test_fused_launcher_matches_token_loss_grad(isa):
-    check_fused_launcher(LAUNCHERS, TokenLossParams.from_config, B=3, T=5)
+    check_fused_launcher(LAUNCHERS, LossParams.from_config, B=3, T=5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,12 +40,14 @@ from kernel_checks import (
     LOSS_DELTA,
     assert_rule,
     check_all_banned_but_one,
+    check_boundary_binding,
     check_fused_launcher,
     check_inplace,
     check_large_magnitude_entropy,
     check_logprobs,
     check_logprobs_no_entropy,
     check_loss,
+    check_loss_outputs,
     check_masked_rows_and_bad_ids,
     loss_inputs,
     make_logits,
@@ -53,7 +55,7 @@ from kernel_checks import (
 
 import grpo_kernels.backends as backends
 from grpo_kernels import reference
-from grpo_kernels.backends.base import BackendInfo, TokenLossParams
+from grpo_kernels.backends.base import BackendInfo, LossParams, native
 from grpo_kernels.backends.cuda_backend import CudaLaunchers
 from grpo_kernels.config import GRPOConfig
 
@@ -229,7 +231,7 @@ def test_on_policy_and_entropy_temperature(b64):
 
 
 def test_fused_launcher_matches_token_loss_grad(emu):
-    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64), TokenLossParams.from_config)
+    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64), LossParams.from_config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,13 +250,22 @@ def test_binding_rejects_bad_arguments(emu):
     x = torch.randn(2, 3, 11)
     ids = torch.zeros(6, dtype=torch.int64)
     o = torch.empty(6)
-    args = (x.data_ptr(), 0, 2, 3, 11, 33, 11, ids.data_ptr())
+    def rows(**change):
+        fields = dict(logits=x.data_ptr(), dtype=0, B=2, T=3, V=11, stride_b=33, stride_t=11, ids=ids.data_ptr(),
+                      tau=1.0)
+        return native(emu.Rows, **{**fields, **change})
+
+    out = native(emu.Outputs, logp=o.data_ptr(), stats=o.data_ptr())
     with pytest.raises(ValueError, match="block"):
-        emu.logprobs_fwd(*args, 1.0, o.data_ptr(), o.data_ptr(), 0, 0, 48)
+        emu.logprobs_fwd(rows(), out, 0, 48)
     with pytest.raises(ValueError, match="dtype"):
-        emu.logprobs_fwd(x.data_ptr(), 5, *args[2:], 1.0, o.data_ptr(), o.data_ptr(), 0, 0)
+        emu.logprobs_fwd(rows(dtype=5), out, 0)
     with pytest.raises(ValueError, match="tau"):
-        emu.logprobs_fwd(*args, 0.0, o.data_ptr(), o.data_ptr(), 0, 0)
+        emu.logprobs_fwd(rows(tau=0.0), out, 0)
+    with pytest.raises(ValueError, match="non-null"):
+        emu.logprobs_fwd(rows(ids=0), out, 0)
+    with pytest.raises(AttributeError):
+        native(emu.Rows, stride_v=1)  # a field the struct does not have
     with pytest.raises(ValueError, match="ids"):
         CudaLaunchers(emu, "cpu").logprobs_fwd(x, ids[:5], 1.0, False)
     with pytest.raises(ValueError, match="logits"):
@@ -296,3 +307,26 @@ def test_thread_sanitizer_clean():
     assert res.stdout.strip().endswith("ok"), res.stdout
     race = _run(exe, "race")
     assert race.returncode == 66 and "data race" in race.stderr, race.stdout + race.stderr[-2000:]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fractional_mask_weights(b64, level, dtype):
+    """A non-boolean completion_mask weights each token (coef carries it into the kernel), weights above 1
+    included; weight-0 positions hold NaN logits and out-of-range ids."""
+    B, T, V = 3, 4, 1007
+    x = make_logits(B, T, V, dtype)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.tensor([[1, 0.5, 0.25, 0], [2, 1, 0, 0], [0.75, 1, 1, 1.5]])
+    x[0, 3] = float("nan")
+    ids[1, 2] = V + 3
+    logp = torch.log_softmax(x.double(), -1).gather(-1, ids.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1).float()
+    inputs = dict(completion_mask=mask, advantages=torch.tensor([0.7, -1.1, 0.4]),
+                  old_logps=logp + 0.3 * torch.randn(B, T), ref_logps=logp + 0.2 * torch.randn(B, T))
+    for loss_type in ("grpo", "dapo", "sapo"):
+        cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04)
+        check_loss_outputs(x, ids, cfg, b64, inputs)
+
+
+def test_boundary_binding(emu):
+    check_boundary_binding(emu)

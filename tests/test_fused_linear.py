@@ -432,11 +432,12 @@ def test_the_chunk_op_traces_fullgraph():
     x = make(torch.float32, seed=10)
     cfg = GRPOConfig(loss_type="dapo", beta=0.04)
     from grpo_kernels import reference
-    from grpo_kernels.fused_linear import _pack_config
+    from grpo_kernels.backends.base import LossParams
 
     def step(h, W, b, ids, mask, adv, old, ref):
         logp, ent, gh, gw, gb = _fused_linear_op(h.detach(), W.detach(), b.detach(), ids, mask, adv, old, ref, None,
-                                                 None, _pack_config(cfg), "dapo", 7, "torch", [True, True, True])
+                                                 None, LossParams.from_config(cfg).pack(), "dapo", 1.0, 7, "torch",
+                                                 [True, True, True])
         loss, _ = reference.loss_from_logps(logp, cfg, adv, mask, old, ref, ent)
         return _attach(loss.detach(), h, W, b, gh, gw, gb)
 
@@ -452,12 +453,12 @@ def test_the_chunk_op_traces_fullgraph():
 
 def test_opcheck_of_the_custom_ops():
     x = make(torch.float32, seed=11)
-    from grpo_kernels.fused_linear import _pack_config
+    from grpo_kernels.backends.base import LossParams
 
-    cfg = _pack_config(GRPOConfig(beta=0.04))
+    params = LossParams.from_config(GRPOConfig(beta=0.04)).pack()
     h, W, b = (t.detach() for t in leaves(x))
-    args = (h, W, b, x["ids"], x["mask"], x["adv"], x["old"], x["ref"], torch.tensor(17.0), None, cfg, "dapo", 7,
-            "torch", [True, True, True])
+    args = (h, W, b, x["ids"], x["mask"], x["adv"], x["old"], x["ref"], torch.tensor(17.0), None, params, "dapo",
+            1.0, 7, "torch", [True, True, True])
     torch.library.opcheck(_fused_linear_op, args, test_utils=("test_schema", "test_faketensor"))
     logp, ent, gh, gw, gb = _fused_linear_op(*args)
     hh, WW, bb = leaves(x)

@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 SOURCES = [ROOT / "csrc/cpu/grpo_cpu.cpp", ROOT / "csrc/tests/asan_cpu_driver.cpp"]
-HEADERS = [ROOT / "csrc/cpu/grpo_cpu.h", ROOT / "csrc/include/grpo_math.h"]
+HEADERS = [ROOT / "csrc/cpu/grpo_cpu.h", ROOT / "csrc/include/grpo_math.h", ROOT / "csrc/include/grpo_boundary.h"]
 # setup.py's CPU_FLAGS (minus -fvisibility), so the sanitized code is the vectorised code that ships
 FLAGS = ["-std=c++17", "-O3", "-g", "-fno-omit-frame-pointer", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
          "-fno-trapping-math", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-Wall", "-Wextra",

@@ -47,7 +47,7 @@ if REASON is None:
     import triton.language as tl
 
     from grpo_kernels.backends import triton_backend as tb
-    from grpo_kernels.backends.base import TokenLossParams
+    from grpo_kernels.backends.base import LossParams
     from grpo_kernels.backends.triton_kernels import _row_offset
 
     @triton.jit
@@ -136,7 +136,7 @@ def test_on_policy_and_temperature():
 
 
 def test_fused_launcher_matches_token_loss_grad():
-    check_fused_launcher(tb.LAUNCHERS, TokenLossParams.from_config)
+    check_fused_launcher(tb.LAUNCHERS, LossParams.from_config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_no_recompilation_for_new_lengths():
             plans = {
                 "fwd": tb.plan_logprobs_fwd(x, ids, 1.0, True, f, f2, f),
                 "bwd": tb.plan_logprobs_bwd(x, ids, f2, f, f, f, 1.0, out),
-                "fused": tb.plan_fused(x, ids, 1.0, f, None, f, f, TokenLossParams.from_config(GRPOConfig()), out,
+                "fused": tb.plan_fused(x, ids, 1.0, f, None, f, f, LossParams.from_config(GRPOConfig()), out,
                                        f, f),
             }
             for name, plan in plans.items():

@@ -1,14 +1,15 @@
 // grpo_kernels._C: pybind11 bindings of the C++ CPU kernels (csrc/cpu/grpo_cpu.cpp).
 //
-// Raw pointers (uintptr_t from tensor.data_ptr()), shapes, element strides and dtype codes only: no torch
-// headers, no libtorch link, so one wheel works with any torch build. grpo_kernels/backends/cpu_backend.py
-// validates and allocates; these functions only check what would make a kernel read out of bounds
-// (shapes, strides, dtype codes), then release the GIL and run.
+// The kernels take the boundary structs of grpo_boundary.h (bound in boundary_py.h), whose pointers are
+// integers from tensor.data_ptr(): no torch headers, no libtorch link, so one wheel works with any torch
+// build. grpo_kernels/backends/cpu_backend.py validates and allocates; these functions only check what would
+// make a kernel read out of bounds (shapes, dtype codes, missing pointers), then release the GIL and run.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
 #include <string>
 
+#include "boundary_py.h"
 #include "grpo_cpu.h"
 #include "grpo_math.h"
 
@@ -21,78 +22,51 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-gkcpu::RowsView rows(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st) {
-  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16), got " + std::to_string(dtype));
-  if (B < 0 || T < 0 || V < 1) throw std::invalid_argument("logits shape [B, T, V] needs B, T >= 0 and V >= 1");
-  if (B * T > 0 && x == 0) throw std::invalid_argument("logits pointer is null");
-  return gkcpu::RowsView{ptr<const void>(x), dtype, B, T, V, sb, st};
-}
-
-float inv(double tau) {
-  if (!(tau > 0.0)) throw std::invalid_argument("tau (temperature) must be > 0");
-  return static_cast<float>(1.0 / tau);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "grpo_kernels C++ CPU kernels (raw pointers; see grpo_kernels/backends/cpu_backend.py)";
+  m.doc() = "grpo_kernels C++ CPU kernels (boundary structs of raw pointers; see grpo_kernels/backends/cpu_backend.py)";
+  gk_py::bind_boundary(m);
 
   m.def(
       "logprobs_fwd",
-      [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
-         uintptr_t logp, uintptr_t stats, uintptr_t ent, int num_threads) {
-        const gkcpu::RowsView rv = rows(x, dtype, B, T, V, sb, st);
-        const float it = inv(tau);
+      [](const gk::Rows& x, const gk::Outputs& out, int num_threads) {
+        gk_py::check_rows(x);
+        if (x.B * x.T > 0 && (out.logp == nullptr || out.stats == nullptr))
+          throw std::invalid_argument("out.logp and out.stats must be non-null");
         py::gil_scoped_release nogil;
-        gkcpu::logprobs_fwd(rv, ptr<const int64_t>(ids), it, ptr<float>(logp), ptr<float>(stats), ptr<float>(ent),
-                            num_threads);
+        gkcpu::logprobs_fwd(x, out, num_threads);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("tau"), py::arg("logp"), py::arg("stats"), py::arg("ent"), py::arg("num_threads"),
-      "logp, row statistics (m, log s) [N, 2] [, entropy] of each row (ent = 0: not computed)");
+      py::arg("rows"), py::arg("out"), py::arg("num_threads"),
+      "out.logp, out.stats = (m, log s) [N, 2] [, out.entropy] of each row (entropy 0: not computed)");
 
   m.def(
       "logprobs_bwd",
-      [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids,
-         uintptr_t stats, uintptr_t ent, uintptr_t g_logp, uintptr_t g_ent, double tau, uintptr_t out, int64_t osb,
-         int64_t ost, int num_threads) {
-        const gkcpu::RowsView rv = rows(x, dtype, B, T, V, sb, st);
-        const float it = inv(tau);
-        if ((ent == 0) != (g_ent == 0)) throw std::invalid_argument("ent and g_ent must both be given or both be 0");
+      [](const gk::Rows& x, const gk::TokenInputs& in, const gk::Outputs& out, int num_threads) {
+        gk_py::check_rows(x);
+        if ((in.entropy == nullptr) != (in.g_entropy == nullptr))
+          throw std::invalid_argument("inputs.entropy and inputs.g_entropy must both be given or both be 0");
+        if (x.B * x.T > 0 && (in.stats == nullptr || in.g_logp == nullptr || out.grad == nullptr))
+          throw std::invalid_argument("inputs.stats, inputs.g_logp and out.grad must be non-null");
         py::gil_scoped_release nogil;
-        gkcpu::logprobs_bwd(rv, ptr<const int64_t>(ids), ptr<const float>(stats), ptr<const float>(ent),
-                            ptr<const float>(g_logp), ptr<const float>(g_ent), it, gkcpu::OutView{ptr<void>(out), osb, ost},
-                            num_threads);
+        gkcpu::logprobs_bwd(x, in, out, num_threads);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("stats"), py::arg("ent"), py::arg("g_logp"), py::arg("g_ent"), py::arg("tau"),
-      py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("num_threads"), "write dL/dlogits into out");
+      py::arg("rows"), py::arg("inputs"), py::arg("out"), py::arg("num_threads"), "write dL/dlogits into out.grad");
 
   m.def(
       "fused_fwd_bwd",
-      [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
-         uintptr_t old, uintptr_t ref, uintptr_t adv, uintptr_t coef, int loss_code, double eps_low, double eps_high,
-         bool has_delta, double delta, double beta, bool bias_corr, double sapo_pos, double sapo_neg, uintptr_t logp,
-         uintptr_t ent, uintptr_t out, int64_t osb, int64_t ost, int num_threads) {
-        const gkcpu::RowsView rv = rows(x, dtype, B, T, V, sb, st);
-        const float it = inv(tau);
-        if (loss_code < 0 || loss_code > 2) throw std::invalid_argument("loss_code must be 0 (clip), 1 (cispo) or 2 (sapo)");
-        const gkcpu::FusedArgs a{ptr<const float>(old), ptr<const float>(ref), ptr<const float>(adv),
-                                 ptr<const float>(coef), loss_code, static_cast<float>(eps_low),
-                                 static_cast<float>(eps_high), has_delta, static_cast<float>(delta),
-                                 static_cast<float>(beta), bias_corr, static_cast<float>(sapo_pos),
-                                 static_cast<float>(sapo_neg)};
+      [](const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p, const gk::Outputs& out,
+         int num_threads) {
+        gk_py::check_rows(x);
+        gk_py::check_loss_params(p);
+        if (x.B * x.T > 0 && (in.advantages == nullptr || in.coef == nullptr || out.logp == nullptr ||
+                              out.entropy == nullptr || out.grad == nullptr))
+          throw std::invalid_argument("inputs.advantages, inputs.coef, out.logp, out.entropy and out.grad must be non-null");
         py::gil_scoped_release nogil;
-        gkcpu::fused_fwd_bwd(rv, ptr<const int64_t>(ids), it, a, ptr<float>(logp), ptr<float>(ent),
-                             gkcpu::OutView{ptr<void>(out), osb, ost}, num_threads);
+        gkcpu::fused_fwd_bwd(x, in, p, out, num_threads);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("tau"), py::arg("old"), py::arg("ref"), py::arg("adv"), py::arg("coef"),
-      py::arg("loss_code"), py::arg("eps_low"), py::arg("eps_high"), py::arg("has_delta"), py::arg("delta"),
-      py::arg("beta"), py::arg("bias_corr"), py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("logp"),
-      py::arg("ent"), py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("num_threads"),
-      "logp, entropy and the loss gradient w.r.t. the logits in one pass");
+      py::arg("rows"), py::arg("inputs"), py::arg("params"), py::arg("out"), py::arg("num_threads"),
+      "out.logp, out.entropy and the loss gradient w.r.t. the logits (out.grad) in one pass");
 
   m.attr("ISAS") = py::make_tuple(gkcpu::kIsas[0], gkcpu::kIsas[1], gkcpu::kIsas[2]);
   m.def("isa", &gkcpu::isa, "row-kernel instruction set in use: one of ISAS ('baseline', 'avx2', 'avx512')");

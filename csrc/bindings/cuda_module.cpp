@@ -1,10 +1,11 @@
 // grpo_kernels._cuda: pybind11 bindings of the CUDA kernels (csrc/cuda/grpo_cuda.cu).
 //
-// Raw device pointers (uintptr_t from tensor.data_ptr()), shapes, element strides, dtype codes and the
-// caller's stream (uintptr_t of torch.cuda.current_stream().cuda_stream): no torch headers, no libtorch
-// link, cudart linked statically. grpo_kernels/backends/cuda_backend.py validates and allocates; these
-// functions check what would make a kernel access memory out of bounds (shapes, dtype codes, block size),
-// enqueue the kernel without waiting for it, and raise RuntimeError on a launch error (cudaGetLastError).
+// The kernels take the boundary structs of grpo_boundary.h (bound in boundary_py.h), whose pointers are
+// integers from tensor.data_ptr() (device pointers), plus the caller's stream (uintptr_t of
+// torch.cuda.current_stream().cuda_stream): no torch headers, no libtorch link, cudart linked statically.
+// grpo_kernels/backends/cuda_backend.py validates and allocates; these functions check what would make a
+// kernel access memory out of bounds (shapes, dtype codes, missing pointers, block size), enqueue the kernel
+// without waiting for it, and raise RuntimeError on a launch error (cudaGetLastError).
 //
 // The same file is compiled into the test-only module grpo_kernels_cuda_emu (csrc/emu/emu_module.cpp),
 // where GK_CUDA_EMU is defined and the kernels run on the CPU emulator; GK_CUDA_PYMODULE names the module.
@@ -13,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "boundary_py.h"
 #include "grpo_cuda.cuh"
 
 #ifndef GK_CUDA_PYMODULE
@@ -23,23 +25,9 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-gkcuda::Rows rows(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st) {
-  if (dtype < 0 || dtype > 2)
-    throw std::invalid_argument("dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16), got " + std::to_string(dtype));
-  if (B < 0 || T < 0 || V < 1) throw std::invalid_argument("logits shape [B, T, V] needs B, T >= 0 and V >= 1");
-  if (B * T > 0x7fffffffLL) throw std::invalid_argument("more than 2^31 - 1 rows (B*T) in one launch");
-  if (B * T > 0 && x == 0) throw std::invalid_argument("logits pointer is null");
-  return gkcuda::Rows{ptr<const void>(x), dtype, B, T, V, sb, st};
-}
-
-float inv(double tau) {
-  if (!(tau > 0.0)) throw std::invalid_argument("tau (temperature) must be > 0");
-  return static_cast<float>(1.0 / tau);
+void check_rows(const gk::Rows& x) {
+  gk_py::check_rows(x);
+  if (x.B * x.T > 0x7fffffffLL) throw std::invalid_argument("more than 2^31 - 1 rows (B*T) in one launch");
 }
 
 void check_block(int block) {
@@ -73,83 +61,61 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
 
   m.def("default_block", &gkcuda::default_block, py::arg("V"), "threads per block used for block=0");
 
+  gk_py::bind_boundary(m);
+
   m.def(
       "logprobs_fwd",
-      [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
-         uintptr_t logp, uintptr_t stats, uintptr_t ent, uintptr_t stream, int block) {
-        const gkcuda::Rows rv = rows(x, dtype, B, T, V, sb, st);
-        const float it = inv(tau);
+      [](const gk::Rows& x, const gk::Outputs& out, uintptr_t stream, int block) {
+        check_rows(x);
         check_block(block);
+        if (x.B * x.T > 0 && (out.logp == nullptr || out.stats == nullptr))
+          throw std::invalid_argument("out.logp and out.stats must be non-null");
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = gkcuda::logprobs_fwd(rv, ptr<const int64_t>(ids), it, ptr<float>(logp), ptr<float>(stats),
-                                   ptr<float>(ent), block, stream_of(stream));
+          e = gkcuda::logprobs_fwd(x, out, block, stream_of(stream));
         }
         check(e, "logprobs_fwd");
       },
-      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("tau"), py::arg("logp"), py::arg("stats"), py::arg("ent"), py::arg("stream"),
-      py::arg("block") = 0, "logp, row statistics (m, log s) [N, 2] [, entropy] of each row (ent = 0: not computed)");
+      py::arg("rows"), py::arg("out"), py::arg("stream"), py::arg("block") = 0,
+      "out.logp, out.stats = (m, log s) [N, 2] [, out.entropy] of each row (entropy 0: not computed)");
 
   m.def(
       "logprobs_bwd",
-      [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids,
-         uintptr_t stats, uintptr_t ent, uintptr_t g_logp, uintptr_t g_ent, double tau, uintptr_t out, int64_t osb,
-         int64_t ost, uintptr_t stream, int block) {
-        const gkcuda::Rows rv = rows(x, dtype, B, T, V, sb, st);
-        const float it = inv(tau);
+      [](const gk::Rows& x, const gk::TokenInputs& in, const gk::Outputs& out, uintptr_t stream, int block) {
+        check_rows(x);
         check_block(block);
-        if ((ent == 0) != (g_ent == 0)) throw std::invalid_argument("ent and g_ent must both be given or both be 0");
-        if (B * T > 0 && out == 0) throw std::invalid_argument("out pointer is null");
+        if ((in.entropy == nullptr) != (in.g_entropy == nullptr))
+          throw std::invalid_argument("inputs.entropy and inputs.g_entropy must both be given or both be 0");
+        if (x.B * x.T > 0 && (in.stats == nullptr || in.g_logp == nullptr || out.grad == nullptr))
+          throw std::invalid_argument("inputs.stats, inputs.g_logp and out.grad must be non-null");
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = gkcuda::logprobs_bwd(rv, ptr<const int64_t>(ids), ptr<const float>(stats), ptr<const float>(ent),
-                                   ptr<const float>(g_logp), ptr<const float>(g_ent), it,
-                                   gkcuda::Out{ptr<void>(out), osb, ost}, block, stream_of(stream));
+          e = gkcuda::logprobs_bwd(x, in, out, block, stream_of(stream));
         }
         check(e, "logprobs_bwd");
       },
-      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("stats"), py::arg("ent"), py::arg("g_logp"), py::arg("g_ent"), py::arg("tau"),
-      py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("stream"), py::arg("block") = 0,
-      "write dL/dlogits into out");
+      py::arg("rows"), py::arg("inputs"), py::arg("out"), py::arg("stream"), py::arg("block") = 0,
+      "write dL/dlogits into out.grad");
 
   m.def(
       "fused_fwd_bwd",
-      [](uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t sb, int64_t st, uintptr_t ids, double tau,
-         uintptr_t old, uintptr_t ref, uintptr_t adv, uintptr_t coef, int loss_code, double eps_low, double eps_high,
-         bool has_delta, double delta, double beta, bool bias_corr, double sapo_pos, double sapo_neg, uintptr_t logp,
-         uintptr_t ent, uintptr_t out, int64_t osb, int64_t ost, uintptr_t stream, int block) {
-        const gkcuda::Rows rv = rows(x, dtype, B, T, V, sb, st);
-        const float it = inv(tau);
+      [](const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p, const gk::Outputs& out,
+         uintptr_t stream, int block) {
+        check_rows(x);
         check_block(block);
-        if (loss_code < 0 || loss_code > 2)
-          throw std::invalid_argument("loss_code must be 0 (clip), 1 (cispo) or 2 (sapo), got " +
-                                      std::to_string(loss_code));
-        if (B * T > 0 && (adv == 0 || coef == 0 || logp == 0 || ent == 0 || out == 0))
-          throw std::invalid_argument("adv, coef, logp, ent and out must be non-null");
-        gkcuda::FusedArgs a;
-        a.old = ptr<const float>(old);
-        a.ref = ptr<const float>(ref);
-        a.adv = ptr<const float>(adv);
-        a.coef = ptr<const float>(coef);
-        a.p = gk::LossParams{loss_code, static_cast<float>(eps_low), static_cast<float>(eps_high), has_delta ? 1 : 0,
-                             static_cast<float>(delta), static_cast<float>(beta), bias_corr ? 1 : 0,
-                             static_cast<float>(sapo_pos), static_cast<float>(sapo_neg)};
+        gk_py::check_loss_params(p);
+        if (x.B * x.T > 0 && (in.advantages == nullptr || in.coef == nullptr || out.logp == nullptr ||
+                              out.entropy == nullptr || out.grad == nullptr))
+          throw std::invalid_argument("inputs.advantages, inputs.coef, out.logp, out.entropy and out.grad must be non-null");
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = gkcuda::fused_fwd_bwd(rv, ptr<const int64_t>(ids), it, a, ptr<float>(logp), ptr<float>(ent),
-                                    gkcuda::Out{ptr<void>(out), osb, ost}, block, stream_of(stream));
+          e = gkcuda::fused_fwd_bwd(x, in, p, out, block, stream_of(stream));
         }
         check(e, "fused_fwd_bwd");
       },
-      py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sb"), py::arg("st"),
-      py::arg("ids"), py::arg("tau"), py::arg("old"), py::arg("ref"), py::arg("adv"), py::arg("coef"),
-      py::arg("loss_code"), py::arg("eps_low"), py::arg("eps_high"), py::arg("has_delta"), py::arg("delta"),
-      py::arg("beta"), py::arg("bias_corr"), py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("logp"),
-      py::arg("ent"), py::arg("out"), py::arg("osb"), py::arg("ost"), py::arg("stream"), py::arg("block") = 0,
-      "logp, entropy and the loss gradient w.r.t. the logits in one launch");
+      py::arg("rows"), py::arg("inputs"), py::arg("params"), py::arg("out"), py::arg("stream"), py::arg("block") = 0,
+      "out.logp, out.entropy and the loss gradient w.r.t. the logits (out.grad) in one launch");
 }

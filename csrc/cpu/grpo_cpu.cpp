@@ -6,8 +6,7 @@
 // Passes over one row of V logits (z = x * inv_tau):
 //   forward   1) m = max x             2) s = sum e^{d}, t = sum e^{d} d, d = (x - m)/tau -> (m, log s), logp, H
 //   backward  1) out_v = (g_logp (onehot - p_v) - g_ent p_v (d_v + H)) / tau,  p_v = e^{d_v},
-//                d_v = (x_v - m)/tau - log s from the saved PAIR (m, log s) (never from one rounded lse: see
-//                grpo_math.h)
+//                d_v = (x_v - m)/tau - log s from the saved pair (m, log s) (grpo_boundary.h)
 //   fused     1) m   2) e_v = e^{(x_v-m)/tau} kept in a per-thread fp32 scratch row, s, t -> logp, entropy,
 //             g = coef * dloss/dlogp   3) out_v = g (onehot - e_v / s) / tau   (one exp per element)
 // The row is read from memory once; passes 2 and 3 hit the cache (a 32k-vocabulary row is 128 KiB in fp32).
@@ -15,17 +14,17 @@
 // ISA: every row kernel is compiled from one template body for the compiler's baseline ISA and, on x86-64,
 // twice more through function attributes: AVX2+FMA+F16C (256-bit vectors) and AVX-512 F/BW/DQ/VL with
 // 512-bit vectors preferred. The widest set the CPU reports is chosen at load time (GRPO_KERNELS_CPU_ISA=
-// avx2 or =baseline asks for less), so one wheel runs on any x86-64 CPU. AVX-512 halves the instructions
-// of the exp loops: fp32 fused loss 28-31 -> 18-21 ms at N=2048, V=32000 on a 2-core AMD EPYC (Zen 4, reused
-// output buffer, 2026-12-02); bf16 gains little (28 -> 24 ms) because GCC 12 keeps 256-bit vectors in the
-// loops that load 16-bit elements. The OpenMP row loops are baseline code that call the row kernel through a
-// function pointer (one call per row).
+// avx2 or =baseline, any case, asks for less), so one wheel runs on any x86-64 CPU. AVX-512 halves the instructions
+// of the exp loops; bf16 gains less because GCC keeps 256-bit vectors in the loops that load 16-bit
+// elements. The OpenMP row loops are baseline code that call the row kernel through a function pointer
+// (one call per row).
 #include "grpo_cpu.h"
 
 #include <omp.h>
 #include <new>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>  // strcasecmp
 
 #include "grpo_math.h"
 
@@ -82,11 +81,8 @@ constexpr int64_t kChunk = 512;
 // ---- row bodies (inlined into each ISA's wrapper) --------------------------------------------------
 
 // r[0] = logp, r[1] = m (max of the raw logits), r[2] = log s, r[3] = entropy
+// d = (x - max x) / tau, never x / tau - m: see "Shifted logits" in grpo_boundary.h.
 template <int DT, bool ENT>
-// shifted_logit: d = z - m is computed as (x - max x) / tau, not x / tau - m. With -ffp-contract=fast the
-// AVX2 build turned x * inv_tau - m into an FMA (exact product) against the ROUNDED m = max(x) * inv_tau, so the
-// top logit got d = (rounding error of m) instead of 0: with V = 1 a log-prob of +8.8e-5 (x = 301.7,
-// tau = 0.109). x - max x is exact for the top logits (Sterbenz), and logp = d_id - log s needs no lse.
 GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float inv_tau, float* r) {
   const ET<DT>* x = static_cast<const ET<DT>*>(xv);
   float mx = -kInf;
@@ -101,7 +97,7 @@ GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float 
     float sc = 0.f, tc = 0.f;
 #pragma omp simd reduction(+ : sc, tc)
     for (int64_t v = c0; v < c1; ++v) {
-      const float d = (Elem<DT>::load(x[v]) - mx) * inv_tau;  // see shifted_logit
+      const float d = (Elem<DT>::load(x[v]) - mx) * inv_tau;  // shifted logit, see above
       const float e = vexp(d);
       sc += e;
       if (ENT) tc += d > -kInf ? e * d : 0.f;  // z = -inf: p = 0 contributes 0, not 0 * -inf
@@ -267,7 +263,7 @@ const RowKernels* choose_default() {
   const RowKernels* best = &isa_base::table;
   for (const IsaBuild& b : kBuilds) {
     if (b.cpu_runs()) best = b.table;
-    if (env && strcmp(env, b.name) == 0) break;
+    if (env && strcasecmp(env, b.name) == 0) break;  // any case; unknown names are rejected in Python
   }
   return best;
 }
@@ -282,58 +278,58 @@ int threads(int requested) { return requested > 0 ? requested : omp_get_max_thre
 
 }  // namespace
 
-void logprobs_fwd(const RowsView& x, const int64_t* ids, float inv_tau, float* logp, float* stats, float* ent,
-                  int num_threads) {
+void logprobs_fwd(const gk::Rows& x, const gk::Outputs& out, int num_threads) {
   const int64_t N = x.B * x.T;
   if (N == 0) return;
+  const float inv_tau = static_cast<float>(1.0 / x.tau);
+  float* ent = out.entropy;
   const FwdRowFn fn = g_kernels->fwd[x.dtype][ent != nullptr];
-  const char* base = static_cast<const char*>(x.x);
+  const char* base = static_cast<const char*>(x.logits);
   const size_t es = elem_size(x.dtype);
 #pragma omp parallel for schedule(static) num_threads(threads(num_threads))
   for (int64_t n = 0; n < N; ++n) {
     float r[4];
-    fn(base + row_off(n, x.T, x.sb, x.st) * es, x.V, ids[n], inv_tau, r);
-    logp[n] = r[0];
-    stats[2 * n] = r[1];
-    stats[2 * n + 1] = r[2];
+    fn(base + row_off(n, x.T, x.stride_b, x.stride_t) * es, x.V, x.ids[n], inv_tau, r);
+    out.logp[n] = r[0];
+    out.stats[2 * n] = r[1];
+    out.stats[2 * n + 1] = r[2];
     if (ent) ent[n] = r[3];
   }
 }
 
-void logprobs_bwd(const RowsView& x, const int64_t* ids, const float* stats, const float* ent, const float* g_logp,
-                  const float* g_ent, float inv_tau, const OutView& out, int num_threads) {
+void logprobs_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::Outputs& out, int num_threads) {
   const int64_t N = x.B * x.T;
   if (N == 0) return;
-  const bool use_ent = ent != nullptr && g_ent != nullptr;
+  const float inv_tau = static_cast<float>(1.0 / x.tau);
+  const bool use_ent = in.entropy != nullptr && in.g_entropy != nullptr;
   const BwdRowFn fn = g_kernels->bwd[x.dtype][use_ent];
-  const char* base = static_cast<const char*>(x.x);
-  char* obase = static_cast<char*>(out.p);
+  const char* base = static_cast<const char*>(x.logits);
+  char* obase = static_cast<char*>(out.grad);
   const size_t es = elem_size(x.dtype);
   const int64_t V = x.V;
 #pragma omp parallel for schedule(static) num_threads(threads(num_threads))
   for (int64_t n = 0; n < N; ++n) {
-    const float g = g_logp[n], ge = use_ent ? g_ent[n] : 0.f;
-    char* orow = obase + row_off(n, x.T, out.sb, out.st) * es;
+    const float g = in.g_logp[n], ge = use_ent ? in.g_entropy[n] : 0.f;
+    char* orow = obase + row_off(n, x.T, out.grad_stride_b, out.grad_stride_t) * es;
     if (g == 0.f && ge == 0.f) {  // masked token: zeros, its logits are not read
       memset(orow, 0, static_cast<size_t>(V) * es);
       continue;
     }
-    fn(base + row_off(n, x.T, x.sb, x.st) * es, orow, V, ids[n], stats[2 * n], stats[2 * n + 1], use_ent ? ent[n] : 0.f,
-       g, ge, inv_tau);
+    fn(base + row_off(n, x.T, x.stride_b, x.stride_t) * es, orow, V, x.ids[n], in.stats[2 * n], in.stats[2 * n + 1],
+       use_ent ? in.entropy[n] : 0.f, g, ge, inv_tau);
   }
 }
 
-void fused_fwd_bwd(const RowsView& x, const int64_t* ids, float inv_tau, const FusedArgs& a, float* logp, float* ent,
-                   const OutView& out, int num_threads) {
+void fused_fwd_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p, const gk::Outputs& out,
+                   int num_threads) {
   const int64_t N = x.B * x.T;
   if (N == 0) return;
+  const float inv_tau = static_cast<float>(1.0 / x.tau);
   const FusedRowFn fn = g_kernels->fused[x.dtype];
-  const char* base = static_cast<const char*>(x.x);
-  char* obase = static_cast<char*>(out.p);
+  const char* base = static_cast<const char*>(x.logits);
+  char* obase = static_cast<char*>(out.grad);
   const size_t es = elem_size(x.dtype);
   const int64_t V = x.V;
-  const gk::LossParams P = {a.loss_code, a.eps_low, a.eps_high, a.has_delta, a.delta, a.beta, a.bias_corr,
-                            a.sapo_pos, a.sapo_neg};
   bool alloc_failed = false;
 #pragma omp parallel num_threads(threads(num_threads))
   {
@@ -346,18 +342,18 @@ void fused_fwd_bwd(const RowsView& x, const int64_t* ids, float inv_tau, const F
     for (int64_t n = 0; n < N; ++n) {
       if (!scratch) continue;
       RowLoss L;
-      L.p = P;
-      L.has_old = a.old != nullptr;
-      L.has_ref = a.ref != nullptr;
-      L.old = a.old ? a.old[n] : 0.f;
-      L.ref = a.ref ? a.ref[n] : 0.f;
-      L.adv = a.adv[n];
-      L.coef = a.coef[n];
+      L.p = p;
+      L.has_old = in.old_logps != nullptr;
+      L.has_ref = in.ref_logps != nullptr;
+      L.old = in.old_logps ? in.old_logps[n] : 0.f;
+      L.ref = in.ref_logps ? in.ref_logps[n] : 0.f;
+      L.adv = in.advantages[n];
+      L.coef = in.coef[n];
       float r[2];
-      fn(base + row_off(n, x.T, x.sb, x.st) * es, obase + row_off(n, x.T, out.sb, out.st) * es, V, ids[n], inv_tau, L,
-         scratch, r);
-      logp[n] = r[0];
-      ent[n] = r[1];
+      fn(base + row_off(n, x.T, x.stride_b, x.stride_t) * es,
+         obase + row_off(n, x.T, out.grad_stride_b, out.grad_stride_t) * es, V, x.ids[n], inv_tau, L, scratch, r);
+      out.logp[n] = r[0];
+      out.entropy[n] = r[1];
     }
     free(scratch);
   }

@@ -17,24 +17,21 @@ namespace {
 
 typedef void (*Kernel)(KArgs);
 
-KArgs base_args(const Rows& x, const int64_t* ids, float inv_tau) {
+KArgs make_args(const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p, const gk::Outputs& out) {
   KArgs a;
-  memset(&a, 0, sizeof a);
-  a.x = x.x;
-  a.ids = ids;
-  a.T = x.T;
-  a.V = x.V;
-  a.sb = x.sb;
-  a.st = x.st;
-  a.inv_tau = inv_tau;
+  a.x = x;
+  a.in = in;
+  a.out = out;
+  a.lp = p;
+  a.inv_tau = static_cast<float>(1.0 / x.tau);
   return a;
 }
 
 cudaError_t launch(Kernel k, const KArgs& a, int64_t N, int block, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  if (block == 0) block = default_block(a.V);
+  if (block == 0) block = default_block(a.x.V);
   // one block per row: gridDim.x <= 2^31 - 1 rows; a multiple of 32 threads (the reductions use whole warps)
-  if (N < 0 || N > 0x7fffffffLL || a.V < 1 || a.T < 1 || block < 32 || block > kMaxBlock || block % 32 != 0)
+  if (N < 0 || N > 0x7fffffffLL || a.x.V < 1 || a.x.T < 1 || block < 32 || block > kMaxBlock || block % 32 != 0)
     return cudaErrorInvalidValue;
   GK_LAUNCH(k, dim3(static_cast<unsigned>(N)), dim3(static_cast<unsigned>(block)), 0, stream, a);
   return cudaGetLastError();
@@ -74,49 +71,25 @@ struct Fused {
 
 }  // namespace
 
-cudaError_t logprobs_fwd(const Rows& x, const int64_t* ids, float inv_tau, float* logp, float* stats, float* ent,
-                         int block, cudaStream_t stream) {
-  KArgs a = base_args(x, ids, inv_tau);
-  a.logp = logp;
-  a.stats = stats;
-  a.ent = ent;
-  const Kernel k = ent ? by_dtype<FwdEnt>(x.dtype) : by_dtype<FwdNoEnt>(x.dtype);
+cudaError_t logprobs_fwd(const gk::Rows& x, const gk::Outputs& out, int block, cudaStream_t stream) {
+  const Kernel k = out.entropy ? by_dtype<FwdEnt>(x.dtype) : by_dtype<FwdNoEnt>(x.dtype);
   if (!k) return cudaErrorInvalidValue;
-  return launch(k, a, x.B * x.T, block, stream);
+  return launch(k, make_args(x, gk::TokenInputs{}, gk::LossParams{}, out), x.B * x.T, block, stream);
 }
 
-cudaError_t logprobs_bwd(const Rows& x, const int64_t* ids, const float* stats, const float* ent, const float* g_logp,
-                         const float* g_ent, float inv_tau, const Out& out, int block, cudaStream_t stream) {
-  if ((ent == nullptr) != (g_ent == nullptr)) return cudaErrorInvalidValue;
-  KArgs a = base_args(x, ids, inv_tau);
-  a.out = out.p;
-  a.osb = out.sb;
-  a.ost = out.st;
-  a.stats_in = stats;
-  a.ent_in = ent;
-  a.g_logp = g_logp;
-  a.g_ent = g_ent;
-  const Kernel k = ent ? by_dtype<BwdEnt>(x.dtype) : by_dtype<BwdNoEnt>(x.dtype);
+cudaError_t logprobs_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::Outputs& out, int block,
+                         cudaStream_t stream) {
+  if ((in.entropy == nullptr) != (in.g_entropy == nullptr)) return cudaErrorInvalidValue;
+  const Kernel k = in.entropy ? by_dtype<BwdEnt>(x.dtype) : by_dtype<BwdNoEnt>(x.dtype);
   if (!k) return cudaErrorInvalidValue;
-  return launch(k, a, x.B * x.T, block, stream);
+  return launch(k, make_args(x, in, gk::LossParams{}, out), x.B * x.T, block, stream);
 }
 
-cudaError_t fused_fwd_bwd(const Rows& x, const int64_t* ids, float inv_tau, const FusedArgs& f, float* logp,
-                          float* ent, const Out& out, int block, cudaStream_t stream) {
-  KArgs a = base_args(x, ids, inv_tau);
-  a.out = out.p;
-  a.osb = out.sb;
-  a.ost = out.st;
-  a.logp = logp;
-  a.ent = ent;
-  a.old = f.old;
-  a.ref = f.ref;
-  a.adv = f.adv;
-  a.coef = f.coef;
-  a.lp = f.p;
+cudaError_t fused_fwd_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p,
+                          const gk::Outputs& out, int block, cudaStream_t stream) {
   const Kernel k = by_dtype<Fused>(x.dtype);
   if (!k) return cudaErrorInvalidValue;
-  return launch(k, a, x.B * x.T, block, stream);
+  return launch(k, make_args(x, in, p, out), x.B * x.T, block, stream);
 }
 
 }  // namespace gkcuda

@@ -7,11 +7,8 @@
 //             memory merge the states with gk::lse_merge -> row statistics (m, log s), entropy
 //             H = log s - t/s, logp = (x[id] - m) / tau - log s.
 //   backward  out_v = -p_v (a + b (d_v + H)) with p_v = e^{d_v}, d_v = (x_v - m) / tau - log s from the
-//             saved PAIR (m, log s) (never one rounded lse: z_v - fl(lse) loses |lse| eps / 2 of p_v at
-//             logits ~1e4 or tau 1e-3), a = g_logp/tau, b = g_ent/tau, and out[id] += a (written by thread 0
-//             after a barrier with gk::grad_elem, see below).
-//   x - m (not x / tau - m / tau) also keeps nvcc from contracting the shift into an FMA against a rounded
-//   m / tau (which gave the top logit of a V = 1 row a log-prob above 0 in the C++ AVX2 build).
+//             saved pair (m, log s) (why the pair, and why x - m first: grpo_boundary.h), a = g_logp/tau,
+//             b = g_ent/tau, and out[id] += a (written by thread 0 after a barrier with gk::grad_elem).
 //   fused     forward, then g = coef * dloss/dlogp(logp) (gk::dloss_dlogp), then the backward with b = 0.
 // Memory access: a row is split into a scalar head (up to the first 16-byte boundary of the row), an
 // unmasked main loop of 16-byte vectors (float4 = 4 fp32, uint4 = 8 bf16/fp16), 4 independent vectors in
@@ -286,23 +283,11 @@ __device__ __forceinline__ void write_grad(const typename gk::Elem<DT>::T* xrow,
 
 // ---- kernel arguments (one struct for every kernel, passed by value) ---------------------------------
 struct KArgs {
-  const void* x;
-  void* out;
-  const int64_t* ids;
-  int64_t T, V, sb, st, osb, ost;
-  float inv_tau;
-  const float* stats_in;  // backward inputs: (m, log s) per row
-  const float* ent_in;
-  const float* g_logp;
-  const float* g_ent;
-  float* logp;  // forward outputs
-  float* stats;  // (m, log s) per row
-  float* ent;
-  const float* old;  // fused inputs
-  const float* ref;
-  const float* adv;
-  const float* coef;
+  gk::Rows x;
+  gk::TokenInputs in;
+  gk::Outputs out;
   gk::LossParams lp;
+  float inv_tau;  // 1 / x.tau, rounded once on the host
 };
 
 __device__ __forceinline__ int64_t row_offset(int64_t n, int64_t T, int64_t sb, int64_t st) {
@@ -316,17 +301,17 @@ __global__ void __launch_bounds__(kMaxBlock) fwd_kernel(KArgs a) {
   typedef typename gk::Elem<DT>::T ET;
   GK_SHARED(sh, gk::LseState, 33);
   const int64_t n = blockIdx.x;
-  const ET* row = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
-  const Span sp = split_row<DT>(row, a.V);
-  const gk::LseState st = row_state<DT, ENT>(row, a.V, a.inv_tau, sp, sh);
+  const ET* row = static_cast<const ET*>(a.x.logits) + row_offset(n, a.x.T, a.x.stride_b, a.x.stride_t);
+  const Span sp = split_row<DT>(row, a.x.V);
+  const gk::LseState st = row_state<DT, ENT>(row, a.x.V, a.inv_tau, sp, sh);
   if (threadIdx.x == 0) {
     const float ls = logf(st.s);
-    const int64_t id = a.ids[n];
-    a.logp[n] = (id >= 0 && id < a.V) ? gk::shifted_logit(gk::Elem<DT>::load(row[id]), st.m, ls, a.inv_tau)
-                                      : gk::quiet_nan();
-    a.stats[2 * n] = st.m;
-    a.stats[2 * n + 1] = ls;
-    if (ENT) a.ent[n] = gk::entropy_value(st);
+    const int64_t id = a.x.ids[n];
+    a.out.logp[n] = (id >= 0 && id < a.x.V) ? gk::shifted_logit(gk::Elem<DT>::load(row[id]), st.m, ls, a.inv_tau)
+                                            : gk::quiet_nan();
+    a.out.stats[2 * n] = st.m;
+    a.out.stats[2 * n + 1] = ls;
+    if (ENT) a.out.entropy[n] = gk::entropy_value(st);
   }
 }
 
@@ -334,19 +319,19 @@ template <int DT, bool ENT>
 __global__ void __launch_bounds__(kMaxBlock) bwd_kernel(KArgs a) {
   typedef typename gk::Elem<DT>::T ET;
   const int64_t n = blockIdx.x;
-  ET* orow = static_cast<ET*>(a.out) + row_offset(n, a.T, a.osb, a.ost);
-  const float g_logp = a.g_logp[n], g_ent = ENT ? a.g_ent[n] : 0.f;
+  ET* orow = static_cast<ET*>(a.out.grad) + row_offset(n, a.x.T, a.out.grad_stride_b, a.out.grad_stride_t);
+  const float g_logp = a.in.g_logp[n], g_ent = ENT ? a.in.g_entropy[n] : 0.f;
   if (g_logp == 0.f && g_ent == 0.f) {  // masked row: exact zeros, its logits are not read (uniform branch)
-    zero_row<DT>(orow, a.V);
+    zero_row<DT>(orow, a.x.V);
     return;
   }
-  const ET* xrow = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
-  const int64_t id = a.ids[n];
-  const bool valid = id >= 0 && id < a.V;
+  const ET* xrow = static_cast<const ET*>(a.x.logits) + row_offset(n, a.x.T, a.x.stride_b, a.x.stride_t);
+  const int64_t id = a.x.ids[n];
+  const bool valid = id >= 0 && id < a.x.V;
   const float x_id = (threadIdx.x == 0 && valid) ? gk::Elem<DT>::load(xrow[id]) : 0.f;
   __syncthreads();  // inplace: x[id] is read before any thread overwrites it
-  write_grad<DT, ENT>(xrow, orow, a.V, split_row<DT>(xrow, a.V), a.inv_tau, a.stats_in[2 * n], a.stats_in[2 * n + 1],
-                      ENT ? a.ent_in[n] : 0.f, g_logp, g_ent, valid, id, x_id);
+  write_grad<DT, ENT>(xrow, orow, a.x.V, split_row<DT>(xrow, a.x.V), a.inv_tau, a.in.stats[2 * n],
+                      a.in.stats[2 * n + 1], ENT ? a.in.entropy[n] : 0.f, g_logp, g_ent, valid, id, x_id);
 }
 
 template <int DT>
@@ -354,28 +339,30 @@ __global__ void __launch_bounds__(kMaxBlock) fused_kernel(KArgs a) {
   typedef typename gk::Elem<DT>::T ET;
   GK_SHARED(sh, gk::LseState, 33);
   const int64_t n = blockIdx.x;
-  const ET* xrow = static_cast<const ET*>(a.x) + row_offset(n, a.T, a.sb, a.st);
-  ET* orow = static_cast<ET*>(a.out) + row_offset(n, a.T, a.osb, a.ost);
-  const int64_t id = a.ids[n];
-  const bool valid = id >= 0 && id < a.V;
+  const ET* xrow = static_cast<const ET*>(a.x.logits) + row_offset(n, a.x.T, a.x.stride_b, a.x.stride_t);
+  ET* orow = static_cast<ET*>(a.out.grad) + row_offset(n, a.x.T, a.out.grad_stride_b, a.out.grad_stride_t);
+  const int64_t id = a.x.ids[n];
+  const bool valid = id >= 0 && id < a.x.V;
   const float x_id = valid ? gk::Elem<DT>::load(xrow[id]) : gk::quiet_nan();  // same address: one load
-  const Span sp = split_row<DT>(xrow, a.V);
+  const Span sp = split_row<DT>(xrow, a.x.V);
   // the barriers inside row_state order every read of x above before any write below (inplace)
-  const gk::LseState st = row_state<DT, true>(xrow, a.V, a.inv_tau, sp, sh);
+  const gk::LseState st = row_state<DT, true>(xrow, a.x.V, a.inv_tau, sp, sh);
   const float ls = logf(st.s), H = gk::entropy_value(st);
   const float logp = gk::shifted_logit(x_id, st.m, ls, a.inv_tau);  // NaN for an invalid id
   if (threadIdx.x == 0) {
-    a.logp[n] = logp;
-    a.ent[n] = H;
+    a.out.logp[n] = logp;
+    a.out.entropy[n] = H;
   }
-  const float coef = a.coef[n];
+  const float coef = a.in.coef[n];
   if (coef == 0.f) {  // masked row: exact zeros whatever its logits (uniform branch)
-    zero_row<DT>(orow, a.V);
+    zero_row<DT>(orow, a.x.V);
     return;
   }
-  const float g = coef * gk::dloss_dlogp(logp, a.old != nullptr, a.old ? a.old[n] : 0.f, a.ref != nullptr,
-                                         a.ref ? a.ref[n] : 0.f, a.adv[n], a.lp);
-  write_grad<DT, false>(xrow, orow, a.V, sp, a.inv_tau, st.m, ls, H, g, 0.f, valid, id, x_id);
+  const float* old = a.in.old_logps;
+  const float* ref = a.in.ref_logps;
+  const float g = coef * gk::dloss_dlogp(logp, old != nullptr, old ? old[n] : 0.f, ref != nullptr, ref ? ref[n] : 0.f,
+                                         a.in.advantages[n], a.lp);
+  write_grad<DT, false>(xrow, orow, a.x.V, sp, a.inv_tau, st.m, ls, H, g, 0.f, valid, id, x_id);
 }
 
 }  // namespace gkcuda

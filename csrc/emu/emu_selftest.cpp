@@ -129,8 +129,8 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
   const ET* x = buf.data() + 1;  // an odd element offset: rows start off the 16-byte grid
   std::vector<int64_t> ids(N);
   for (int64_t n = 0; n < N; ++n) ids[n] = int64_t(rng() % uint32_t(V));
-  const float tau = 0.8f, it = 1.f / tau;
-  const gkcuda::Rows rows{x, DT, B, T, V, sb, st};
+  const float tau = 0.8f;
+  const gk::Rows rows{x, DT, B, T, V, sb, st, ids.data(), tau};
 
   // double-precision reference of each row (from the dtype-rounded logits)
   std::vector<double> lse_r(N), ent_r(N), logp_r(N), max_r(N);
@@ -150,8 +150,8 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
     logp_r[n] = double(gk::Elem<DT>::load(row[ids[n]])) / tau - lse_r[n];
   }
   std::vector<float> logp(N), stats(2 * N), ent(N);
-  expect(gkcuda::logprobs_fwd(rows, ids.data(), it, logp.data(), stats.data(), ent.data(), block, nullptr) ==
-             cudaSuccess,
+  expect(gkcuda::logprobs_fwd(rows, gk::Outputs{logp.data(), stats.data(), ent.data(), nullptr, 0, 0}, block,
+                              nullptr) == cudaSuccess,
          "forward launch");
   for (int64_t n = 0; n < N; ++n) {
     const double lse = double(stats[2 * n]) / tau + stats[2 * n + 1];
@@ -168,8 +168,13 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
     gl[n] = n == 1 ? 0.f : nd(rng);
     ge[n] = n == 1 ? 0.f : nd(rng);
   }
-  expect(gkcuda::logprobs_bwd(gkcuda::Rows{xo, DT, B, T, V, sb, st}, ids.data(), stats.data(), ent.data(), gl.data(),
-                              ge.data(), it, gkcuda::Out{xo, sb, st}, block, nullptr) == cudaSuccess,
+  gk::TokenInputs grads{};
+  grads.stats = stats.data();
+  grads.entropy = ent.data();
+  grads.g_logp = gl.data();
+  grads.g_entropy = ge.data();
+  expect(gkcuda::logprobs_bwd(gk::Rows{xo, DT, B, T, V, sb, st, ids.data(), tau}, grads,
+                              gk::Outputs{nullptr, nullptr, nullptr, xo, sb, st}, block, nullptr) == cudaSuccess,
          "backward launch");
   // dtype rounding of the output: half an ulp of the 16-bit format (2^-9 bf16, 2^-12 fp16) relative
   const double rel = DT == gk::DT_F32 ? 1e-6 : (DT == gk::DT_BF16 ? 4e-3 : 5e-4);
@@ -192,14 +197,25 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
     ref[n] = float(logp_r[n]) + 0.1f * nd(rng) / 3.f;
   }
   std::vector<ET> out(size_t(N * V));
-  const gkcuda::FusedArgs fa{old.data(), ref.data(), adv.data(), coef.data(),
-                             gk::LossParams{gk::LOSS_CLIP, 0.2f, 0.28f, 0, 0.f, 0.04f, 1, 1.f, 1.05f}};
-  expect(gkcuda::fused_fwd_bwd(rows, ids.data(), it, fa, logp2.data(), ent2.data(), gkcuda::Out{out.data(), T * V, V},
+  gk::TokenInputs tok{};
+  tok.old_logps = old.data();
+  tok.ref_logps = ref.data();
+  tok.advantages = adv.data();
+  tok.coef = coef.data();
+  gk::LossParams lp{};
+  lp.loss_code = gk::LOSS_CLIP;
+  lp.epsilon_low = 0.2f;
+  lp.epsilon_high = 0.28f;
+  lp.beta = 0.04f;
+  lp.use_bias_correction_kl = true;
+  lp.sapo_temperature_pos = 1.f;
+  lp.sapo_temperature_neg = 1.05f;
+  expect(gkcuda::fused_fwd_bwd(rows, tok, lp, gk::Outputs{logp2.data(), nullptr, ent2.data(), out.data(), T * V, V},
                                block, nullptr) == cudaSuccess,
          "fused launch");
   for (int64_t n = 0; n < N; ++n) {
     expect(logp2[n] == logp[n] && ent2[n] == ent[n], "fused forward equals the forward kernel", logp2[n], logp[n]);
-    const double g = coef[n] * gk::dloss_dlogp(float(logp_r[n]), 1, old[n], 1, ref[n], adv[n], fa.p);
+    const double g = coef[n] * gk::dloss_dlogp(float(logp_r[n]), 1, old[n], 1, ref[n], adv[n], lp);
     const int64_t off = (n / T) * sb + (n % T) * st;
     for (int64_t v = 0; v < V; ++v) {
       const double z = double(gk::Elem<DT>::load(x[off + v])) / tau, p = exp(z - lse_r[n]);

@@ -5,21 +5,20 @@
 // the device and <cmath> on the host. All arithmetic is fp32; inputs of any storage dtype are converted
 // with Elem<DT>::load.
 //
-// SPEC section 1, one row of the logits (z = x / tau, V entries):
+// One row of the logits (z = x / tau, V entries):
 //   lse = log sum_v e^{z_v},  p_v = e^{z_v - lse},  logp = z[id] - lse,
 //   entropy H = lse - sum_v p_v z_v = log s - t / s   with   s = sum_v e^{d_v},  t = sum_v e^{d_v} d_v,
 //   d_v = (x_v - m) / tau for the running max m of the RAW logits. Writing H through (s, t) relative to m
 //   avoids the cancellation of "lse - sum p z" when |z| ~ 1e4 (both terms ~1e4, their difference ~1).
 //   dL/dx_v = ( g_logp (onehot_v - p_v) - g_ent p_v (z_v - lse + H) ) / tau.
-// Row statistics: a row is summarised by the PAIR (m, log s), never by lse = m / tau + log s as one float:
-//   z_v - lse = (x_v - m) / tau - log s   keeps full precision where |lse| is large (logits ~1e4, tau 1e-3),
-//   while z_v - fl(lse) loses |lse| eps / 2 (5e-4 relative in p at |lse| = 1e4). x - m is exact for the top
-//   logits (Sterbenz), so the top token of a V = 1 row gets d = 0 exactly (no FMA against a rounded m / tau).
+// Why a row is kept as the pair (m, log s) and why d is formed from x - m: grpo_boundary.h.
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+
+#include "grpo_boundary.h"
 
 #if defined(__CUDACC__)
 #define GK_HD __host__ __device__ __forceinline__
@@ -108,7 +107,7 @@ GK_HD void lse_merge(LseState& a, const LseState& b, float inv_tau) {
   a.m = m;
 }
 
-// lse as one float (tests only: the kernels keep the pair (m, log s), see the top of this file)
+// lse as one float (tests only: the kernels keep the pair (m, log s), see grpo_boundary.h)
 GK_HD float lse_value(const LseState& st, float inv_tau) { return st.m * inv_tau + logf(st.s); }
 
 GK_HD float entropy_value(const LseState& st) { return logf(st.s) - st.t / st.s; }
@@ -119,20 +118,6 @@ GK_HD float shifted_logit(float x, float m, float log_s, float inv_tau) { return
 // ------------------------------------------------------------------------------------------------
 // d loss_tok / d logp, token level (mirrors grpo_kernels.reference.token_loss_grad line by line)
 // ------------------------------------------------------------------------------------------------
-enum { LOSS_CLIP = 0, LOSS_CISPO = 1, LOSS_SAPO = 2 };  // == config.LOSS_CODE_*
-
-struct LossParams {
-  int loss_code;       // LOSS_CLIP / LOSS_CISPO / LOSS_SAPO
-  float eps_low;       // clip: lower offset; ratio clamped to [1 - eps_low, 1 + eps_high]
-  float eps_high;      // clip: upper offset; cispo: the raw upper bound of the ratio
-  int has_delta;       // clip: two-sided clip min(c1, delta)
-  float delta;
-  float beta;          // KL weight (the term is active iff has_ref and beta != 0)
-  int bias_corr;       // KL multiplied by the ratio c1
-  float sapo_pos;      // sapo temperature for adv > 0
-  float sapo_neg;      // sapo temperature for adv <= 0
-};
-
 // w = logp - old (0 when has_old == 0: on-policy, ratio 1, while d(logp - old)/dlogp stays 1),
 // c1 = e^w, dc1/dlogp = c1.
 // clip:  c2 = clamp(c1, 1-el, 1+eh), dc2 = c1 [1-el <= c1 <= 1+eh];  c1' = min(c1, delta), dc1' = c1 [c1 <= delta];
@@ -147,14 +132,14 @@ GK_HD float dloss_dlogp(float logp, int has_old, float old, int has_ref, float r
   float d;
   if (p.loss_code == LOSS_CISPO) {
     // torch.clamp(c1, max=eh): NaN stays NaN
-    const float c = c1 > p.eps_high ? p.eps_high : c1;
+    const float c = c1 > p.epsilon_high ? p.epsilon_high : c1;
     d = -c * adv;
   } else if (p.loss_code == LOSS_SAPO) {
-    const float tau = adv > 0.f ? p.sapo_pos : p.sapo_neg;
+    const float tau = adv > 0.f ? p.sapo_temperature_pos : p.sapo_temperature_neg;
     const float s = 1.f / (1.f + expf(-tau * (c1 - 1.f)));
     d = -4.f * adv * s * (1.f - s) * c1;
   } else {
-    const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
+    const float lo = 1.f - p.epsilon_low, hi = 1.f + p.epsilon_high;
     float c2 = c1 < lo ? lo : c1;  // torch.clamp(c1, lo, hi) = min(max(c1, lo), hi), NaN kept
     c2 = c2 > hi ? hi : c2;
     const float dc2 = (c1 >= lo && c1 <= hi) ? c1 : 0.f;
@@ -172,7 +157,7 @@ GK_HD float dloss_dlogp(float logp, int has_old, float old, int has_ref, float r
     const float er = expf(r);
     const float kl = er - r - 1.f;
     float dkl = 1.f - er;
-    if (p.bias_corr) dkl = dkl * c1 + kl * c1;
+    if (p.use_bias_correction_kl) dkl = dkl * c1 + kl * c1;
     d = d + p.beta * dkl;
   }
   return d;
@@ -190,10 +175,8 @@ GK_HD float grad_elem(float d, float H, int is_target, float g_logp, float g_ent
 }
 
 // ------------------------------------------------------------------------------------------------
-// storage dtypes: 0 fp32 (float), 1 bf16 (uint16_t bits), 2 fp16 (uint16_t bits)
+// storage dtypes (codes DT_* in grpo_boundary.h): fp32 (float), bf16 and fp16 (uint16_t bits)
 // ------------------------------------------------------------------------------------------------
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-
 GK_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest, ties to even; NaN stays NaN (quiet bit set, sign kept), overflow rounds to inf.

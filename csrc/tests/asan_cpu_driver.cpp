@@ -146,9 +146,8 @@ void run_logprobs(const Case& c, std::mt19937& rng) {
   Buf<char> x0(L.elems() * es);  // pristine copy (in place overwrites xb)
   memcpy(x0.p, xb.p, L.elems() * es);
   Buf<float> logp(N), stats(2 * N), ent(c.entropy ? N : 0), g(N), ge(c.entropy ? N : 0);
-  const gkcpu::RowsView rv{xb.p + L.off * es, c.dt, L.B, L.T, L.V, L.sb, L.st};
-  const float it = static_cast<float>(1.0 / c.tau);
-  gkcpu::logprobs_fwd(rv, ids.p, it, logp.p, stats.p, c.entropy ? ent.p : nullptr, c.threads);
+  const gk::Rows rv{xb.p + L.off * es, c.dt, L.B, L.T, L.V, L.sb, L.st, ids.p, c.tau};
+  gkcpu::logprobs_fwd(rv, gk::Outputs{logp.p, stats.p, c.entropy ? ent.p : nullptr, nullptr, 0, 0}, c.threads);
 
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int64_t n = 0; n < N; ++n) {
@@ -160,8 +159,12 @@ void run_logprobs(const Case& c, std::mt19937& rng) {
   char* out = c.inplace ? xb.p : ob.p;
   if (!c.inplace)
     for (int64_t i = 0; i < L.elems(); ++i) store(out, c.dt, i, 7.f);
-  gkcpu::logprobs_bwd(rv, ids.p, stats.p, c.entropy ? ent.p : nullptr, g.p, c.entropy ? ge.p : nullptr, it,
-                      gkcpu::OutView{out + L.off * es, L.sb, L.st}, c.threads);
+  gk::TokenInputs grads{};
+  grads.stats = stats.p;
+  grads.entropy = c.entropy ? ent.p : nullptr;
+  grads.g_logp = g.p;
+  grads.g_entropy = c.entropy ? ge.p : nullptr;
+  gkcpu::logprobs_bwd(rv, grads, gk::Outputs{nullptr, nullptr, nullptr, out + L.off * es, L.sb, L.st}, c.threads);
 
   for (int64_t n = 0; n < N; ++n) {
     const int64_t o = L.row(n);
@@ -226,15 +229,25 @@ void run_fused(const Case& c, std::mt19937& rng) {
     adv.p[n] = nd(rng);
     coef.p[n] = masked(n) ? 0.f : ud(rng);
   }
-  gkcpu::FusedArgs a{c.has_old ? old.p : nullptr, ref.p, adv.p, coef.p, c.loss_code, 0.2f,
-                     c.loss_code == gk::LOSS_CISPO ? 4.f : 0.28f, 1, 1.5f, 0.04f, 1, 1.f, 1.05f};
+  gk::TokenInputs tok{};
+  tok.old_logps = c.has_old ? old.p : nullptr;
+  tok.ref_logps = ref.p;
+  tok.advantages = adv.p;
+  tok.coef = coef.p;
+  gk::LossParams P{};
+  P.loss_code = c.loss_code;
+  P.epsilon_low = 0.2f;
+  P.epsilon_high = c.loss_code == gk::LOSS_CISPO ? 4.f : 0.28f;
+  P.has_delta = true;
+  P.delta = 1.5f;
+  P.beta = 0.04f;
+  P.use_bias_correction_kl = true;
+  P.sapo_temperature_pos = 1.f;
+  P.sapo_temperature_neg = 1.05f;
   Buf<char> ob(c.inplace ? 0 : L.elems() * es);
   char* out = c.inplace ? xb.p : ob.p;
-  const gkcpu::RowsView rv{xb.p + L.off * es, c.dt, L.B, L.T, L.V, L.sb, L.st};
-  gkcpu::fused_fwd_bwd(rv, ids.p, static_cast<float>(1.0 / c.tau), a, logp.p, ent.p,
-                       gkcpu::OutView{out + L.off * es, L.sb, L.st}, c.threads);
-  const gk::LossParams P{a.loss_code, a.eps_low, a.eps_high, a.has_delta, a.delta, a.beta, a.bias_corr, a.sapo_pos,
-                         a.sapo_neg};
+  const gk::Rows rv{xb.p + L.off * es, c.dt, L.B, L.T, L.V, L.sb, L.st, ids.p, c.tau};
+  gkcpu::fused_fwd_bwd(rv, tok, P, gk::Outputs{logp.p, nullptr, ent.p, out + L.off * es, L.sb, L.st}, c.threads);
   for (int64_t n = 0; n < N; ++n) {
     const int64_t o = L.row(n);
     if (masked(n)) {
@@ -269,8 +282,8 @@ int negative_control_oob() {
   Buf<int64_t> ids(1);
   ids.p[0] = 3;
   Buf<float> logp(1), lse(1);
-  const gkcpu::RowsView rv{x.p, gk::DT_F32, 1, 1, 100, 100, 100};
-  gkcpu::logprobs_fwd(rv, ids.p, 1.f, logp.p, lse.p, nullptr, 1);
+  const gk::Rows rv{x.p, gk::DT_F32, 1, 1, 100, 100, 100, ids.p, 1.0};
+  gkcpu::logprobs_fwd(rv, gk::Outputs{logp.p, lse.p, nullptr, nullptr, 0, 0}, 1);
   printf("no report: logp %g\n", logp.p[0]);
   return 0;
 }
@@ -289,7 +302,7 @@ int main(int argc, char** argv) {
   if (argc > 1 && strcmp(argv[1], "ubsan") == 0) return negative_control_ubsan(argc);
 
   // B = 0: nothing to do, nothing read (null pointers)
-  gkcpu::logprobs_fwd(gkcpu::RowsView{nullptr, 0, 0, 3, 7, 21, 7}, nullptr, 1.f, nullptr, nullptr, nullptr, 2);
+  gkcpu::logprobs_fwd(gk::Rows{nullptr, 0, 0, 3, 7, 21, 7, nullptr, 1.0}, gk::Outputs{}, 2);
 
   const int64_t shapes[][3] = {{1, 1, 1}, {2, 3, 1}, {2, 3, 7}, {1, 5, 8}, {3, 2, 33}, {2, 2, 511}, {1, 3, 513},
                                {2, 2, 1025}, {1, 2, 4099}, {3, 3, 97}};

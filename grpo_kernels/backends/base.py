@@ -11,20 +11,19 @@ Layout handed to every launcher
   ``b*logits.stride(0) + t*logits.stride(1)``: use 64-bit offsets.
 - ``ids``: ``[N]`` int64, contiguous, ``N = B*T``. Masked-out positions were set to 0 by the caller, so
   every id a launcher sees at a masked position is in range. An id outside ``[0, V)`` at an unmasked
-  position must not be read out of bounds: the launcher writes ``logp = NaN`` for that row (the CPU API
-  raises before launching; see SPEC section 4).
+  position must not be read out of bounds: the launcher writes ``logp = NaN`` for that row (the public
+  API raises before launching).
 - per-token vectors (``entropy``, ``g_logp``, ``old``, ``ref``, ``adv``, ``coef``): ``[N]`` fp32
   contiguous. Optional ones are ``None``.
 - ``stats``: the row statistics, ``[N, 2]`` fp32 contiguous: ``stats[n] = (m, log s)`` with ``m`` the max of
-  the RAW logits of row n and ``s = sum_v e^{(x_v - m) / tau}``, so ``lse = m / tau + log s``. The backward
-  takes the pair, never one rounded lse: ``z_v - lse = (x_v - m) / tau - log s`` keeps p_v to a few eps
-  where ``z_v - fl(lse)`` loses ``|lse| eps / 2`` (5e-4 relative at logits ~1e4, or temperature 1e-3).
+  the RAW logits of row n and ``s = sum_v e^{(x_v - m) / tau}``, so ``lse = m / tau + log s`` (why a pair and
+  not one lse: ``csrc/include/grpo_boundary.h``).
 - ``out``: ``[B, T, V]`` in the logits' dtype with its own strides (a fresh contiguous buffer, or the
   logits tensor itself when ``inplace=True``: then read and write each element in place, never read a
   value already overwritten).
 - ``tau`` (temperature) is a Python float; ``z = x / tau``; all arithmetic in fp32.
 
-Math (SPEC section 1), per row, with ``p = softmax(z)``, ``lse = logsumexp(z)``:
+Math, per row, with ``p = softmax(z)``, ``lse = logsumexp(z)``:
 - ``logp = z[id] - lse`` (computed as ``(x[id] - m) / tau - log s``);  ``entropy = lse - sum_v p_v z_v``
   (terms with ``p_v = 0``, e.g. ``z_v = -inf``, contribute 0, never NaN).
 - backward: ``dL/dx_v = ( g_logp * (onehot(id)_v - p_v) - g_ent * p_v * (z_v - lse + entropy) ) / tau``.
@@ -37,11 +36,16 @@ Math (SPEC section 1), per row, with ``p = softmax(z)``, ``lse = logsumexp(z)``:
   the reference loss): mirror it line for line, including torch's tie rules of ``min`` and ``clamp``.
   ``old=None`` means on-policy: ``old = logp`` in value (ratio 1) while ``d(logp - old)/dlogp`` stays 1.
   ``coef`` already holds the mask and the reduction's normaliser (0 at masked positions).
+
+The C++ modules take this layout as the named structs of ``csrc/include/grpo_boundary.h`` (``Rows``,
+``TokenInputs``, ``Outputs``, ``LossParams``), each bound once with one attribute per field; :func:`native`
+builds one by field name. :class:`LossParams` here is the Python mirror of the C++ ``LossParams``: the same
+fields, the same names; the Triton launcher reads it directly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -50,32 +54,66 @@ from ..config import GRPOConfig
 
 
 @dataclass(frozen=True)
-class TokenLossParams:
-    """Scalars of the per-token loss derivative, as the kernels take them (flags are compile-time)."""
+class LossParams:
+    """Scalars of the per-token loss derivative as the kernels take them; mirrors ``gk::LossParams``
+    (``csrc/include/grpo_boundary.h``) field for field, under the same names."""
 
     loss_code: int  # config.LOSS_CODE_CLIP / _CISPO / _SAPO
     epsilon_low: float
-    epsilon_high: float
+    epsilon_high: float  # resolved: epsilon_low when the config leaves it None
     has_delta: bool
     delta: float  # unused unless has_delta
     beta: float  # KL term active iff beta != 0 (then ref is given)
-    bias_correction_kl: bool
+    use_bias_correction_kl: bool
     sapo_temperature_pos: float
     sapo_temperature_neg: float
 
     @classmethod
-    def from_config(cls, cfg: GRPOConfig) -> TokenLossParams:
-        return cls(
-            loss_code=cfg.loss_code,
-            epsilon_low=float(cfg.epsilon_low),
-            epsilon_high=float(cfg.eps_high),
-            has_delta=cfg.delta is not None,
-            delta=float(cfg.delta) if cfg.delta is not None else 0.0,
-            beta=float(cfg.beta),
-            bias_correction_kl=bool(cfg.use_bias_correction_kl),
-            sapo_temperature_pos=float(cfg.sapo_temperature_pos),
-            sapo_temperature_neg=float(cfg.sapo_temperature_neg),
-        )
+    def from_config(cls, cfg: GRPOConfig) -> LossParams:
+        values = {name: getattr(cfg, name) for name in _SHARED}
+        values.update(loss_code=cfg.loss_code, epsilon_high=cfg.eps_high, has_delta=cfg.delta is not None,
+                      delta=0.0 if cfg.delta is None else cfg.delta)
+        return cls(**{name: _TYPES[name](values[name]) for name in _NAMES})
+
+    def to_config(self, **options) -> GRPOConfig:
+        """A GRPOConfig with these scalars (``options``: the fields the kernels do not take, e.g. loss_type)."""
+        values = {name: getattr(self, name) for name in _SHARED}
+        values["delta"] = self.delta if self.has_delta else None
+        return GRPOConfig(**values, **options)
+
+    def pack(self) -> list[float]:
+        """The fields as floats in declaration order: a ``torch.library`` op takes ``list[float]``, not a
+        dataclass. :meth:`unpack` is the inverse."""
+        return [float(getattr(self, name)) for name in _NAMES]
+
+    @classmethod
+    def unpack(cls, values: list[float]) -> LossParams:
+        if len(values) != len(_NAMES):
+            raise ValueError(f"LossParams.unpack needs {len(_NAMES)} values {_NAMES}, got {len(values)}")
+        return cls(**{name: _TYPES[name](v) for name, v in zip(_NAMES, values, strict=True)})
+
+    def to_native(self, module):
+        """The C++ struct of ``module`` (a pybind11 extension of grpo_kernels) with these fields."""
+        values = asdict(self)
+        if module.LossParams.FIELDS != tuple(values):
+            raise RuntimeError(f"{module.__name__}.LossParams has the fields {module.LossParams.FIELDS}, the Python "
+                               f"mirror {tuple(values)}: rebuild the extension (pip install -e .)")
+        return native(module.LossParams, **values)
+
+
+# constants (torch.compile traces from_config and pack, and cannot call dataclasses.fields on a class)
+_NAMES = tuple(f.name for f in fields(LossParams))
+_SHARED = tuple(name for name in _NAMES if name in {f.name for f in fields(GRPOConfig)})  # same name, same value
+_TYPES = {name: float for name in _NAMES} | {"loss_code": int, "has_delta": bool, "use_bias_correction_kl": bool}
+
+
+def native(cls, **values):
+    """An instance of the bound C++ struct ``cls`` with the given fields set by name (the others are 0, i.e.
+    null pointers); a name the struct does not have raises AttributeError."""
+    obj = cls()
+    for name, value in values.items():
+        setattr(obj, name, value)
+    return obj
 
 
 class Launchers(Protocol):
@@ -109,7 +147,7 @@ class Launchers(Protocol):
         ref: Optional[torch.Tensor],
         adv: torch.Tensor,
         coef: torch.Tensor,
-        params: TokenLossParams,
+        params: LossParams,
         out: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One launch: -> (logp [N] f32, entropy [N] f32) and the gradient of sum_t coef_t*loss_tok_t

@@ -1,8 +1,9 @@
 """``backend="cuda"``: the launchers of the CUDA kernels (``csrc/cuda`` via ``grpo_kernels._cuda``).
 
-The extension takes raw device pointers, shapes, element strides, dtype codes and the caller's stream
-(``torch.cuda.current_stream().cuda_stream``); it links no libtorch and its cudart is static. This module
-turns tensors into those arguments and allocates the outputs (layout contract: ``base.py``). Kernels are
+The extension takes the boundary structs of ``csrc/include/grpo_boundary.h`` (raw device pointers, shapes,
+element strides, dtype codes) and the caller's stream (``torch.cuda.current_stream().cuda_stream``); it links
+no libtorch and its cudart is static. This module builds the structs from tensors and allocates the outputs
+(layout contract: ``base.py``). Kernels are
 enqueued on the current stream of the logits' device and not waited for.
 
 :class:`CudaLaunchers` is also what the tests use with the CPU emulation of the same kernels (a module built
@@ -16,7 +17,7 @@ import importlib
 
 import torch
 
-from .base import TokenLossParams
+from .base import LossParams, native
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -43,8 +44,8 @@ class CudaLaunchers:
         if t.device.type != self.device_type:
             raise ValueError(f"{name} must be on a {self.device_type} device, got {t.device}")
 
-    def _rows(self, logits: torch.Tensor) -> tuple:
-        """-> (ptr, dtype code, B, T, V, stride_b, stride_t) of a [B, T, V] tensor with stride 1 along V."""
+    def _rows(self, logits: torch.Tensor, ids: torch.Tensor, tau):
+        """The module's ``Rows`` of a [B, T, V] tensor with stride 1 along V."""
         if logits.dim() != 3:
             raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
         if logits.dtype not in _DTYPE_CODE:
@@ -53,7 +54,9 @@ class CudaLaunchers:
         B, T, V = logits.shape
         if V > 1 and logits.stride(2) != 1:
             raise ValueError(f"logits must have stride 1 along V, got strides {logits.stride()}")
-        return (logits.data_ptr(), _DTYPE_CODE[logits.dtype], B, T, V, logits.stride(0), logits.stride(1))
+        return native(self.module.Rows, logits=logits.data_ptr(), dtype=_DTYPE_CODE[logits.dtype], B=B, T=T, V=V,
+                      stride_b=logits.stride(0), stride_t=logits.stride(1),
+                      ids=self._vec(ids, B * T, "ids", logits, torch.int64), tau=float(tau))
 
     def _vec(self, t: torch.Tensor | None, n: int, name: str, like: torch.Tensor, dtype=torch.float32) -> int:
         """Pointer of an [n] contiguous vector on the logits' device (0 for None)."""
@@ -65,13 +68,13 @@ class CudaLaunchers:
         return t.data_ptr()
 
     @staticmethod
-    def _out(out: torch.Tensor, logits: torch.Tensor) -> tuple:
+    def _grad(out: torch.Tensor, logits: torch.Tensor) -> dict:
         if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
                 or (out.shape[2] > 1 and out.stride(2) != 1)):
             raise ValueError(f"out must be {logits.dtype} of shape {tuple(logits.shape)} on {logits.device} with "
                              f"stride 1 along V, got {out.dtype} {tuple(out.shape)} on {out.device} "
                              f"strides {out.stride()}")
-        return (out.data_ptr(), out.stride(0), out.stride(1))
+        return dict(grad=out.data_ptr(), grad_stride_b=out.stride(0), grad_stride_t=out.stride(1))
 
     def _launch_ctx(self, logits: torch.Tensor):
         """(context manager, stream handle): the logits' device made current, its current stream."""
@@ -84,46 +87,46 @@ class CudaLaunchers:
 
     # ---- the three launchers -------------------------------------------------------------------
     def logprobs_fwd(self, logits, ids, tau, want_entropy):
-        rows = self._rows(logits)
-        n = rows[2] * rows[3]
+        rows = self._rows(logits, ids, tau)
+        n = rows.B * rows.T
         logp = self._f32(n, logits)
         stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log s) per row
         ent = self._f32(n if want_entropy else 0, logits)
+        out = native(self.module.Outputs, logp=logp.data_ptr(), stats=stats.data_ptr(),
+                     entropy=ent.data_ptr() if want_entropy else 0)
         ctx, stream = self._launch_ctx(logits)
         with ctx:
-            self.module.logprobs_fwd(*rows, self._vec(ids, n, "ids", logits, torch.int64), float(tau), logp.data_ptr(),
-                                     stats.data_ptr(), ent.data_ptr() if want_entropy else 0, stream, self.block)
+            self.module.logprobs_fwd(rows, out, stream, self.block)
         return logp, stats, ent
 
     def logprobs_bwd(self, logits, ids, stats, entropy, g_logp, g_ent, tau, out):
-        rows = self._rows(logits)
-        n = rows[2] * rows[3]
+        rows = self._rows(logits, ids, tau)
+        n = rows.B * rows.T
         if (entropy is None) != (g_ent is None):
             raise ValueError("entropy and g_ent must both be given or both be None")
-        v = lambda t, name, dt=torch.float32: self._vec(t, n, name, logits, dt)  # noqa: E731
+        v = lambda t, name: self._vec(t, n, name, logits)  # noqa: E731
+        inputs = native(self.module.TokenInputs, stats=self._vec(stats, 2 * n, "stats", logits),
+                        entropy=v(entropy, "entropy"), g_logp=v(g_logp, "g_logp"), g_entropy=v(g_ent, "g_ent"))
+        outputs = native(self.module.Outputs, **self._grad(out, logits))
         ctx, stream = self._launch_ctx(logits)
         with ctx:
-            self.module.logprobs_bwd(*rows, v(ids, "ids", torch.int64), self._vec(stats, 2 * n, "stats", logits),
-                                     v(entropy, "entropy"), v(g_logp, "g_logp"), v(g_ent, "g_ent"), float(tau), *self._out(out, logits),
-                                     stream, self.block)
+            self.module.logprobs_bwd(rows, inputs, outputs, stream, self.block)
 
-    def fused_fwd_bwd(self, logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, out):
-        rows = self._rows(logits)
-        n = rows[2] * rows[3]
+    def fused_fwd_bwd(self, logits, ids, tau, old, ref, adv, coef, params: LossParams, out):
+        rows = self._rows(logits, ids, tau)
+        n = rows.B * rows.T
         if params.beta != 0.0 and ref is None:
             raise ValueError("ref (reference log-probs) is required when beta != 0")
         logp, ent = self._f32(n, logits), self._f32(n, logits)
-        v = lambda t, name, dt=torch.float32: self._vec(t, n, name, logits, dt)  # noqa: E731
+        v = lambda t, name: self._vec(t, n, name, logits)  # noqa: E731
+        inputs = native(self.module.TokenInputs, old_logps=v(old, "old"),
+                        ref_logps=v(ref if params.beta != 0.0 else None, "ref"), advantages=v(adv, "adv"),
+                        coef=v(coef, "coef"))
+        outputs = native(self.module.Outputs, logp=logp.data_ptr(), entropy=ent.data_ptr(),
+                         **self._grad(out, logits))
         ctx, stream = self._launch_ctx(logits)
         with ctx:
-            self.module.fused_fwd_bwd(
-                *rows, v(ids, "ids", torch.int64), float(tau), v(old, "old"),
-                v(ref if params.beta != 0.0 else None, "ref"), v(adv, "adv"), v(coef, "coef"),
-                int(params.loss_code), params.epsilon_low, params.epsilon_high, bool(params.has_delta), params.delta,
-                params.beta, bool(params.bias_correction_kl), params.sapo_temperature_pos,
-                params.sapo_temperature_neg, logp.data_ptr(), ent.data_ptr(), *self._out(out, logits), stream,
-                self.block,
-            )
+            self.module.fused_fwd_bwd(rows, inputs, params.to_native(self.module), outputs, stream, self.block)
         return logp, ent
 
 

@@ -5,7 +5,7 @@ it. The plans are public so that the tests can compile exactly what a real call 
 sm_80 / sm_90 without a GPU (``tests/test_triton_ptx.py``), and count the specialisations a sequence of
 calls produces (a new N, T or row stride must not compile again).
 
-Launch configuration (no autotuning: one choice per (V, dtype), the only keys SPEC section 3 allows):
+Launch configuration (no autotuning: one choice per (V, dtype), so a new N, T or stride never compiles again):
 ``BLOCK = min(next_pow2(V), 4096 // (elsize / 2))`` elements per chunk (8 KiB of logits: 16 bf16 or
 8 fp32 per thread at 8 warps, i.e. two 128-bit loads per thread in flight) and 8 warps from 2,048 lanes
 up, 4 below. On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import triton_kernels as K
-from .base import TokenLossParams
+from .base import LossParams
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -137,7 +137,7 @@ def plan_logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out) -> L
                   {"HAS_ENT": has_ent, **cfg}, _num_warps(cfg["BLOCK"]))
 
 
-def plan_fused(logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, out, logp, ent) -> Launch:
+def plan_fused(logits, ids, tau, old, ref, adv, coef, params: LossParams, out, logp, ent) -> Launch:
     x, shift, B, T, V, sb, st = _rows(logits)
     n = B * T
     has_ref = params.beta != 0.0
@@ -154,7 +154,7 @@ def plan_fused(logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, o
          osb, ost, oshift, _inv_tau(tau), params.epsilon_low, params.epsilon_high, params.delta, params.beta,
          params.sapo_temperature_pos, params.sapo_temperature_neg),
         {"HAS_OLD": old is not None, "HAS_REF": has_ref, "LOSS": int(params.loss_code),
-         "HAS_DELTA": bool(params.has_delta), "BIAS_CORR": bool(params.bias_correction_kl), **cfg},
+         "HAS_DELTA": bool(params.has_delta), "BIAS_CORR": bool(params.use_bias_correction_kl), **cfg},
         _num_warps(cfg["BLOCK"]),
     )
 
@@ -181,7 +181,7 @@ class TritonLaunchers:
             plan_logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out)()
 
     @staticmethod
-    def fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, params: TokenLossParams, out):
+    def fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, params: LossParams, out):
         n = ids.numel()
         logp, ent = _f32(n, logits), _f32(n, logits)
         with _device_ctx(logits):

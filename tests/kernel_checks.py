@@ -215,18 +215,19 @@ def backend_for_test(name: str, request):
     """(backend name, device) of a fused backend for a test, or a skip saying why it cannot run here.
 
     ``name``: "cpu", "triton" (the interpreter on CPU tensors, the GPU where there is one), "cuda" (a GPU),
-    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block; the requesting module must
-    import the ``emu`` fixture of tests/test_cuda_emu.py)."""
+    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block, the emulated sm_90's choice of
+    fused kernel: the 2-pass cluster kernel) / "cuda_emu_3pass" (the same with the 3-pass fused kernel); the
+    requesting module must import the ``emu`` fixture of tests/test_cuda_emu.py)."""
     import pytest
 
     from grpo_kernels.backends import unavailable_reason
 
-    if name == "cuda_emu":
+    if name in ("cuda_emu", "cuda_emu_3pass"):
         from test_cuda_emu import CXX, emu_backend
 
         if CXX is None:
             pytest.skip("g++ is needed to build the CUDA emulation module")
-        return emu_backend(request.getfixturevalue("emu"), 64), "cpu"
+        return emu_backend(request.getfixturevalue("emu"), 64, 1 if name == "cuda_emu_3pass" else 0), "cpu"
     device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
     reason = unavailable_reason(name, device)
     if reason is not None:

@@ -162,6 +162,10 @@ def inplace_case(x: dict, forward_on, note: str) -> runner.Case:
     return runner.Case(fwd, lambda loss: loss.backward(), [leaf], note, setup)
 
 
+def work(args) -> runner.Work:
+    return runner.Work.logits_pass(args.n, args.v, runner.DTYPES[args.dtype])
+
+
 def build(impl: str, x: dict, args) -> runner.Case:
     leaf, cfg = x["leaf"], config(args)
     common = dict(completion_mask=x["mask"], advantages=x["advantages"], old_logps=x["old_logps"],

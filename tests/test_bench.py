@@ -322,7 +322,8 @@ def test_grpo_vs_ppo_smoke(tmp_path):
     # the critic is the policy's backbone with a 1-wide head instead of the [V, H] LM head
     assert ppo["trained_params"] - grpo["trained_params"] == grpo["trained_params"] - 256 * h + h
     for r in (grpo, ppo):  # fp32 AdamW: params + grads + 2 moments, plus the frozen reference's params
-        assert r["state_bytes"] == 4 * 4 * r["trained_params"] + 4 * grpo["trained_params"]
+        extra = r["state_bytes"] - (4 * 4 * r["trained_params"] + 4 * grpo["trained_params"])
+        assert 0 <= extra < 1024 and extra % 4 == 0  # AdamW's step counters: one fp32 scalar per parameter tensor
         assert r["peak_bytes"] > 0 and r["step_ms"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
     assert ppo["state_bytes_vs_grpo"] == pytest.approx(ppo["state_bytes"] / grpo["state_bytes"])
     md = (tmp_path / "cpu-grpo_vs_ppo.md").read_text()

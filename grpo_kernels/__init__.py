@@ -14,6 +14,7 @@ the KL penalty, without materialising the full-vocabulary softmax; the loss foll
 from . import vocab_parallel  # vocab_parallel.token_logprobs / .grpo_loss over torch.distributed
 from .api import GRPOLoss, GRPOLossOutput, group_advantages, grpo_loss, grpo_loss_with_config, token_logprobs
 from .backends import BackendUnavailableError, available_backends
+from ._diagnostics import show_config
 from .config import GRPOConfig
 from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_grpo_loss_with_config
 
@@ -31,6 +32,7 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "grpo_loss_with_config",
+    "show_config",
     "token_logprobs",
     "vocab_parallel",
     "__version__",

@@ -414,8 +414,9 @@ def _check_head(hidden, weight, bias, completion_ids):
             raise ValueError(f"lm_head_bias is on {bias.device} but hidden is on {hidden.device}")
     _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
     if tuple(completion_ids.shape) != (B, T):
+        hint = _validate.slice_hint("hidden", T, completion_ids.shape[1]) if completion_ids.shape[0] == B else ""
         raise ValueError(f"completion_ids must have shape [B, T] = {(B, T)} to match hidden, got "
-                         f"{tuple(completion_ids.shape)}")
+                         f"{tuple(completion_ids.shape)}{hint}")
     if completion_ids.device != hidden.device:
         raise ValueError(f"completion_ids is on {completion_ids.device} but hidden is on {hidden.device}")
 

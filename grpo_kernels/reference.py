@@ -117,7 +117,8 @@ def token_terms(
     ref_logps: Optional[torch.Tensor],
     mask: torch.Tensor,
 ) -> TokenTerms:
-    """The per-token loss of SPEC section 1 (TRL's GRPOTrainer._compute_loss), differentiable in logp."""
+    """The per-token loss (docs/contract.md#per-token-loss; TRL's GRPOTrainer._compute_loss), differentiable in
+    logp."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     old = logp.detach() if old_logps is None else old_logps
     # Garbage (NaN) at masked positions of old / ref / [B, T] advantages must not reach the gradient: a

@@ -211,13 +211,32 @@ def token_logprobs(
 ):
     """Per-token log-probs (and entropy) of ``softmax(logits / temperature)`` over the GLOBAL vocabulary.
 
-    logits_shard ``[..., V_r]`` (stride 1 along V_r; the fused backends take other strides of 1- to 3-dim
-    views without a copy): this rank's columns ``[vocab_start, vocab_start + V_r)`` (default
-    ``vocab_start = rank * V_r``, equal shards in rank order); ids ``[...]`` global vocabulary indices, the
-    same on every rank. Returns logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank,
-    differentiable w.r.t. this rank's shard. An id in no shard raises ``ValueError`` on CPU tensors (every
-    rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``). ``backend`` as in
-    :func:`grpo_kernels.token_logprobs` (every rank must use the same one).
+    A collective: every rank calls it with the same ids.
+
+    Parameters
+    ----------
+    logits_shard : Tensor [..., V_r]
+        This rank's vocabulary columns ``[vocab_start, vocab_start + V_r)`` (stride 1 along V_r; the fused
+        backends take other strides of 1- to 3-dim views without a copy).
+    ids : Tensor [...], integer
+        Global vocabulary ids, the same on every rank. An id in no shard raises ``ValueError`` on CPU tensors
+        (every rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``).
+    group : ProcessGroup or None, default None
+        The group the vocabulary is sharded over; None is the default (world) group.
+    vocab_start : int or None, default None
+        The first global id of this rank's columns; None means ``rank * V_r`` (equal shards in rank order).
+    temperature : float, default 1.0
+        Softmax temperature (> 0).
+    return_entropy : bool, default False
+        Also return the entropy of the global softmax per position.
+    backend : str, default "auto"
+        As in :func:`grpo_kernels.token_logprobs`; every rank must use the same one.
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank, and the entropy if
+        ``return_entropy``; differentiable w.r.t. this rank's shard.
     """
     group = _check_group(group)
     vocab_start = _check_shard(logits_shard, ids, vocab_start, group)

@@ -493,8 +493,7 @@ def check_saved_bytes_per_token(backend):
     """The log-prob op keeps per token only the row statistics (m, log s) (8 B), the entropy (4 B) and the id (8 B)
     for its backward; the logits are saved by reference (no copy), so they are not counted; nothing of size N x V.
     The loss math on [B, T] that runs in torch on top of it saves its own O(N) tensors; those are not the
-    kernel's. (Until 2026-12 one fp32 lse took the place of (m, log s): 16 B, but p = exp(z - fl(lse)) lost
-    |lse| eps / 2 of p where |lse| is large.)"""
+    kernel's (why a pair and not one lse: "Row statistics" in csrc/include/grpo_boundary.h)."""
     B, T, V = 2, 8, 1000
     x = torch.randn(B, T, V, requires_grad=True)
     ids = torch.randint(0, V, (B, T))

@@ -297,9 +297,8 @@ def large_lse_cases():
 
 @pytest.mark.parametrize("case", list(large_lse_cases()))
 def test_fp32_logprob_gradient_at_large_lse(be, case):
-    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large: within the rule from the pair
-    (m, log s); p = exp(z - fl(lse)) from one rounded fp32 lse would miss it by 8x-340x here (e.g. logits
-    +-1e4: 4.4e-5 against a bound of 1.6e-6; temperature 1e-3: 0.5 against 1.9e-3)."""
+    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large, within the rule (p from the pair
+    (m, log s); p from one rounded lse misses the rule by 8x-340x on these cases)."""
     backend, device = be
     x, tau = large_lse_cases()[case]
     check_logprob_outputs(x, torch.randint(0, 257, (8, 4)), tau, backend, device, entropy=False)
@@ -325,9 +324,8 @@ def test_single_token_vocabulary_and_peaked_rows(be):
 
 
 def test_single_token_vocabulary_cpu_every_isa():
-    """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them). An FMA of
-    x * (1/tau) against a rounded m / tau would give logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 at V = 1 for the x
-    above (tau = 0.109), entropy down to -4.4e-8, and +8.8e-5 for the top token of [300, 0]."""
+    """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them): the cases
+    above in each, so that no build forms d as x * (1/tau) - m / tau (grpo_boundary.h, "Shifted logits")."""
     from grpo_kernels import _C
 
     isa = _C.isa()

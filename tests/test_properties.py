@@ -16,9 +16,8 @@ A second property checks ``token_logprobs`` (log-probs, entropy, gradient) on 1-
 
 Logits are drawn as z * temperature with z ~ N(0, zstd^2), zstd <= 3 (|z| <~ 15, the range of LLM logits at
 temperature 1); the token_logprobs property adds a common offset to every logit (0, or 100, -2000, 1e4 in raw
-units): the kernels must not lose precision where |lse| is large (they keep the row statistics as the pair
-(max, log-sum), not as one rounded lse, which lost |lse| eps / 2 of p; tests/test_extreme_inputs.py tests logits
-of +-1e4 and temperature 1e-3 besides).
+units): the kernels must not lose precision where |lse| is large (docs/contract.md#row-statistics;
+tests/test_extreme_inputs.py tests logits of +-1e4 and temperature 1e-3 besides).
 
 Off-policy log-ratios are moved at least 1e-3 away from the clip bounds (1 - eps_low, 1 + eps_high, delta,
 the cispo bound): at a bound the gradient jumps, and which side an fp32 kernel lands on is a measure-zero

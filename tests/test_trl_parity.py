@@ -12,8 +12,8 @@ no entropy bonus, training mode). Two ways of feeding it log-probs:
   TRL's ``add_fused_lm_head`` (TRL's chunked LM head, which computes in fp32), against our loss on
   ``model(...).logits[:, P-1:-1]``: agreement to fp32 rounding, gradient w.r.t. every model parameter.
 
-TRL also logs ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences); those are not
-part of SPEC section 1 and are not produced here. Advantages: TRL computes them inside generation; the
+TRL also logs ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences); those are
+not produced here (docs/contract.md#metrics). Advantages: TRL computes them inside generation; the
 test below reproduces those lines with TRL's own ``nanstd``.
 """
 

@@ -5,10 +5,20 @@
     python -m bench.gpu --ops loss --v 151936    # a part of it (each command of the device tool has 10 min)
 
 The suite: N=8,192 tokens, bf16 logits, V in {32,000; 128,256; 151,936}: ``bench.loss`` and
-``bench.logprobs`` (every grpo_kernels backend available on the GPU, eager, torch.compile, Liger's Triton
-GRPO loss), and ``bench.train_step`` at V=151,936 with N=4,096 (half: the eager rows of a model step at
-N=8,192 would hold ~10 fp32 [N, V] tensors, too close to 80 GB). Results: ``bench/results/gpu-*.json`` and ``.md``,
-then ``python -m bench.report`` regenerates the Markdown and the plot (``--readme`` also the README table).
+``bench.logprobs`` (every grpo_kernels backend available on the GPU and its ``inplace=True`` row, TRL 1.16's
+own code (``trl``), torch.compile, Liger's Triton GRPO loss, the reference), and ``bench.train_step`` at
+V=151,936 with N=4,096 (half: the reference rows of a model step at N=8,192 would hold ~10 fp32 [N, V]
+tensors, too close to 80 GB); then ``bench/trl_step.py`` (stock TRL against grpo_kernels' TRL trainer) when
+that script is present, with the options of this suite it accepts (``--device``, ``--dtype``, ``--repeats``,
+``--warmup``). Results: ``bench/results/gpu-*.json`` and ``.md``, then ``python -m bench.report``
+regenerates the Markdown and the plot (``--readme`` also the README table).
+
+Time (an estimate from ``bench/results/roofline.md`` until measured on the GPU): every kernel of a run takes
+milliseconds (2.2 ms for the fused loss at N=8,192, V=151,936 bf16 on an H100), so 13 repeats of each row are
+a few seconds; a run's time is its fixed costs: process start and imports (~10 s), torch.compile of the
+reference's forward and backward (~20-40 s), Triton's JIT of each kernel variant (a few s each). About 30-60
+s per run, 8 runs plus trl_step: 4-8 min. ``--budget-s`` (default 450) bounds it: no run starts past the
+budget, a run in progress is stopped there, and the runs left out are listed.
 
 ``--ops fused_kernels`` (part of the suite) times the two fused CUDA kernels against each other at the
 launcher level, on the same batch: the 3-pass ``fused_kernel`` and the 2-pass ``fused_cluster_kernel``
@@ -27,6 +37,7 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,7 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = Path(__file__).resolve().parent / "wheels"
 VOCABS = (32000, 128256, 151936)
-OPS = ("loss", "logprobs", "train_step", "fused_kernels")
+OPS = ("loss", "logprobs", "train_step", "fused_kernels", "trl_step")
+TRL_STEP = Path(__file__).resolve().parent / "trl_step.py"
+TRL_STEP_FLAGS = ("--device", "--dtype", "--repeats", "--warmup")
 
 
 def _dist_version(name: str):
@@ -97,6 +110,11 @@ def check() -> tuple[bool, list[str]]:
             f"a wheel is here: python -m bench.gpu --install-wheels (installs {wheels[-1].name} --no-deps)" if wheels
             else "offline: pip download liger-kernel==0.8.5 --no-deps -d bench/wheels on a connected machine, "
                  "carry bench/wheels, then python -m bench.gpu --install-wheels"))
+    trl = _dist_version("trl")
+    line("ok" if trl else "MISSING", "trl", trl or "the trl rows will be skipped (pip install 'trl>=1.16' --no-deps, "
+                                                "offline from a wheel in bench/wheels)")
+    line("ok" if TRL_STEP.exists() else "absent", "bench/trl_step.py",
+         "runs after the ops" if TRL_STEP.exists() else "not in this tree: that part of the suite is left out")
     mv = _dist_version("matplotlib")
     line("ok" if mv else "MISSING", "matplotlib", mv or "the plot will be skipped (the JSON and Markdown are written)")
     return not fatal, lines
@@ -210,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--readme", action="store_true", help="also regenerate the README table at the end")
     p.add_argument("--dry-run", action="store_true", help="check, then print the commands without running them")
+    p.add_argument("--budget-s", type=float, default=450.0,
+                   help="wall-clock budget of the runs: none starts after it, a running one is stopped at it")
     p.add_argument("--fused-kernels-now", action="store_true", help=argparse.SUPPRESS)  # the fused_kernels run
     args = p.parse_args(argv)
     if args.fused_kernels_now:
@@ -234,6 +254,11 @@ def main(argv=None) -> int:
     vocabs = [int(v) for v in args.v.split(",") if v]
     runs = []
     for op in ops:
+        if op == "trl_step":
+            cmd = trl_step_command(args)
+            if cmd is not None:
+                runs.append(cmd)
+            continue
         if op == "fused_kernels":  # one process for every V
             runs.append([sys.executable, "-m", "bench.gpu", "--fused-kernels-now", "--n", str(args.n), "--v",
                          ",".join(map(str, vocabs)), "--dtype", args.dtype, "--repeats", str(args.repeats),
@@ -251,20 +276,50 @@ def main(argv=None) -> int:
     if args.dry_run:
         print("\n".join(" ".join(cmd[1:]) for cmd in runs))
         return 0
-    failed = []
+    failed, left_out = [], []
+    start = time.time()
     for cmd in runs:
+        left = args.budget_s - (time.time() - start)
+        if left <= 0:
+            left_out.append(" ".join(cmd[2:]))
+            continue
         print("\n$ " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd, cwd=ROOT, env=env)
-        print(f"  ({time.time() - t0:.0f} s, exit {rc})", flush=True)
+        try:
+            rc = subprocess.call(cmd, cwd=ROOT, env=env, timeout=left)
+        except subprocess.TimeoutExpired:
+            rc = "stopped at the --budget-s limit"
+        print(f"  ({time.time() - t0:.0f} s, exit {rc}; {time.time() - start:.0f} s of the suite)", flush=True)
         if rc:
             failed.append(" ".join(cmd[2:]))
+    if left_out:
+        print("bench.gpu: not started (past --budget-s):\n  " + "\n  ".join(left_out), file=sys.stderr)
     report = [sys.executable, "-m", "bench.report"] + (["--readme"] if args.readme else [])
     subprocess.call(report, cwd=ROOT, env=env)
     if failed:
         print("bench.gpu: these runs failed:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
     return 0
+
+
+def trl_step_command(args) -> list[str] | None:
+    """``python -m bench.trl_step`` with the suite's options that its command line accepts (read from its
+    ``--help``), or None where the script is not in this tree."""
+    if not TRL_STEP.exists():
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        help_text = subprocess.run([sys.executable, "-m", "bench.trl_step", "--help"], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        help_text = ""
+    values = {"--device": "cuda", "--dtype": args.dtype, "--repeats": str(args.repeats), "--warmup": str(args.warmup)}
+    cmd = [sys.executable, "-m", "bench.trl_step"]
+    for flag in TRL_STEP_FLAGS:
+        if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text):
+            cmd += [flag, values[flag]]
+    return cmd
 
 
 if __name__ == "__main__":

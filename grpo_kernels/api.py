@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _validate, reference
 from ._ops import grpo_loss_fused, token_logprobs_fused
-from .backends import BACKENDS, resolve_backend
+from .backends import check_backend_name, resolve_backend
 from .config import ADVANTAGE_SCALES, GRPOConfig
 
 
@@ -157,8 +157,7 @@ class GRPOLoss(nn.Module):
         if unknown:
             raise TypeError(f"unknown GRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}")
         self.config = _validate.check_config(config) if config is not None else GRPOConfig(**options)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.backend, self.inplace = backend, inplace
 
     def forward(self, logits, completion_ids, **inputs) -> GRPOLossOutput:

@@ -51,7 +51,7 @@ from torch.library import custom_op
 from . import _validate, reference
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
-from .backends import BACKENDS, launchers, resolve_backend
+from .backends import check_backend_name, launchers, resolve_backend
 from .backends.base import LossParams
 from .config import GRPOConfig
 
@@ -567,8 +567,7 @@ class FusedLinearGRPOLoss(nn.Module):
             raise TypeError(
                 f"unknown FusedLinearGRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}"
             )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         _check_chunk_size(chunk_size)
         self.config = config if config is not None else GRPOConfig(**options)
         self.backend, self.chunk_size = backend, chunk_size

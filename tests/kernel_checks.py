@@ -470,22 +470,24 @@ def check_masked_rows_and_bad_ids(launchers, dtype):
 
 
 def check_opcheck(backend):
-    """torch.library.opcheck of the backend's custom ops (fakes, autograd registration, schema)."""
-    from grpo_kernels._ops import ops_for
+    """torch.library.opcheck of the custom ops on ``backend`` (fakes, autograd registration, schema)."""
+    from grpo_kernels import _ops
+    from grpo_kernels.backends.base import LossParams
 
-    ops = ops_for(backend)
     B, T, V = 2, 3, 37
     x = torch.randn(B, T, V, requires_grad=True)
     ids = torch.randint(0, V, (B * T,))
-    torch.library.opcheck(ops["fwd"], (x, ids, 0.8, True, False))
-    torch.library.opcheck(ops["fwd"], (x, ids, 1.0, False, False))
-    params = [float(v) for v in (0, 0.2, 0.28, 1, 1.5, 0.04, 1, 1.0, 1.05)]
+    torch.library.opcheck(_ops.logprobs_fwd, (x, ids, 0.8, True, False, backend))
+    torch.library.opcheck(_ops.logprobs_fwd, (x, ids, 1.0, False, False, backend))
+    params = LossParams(loss_code=0, epsilon_low=0.2, epsilon_high=0.28, has_delta=True, delta=1.5, beta=0.04,
+                        use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)
     vec = lambda: torch.randn(B * T)  # noqa: E731
-    torch.library.opcheck(ops["fused"], (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params,
-                                         torch.empty(B, T, V)))
-    on_policy = [float(v) for v in (2, 0.2, 0.28, 0, 0.0, 0.0, 1, 1.0, 1.05)]  # sapo, no KL: old, ref = None
-    torch.library.opcheck(ops["fused_inplace"], (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
-                                                 on_policy))
+    torch.library.opcheck(_ops.fused, (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params.pack(),
+                                       backend, torch.empty(B, T, V)))
+    on_policy = LossParams(loss_code=2, epsilon_low=0.2, epsilon_high=0.28, has_delta=False, delta=0.0, beta=0.0,
+                           use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)
+    torch.library.opcheck(_ops.fused_inplace, (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
+                                               on_policy.pack(), backend))  # sapo, no KL: old, ref = None
 
 
 def check_saved_bytes_per_token(backend):

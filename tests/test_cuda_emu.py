@@ -113,12 +113,10 @@ def emu_backend(emu, block: int) -> str:
     """Registers (once) the test backend running the emulated CUDA kernels with ``block`` threads per block."""
     name = f"cuda_emu{block}"
     if name not in backends.REGISTRY:
-        backends.REGISTRY[name] = BackendInfo(
+        backends.register_backend(BackendInfo(
             name, ("cpu",), lambda d: None if d == "cpu" else "emulated kernels take cpu tensors",
             lambda: CudaLaunchers(emu, device_type="cpu", block=block), "test only: CUDA kernels on the CPU emulator",
-        )
-    if name not in backends.BACKENDS:
-        backends.BACKENDS = backends.BACKENDS + (name,)
+        ))
     return name
 
 

@@ -27,7 +27,7 @@ import torch
 from trl import GRPOTrainer
 
 from ..api import grpo_loss_with_config
-from ..backends import BACKENDS
+from ..backends import check_backend_name
 from ..config import LOSS_TYPES
 from ..config import GRPOConfig as LossConfig
 
@@ -40,8 +40,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss is ``grpo_kernels.grpo_loss`` (``backend``: "auto", "cuda", ...)."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         super().__init__(*args, **kwargs)
         self.grpo_kernels_backend = backend
         a = self.args

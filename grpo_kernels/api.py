@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate, reference
 from ._ops import grpo_loss_fused, token_logprobs_fused
 from .backends import check_backend_name, resolve_backend
-from .config import ADVANTAGE_SCALES, GRPOConfig
+from .config import ADVANTAGE_SCALES, GRPOConfig, takes_config_options
 
 
 class GRPOLossOutput(NamedTuple):
@@ -28,7 +28,7 @@ def token_logprobs(
     logits: torch.Tensor,
     ids: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float = GRPOConfig.temperature,
     return_entropy: bool = False,
     backend: str = "auto",
 ):
@@ -107,6 +107,7 @@ def grpo_loss_with_config(
     return GRPOLossOutput(loss, logps, metrics)
 
 
+@takes_config_options
 def grpo_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -117,27 +118,19 @@ def grpo_loss(
     group_size: Optional[int] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     inplace: bool = False,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """The GRPO loss over logits ``[B, T, V]`` (any strides but the last) in one pass, no N x V softmax.
 
-    Give ``advantages`` ([B] or [B, T]) or ``rewards`` [B] with ``group_size``. Defaults are TRL 1.16's
-    GRPOConfig. Returns ``GRPOLossOutput(loss, logps, metrics)``; see SPEC.md for the math.
+    Give ``advantages`` ([B] or [B, T]) or ``rewards`` [B] with ``group_size``. ``options``: the fields of
+    :class:`GRPOConfig` (the signature lists them with their defaults, TRL 1.16's). Returns
+    ``GRPOLossOutput(loss, logps, metrics)``.
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "grpo_loss")
     return grpo_loss_with_config(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -151,12 +144,7 @@ class GRPOLoss(nn.Module):
 
     def __init__(self, config: Optional[GRPOConfig] = None, *, backend: str = "auto", inplace: bool = False, **options):
         super().__init__()
-        if config is not None and options:
-            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
-        unknown = set(options) - set(GRPOConfig.field_names())
-        if unknown:
-            raise TypeError(f"unknown GRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}")
-        self.config = _validate.check_config(config) if config is not None else GRPOConfig(**options)
+        self.config = _validate.resolve_config(config, options, "GRPOLoss")
         check_backend_name(backend)
         self.backend, self.inplace = backend, inplace
 

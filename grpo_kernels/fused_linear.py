@@ -53,7 +53,7 @@ from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
 from .backends import check_backend_name, launchers, resolve_backend
 from .backends.base import LossParams
-from .config import GRPOConfig
+from .config import GRPOConfig, takes_config_options
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -492,6 +492,7 @@ def fused_linear_grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@takes_config_options
 def fused_linear_grpo_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -504,20 +505,11 @@ def fused_linear_grpo_loss(
     group_size: int | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` without the logits.
 
@@ -527,7 +519,7 @@ def fused_linear_grpo_loss(
     only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss`; the loss
     is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "fused_linear_grpo_loss")
     return fused_linear_grpo_loss_with_config(
         hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -560,16 +552,9 @@ class FusedLinearGRPOLoss(nn.Module):
                 )
         elif not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a torch.Tensor [V, H], got {type(weight).__name__}")
-        if config is not None and options:
-            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
-        unknown = set(options) - set(GRPOConfig.field_names())
-        if unknown:
-            raise TypeError(
-                f"unknown FusedLinearGRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}"
-            )
         check_backend_name(backend)
         _check_chunk_size(chunk_size)
-        self.config = config if config is not None else GRPOConfig(**options)
+        self.config = _validate.resolve_config(config, options, "FusedLinearGRPOLoss")
         self.backend, self.chunk_size = backend, chunk_size
         # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
         self._head = (lm_head, weight, bias)

@@ -1,4 +1,4 @@
-"""Benchmarks of grpo_kernels against eager PyTorch, torch.compile and Liger-Kernel (issue 7).
+"""Benchmarks of grpo_kernels against eager PyTorch, torch.compile and Liger-Kernel.
 
 One shared runner (:mod:`bench.runner`) and one script per op:
 

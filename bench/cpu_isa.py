@@ -5,7 +5,7 @@
 For each build in ``grpo_kernels._C.ISAS`` that this CPU runs (baseline, avx2, avx512), the launchers of
 ``backend="cpu"`` with a preallocated output (no N x V allocation, no autograd, no loss reduction): the fused
 loss kernel (log-probs, entropy and dL/dlogits in one pass, token level, dapo) and the forward kernel with
-entropy. ``torch.exp(x, out=y)`` over N x V fp32 is the exp floor of the benchmarks (SPEC section 3).
+entropy. ``torch.exp(x, out=y)`` over N x V fp32 is the exp floor of the benchmarks (docs/contract.md#performance).
 Prints median milliseconds over ``--repeats`` after 2 warm-up calls; writes nothing.
 """
 

@@ -1,4 +1,4 @@
-"""The GPU benchmark in one command, for the day a GPU is lent (issue 7): nothing is downloaded.
+"""The GPU benchmark in one command, for a machine with a GPU: nothing is downloaded.
 
     python -m bench.gpu                          # check the machine, then the whole suite
     python -m bench.gpu --check                  # only say what is installed and what is missing

@@ -186,7 +186,7 @@ def _at(result, n, v, dtypes) -> bool:
 
 
 def targets(result: dict) -> list[dict]:
-    """Issue 7's targets for this run's device, met or missed by how much."""
+    """The performance targets for this run's device, met or missed by how much."""
     c = result["config"]
     why = {s["impl"]: s["reason"] for s in result["skipped"]}
     out = []
@@ -201,7 +201,7 @@ def targets(result: dict) -> list[dict]:
                           why_missing=miss),
             runner.target("cpu fwd+bwd speed-up vs torch.compile" + where, runner.ratio(result, "compile", "cpu"),
                           ">=", 1.5, why_missing=miss if cpu is None else f"compile: {why.get('compile', '')}"),
-            runner.target("cpu fwd+bwd time / streaming floor" + where,
+            runner.target("cpu fwd+bwd time / floor (max of copy and exp time)" + where,
                           None if cpu is None else cpu["fwd_bwd"].get("x_floor"), "<=", 1.5, why_missing=miss),
         ]
         if fresh is not None and out[-1]["status"] == "missed":

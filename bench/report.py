@@ -118,7 +118,7 @@ def readme_table(results: list[dict], results_rel: str = "bench/results") -> str
                 f"[{r['file']}]({results_rel}/{r['file']}.md) |")
     targets = [(r, t) for r in results for t in r.get("targets", []) if "informative only" not in t["target"]]
     if targets:
-        lines += ["", "| target (issue 7) | status | detail | source |", "|---|---|---|---|"]
+        lines += ["", "| target | status | detail | source |", "|---|---|---|---|"]
         for r, t in targets:
             lines.append(f"| {t['target']} {t['goal']} | {t['status']} | {t['detail']} | "
                          f"[{r['file']}]({results_rel}/{r['file']}.md) |")

@@ -1,4 +1,4 @@
-"""Static roofline of the GRPO kernels (issue 10): HBM bytes, bandwidth floor times and sm_90 occupancy.
+"""Static roofline of the GRPO kernels: HBM bytes, bandwidth floor times and sm_90 occupancy.
 
     python -m bench.roofline                      # writes bench/results/roofline.md and prints it
     python -m bench.roofline --v 32000 --quick --json   # one V, one variant per kernel, JSON rows on stdout

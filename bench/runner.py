@@ -1,4 +1,4 @@
-"""The shared benchmark runner: timing, memory, saved-for-backward bytes, the streaming floor, result files.
+"""The shared benchmark runner: timing, memory, saved-for-backward bytes, the copy / exp floor, result files.
 
 An op script (``bench/loss.py``, ``bench/logprobs.py``, ``bench/train_step.py``) is a module that provides
 
@@ -8,7 +8,7 @@ An op script (``bench/loss.py``, ``bench/logprobs.py``, ``bench/train_step.py``)
 - ``implementations(args, device) -> list[(impl, reason | None)]``: what to compare; a reason = skipped;
 - ``build(impl, inputs, args) -> Case``: one implementation ready to run;
 - ``work(args) -> Work | None``: what the op must at least move and evaluate (for GB/s and the floor);
-- ``targets(result) -> list[dict]`` (optional): issue 7's targets, met or missed by how much.
+- ``targets(result) -> list[dict]`` (optional): the op's performance targets, met or missed by how much.
 
 Measurement (timing in this process; CPU memory in one fresh subprocess per implementation):
 
@@ -24,7 +24,7 @@ Measurement (timing in this process; CPU memory in one fresh subprocess per impl
   flagged as a lower bound where building the inputs peaked higher).
 - saved for backward: the distinct storages autograd keeps from the forward
   (``torch.autograd.graph.saved_tensors_hooks``), excluding the inputs' own storages, per token.
-- the floor (SPEC section 3): copy rate of the same bytes (``dst.copy_(src)`` over an N x V tensor of the
+- the floor (docs/contract.md#performance): copy rate of the same bytes (``dst.copy_(src)`` over an N x V tensor of the
   logits' dtype: bytes = read + write) and exp rate (``torch.exp(x, out=y)`` over N x V fp32), both
   measured on the same device in the same run, before and after the implementations (the faster of the
   two is used: the stricter floor). Also recorded, outside the floor: what a freshly allocated N x V
@@ -83,7 +83,7 @@ class Case:
 
 @dataclass
 class Work:
-    """The least an op must move and evaluate, per phase (SPEC section 3).
+    """The least an op must move and evaluate, per phase (docs/contract.md#performance).
 
     Single pass (the loss with token-level weights: the gradient weight is known in the forward): the
     logits read once (fwd) or read once + the gradient written once (fwd+bwd). Two passes (log-probs:
@@ -696,7 +696,7 @@ def markdown(result: dict) -> str:
     if result["skipped"]:
         lines += ["Not run:", ""] + [f"- `{s['impl']}`: {s['reason']}" for s in result["skipped"]] + [""]
     if result.get("targets"):
-        lines += ["## Targets (issue 7)", "", "| target | goal | status | detail |", "|---|---|---|---|"]
+        lines += ["## Targets", "", "| target | goal | status | detail |", "|---|---|---|---|"]
         for t in result["targets"]:
             lines.append(f"| {t['target']} | {t['goal']} | {t['status']} | {t['detail']} |")
         lines.append("")

@@ -1,7 +1,14 @@
 """grpo_kernels: a fused GRPO loss core for PyTorch.
 
 One pass over the logits computes per-token log-probs, entropy, the clipped importance-ratio loss and
-the KL penalty, without materialising the full-vocabulary softmax. See README.md and SPEC.md.
+the KL penalty, without materialising the full-vocabulary softmax; the loss follows TRL's GRPOTrainer.
+
+- :func:`grpo_loss` / :class:`GRPOLoss` (logits in), :func:`fused_linear_grpo_loss` /
+  :class:`FusedLinearGRPOLoss` (hidden states and LM head in), ``vocab_parallel.grpo_loss`` (logits sharded
+  over the vocabulary); ``*_with_config`` take the options as one :class:`GRPOConfig` or ``trl.GRPOConfig``.
+- :func:`token_logprobs`, :func:`group_advantages`, :func:`available_backends`.
+
+``help()`` on each documents its parameters, defaults, shapes and outputs.
 """
 
 from . import vocab_parallel  # vocab_parallel.token_logprobs / .grpo_loss over torch.distributed

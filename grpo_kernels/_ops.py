@@ -182,12 +182,12 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     B, T, _ = logits.shape
     ids = torch.where(mask, x.ids, 0).reshape(-1).long().contiguous()  # masked ids may be garbage
     tau = cfg.temperature
-    loss_args = dict(advantages=x.advantages, mask=mask, old_logps=x.old_logps, ref_logps=x.ref_logps,
+    loss_args = dict(advantages=x.advantages, mask=x.weights, old_logps=x.old_logps, ref_logps=x.ref_logps,
                      max_completion_length=x.max_completion_length, num_items_in_batch=x.num_items_in_batch)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
 
     if need_grad and cfg.importance_sampling_level == "token":
-        coef = reference.reduction_weights(mask, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
+        coef = reference.reduction_weights(x.weights, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
         adv = x.advantages.float()
         adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1).contiguous()
         vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731

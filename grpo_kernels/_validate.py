@@ -1,4 +1,4 @@
-"""Input validation of SPEC section 4, in one place, used by every backend before any kernel launches.
+"""Input validation (docs/contract.md#bad-input), in one place, used by every backend before any kernel launches.
 
 Errors are ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape, value, device or
 layout) and always name the argument and what was expected.
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import _FIELD_NAMES, ADVANTAGE_SCALES, GRPOConfig
+from .config import _FIELD_NAMES, ADVANTAGE_SCALES, GRPOConfig, is_trl_config
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -53,9 +53,23 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
 
 
 def check_config(config) -> GRPOConfig:
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
-    return config
+    """A ``grpo_kernels.GRPOConfig``, or the loss options read from a ``trl.GRPOConfig``."""
+    if isinstance(config, GRPOConfig):
+        return config
+    if is_trl_config(config):
+        return GRPOConfig.from_trl(config)
+    kind = type(config)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"config must be a grpo_kernels.GRPOConfig or a trl.GRPOConfig, got {name}")
+
+
+def loss_config(config, max_completion_length):
+    """-> (GRPOConfig, max_completion_length): a TRL config also supplies max_completion_length (used by
+    dr_grpo) when the call does not pass one, as TRL's trainer reads it from the same config."""
+    cfg = check_config(config)
+    if max_completion_length is None and is_trl_config(config):
+        max_completion_length = config.max_completion_length
+    return cfg, max_completion_length
 
 
 def resolve_config(config, options: dict, where: str) -> GRPOConfig:
@@ -69,7 +83,7 @@ def resolve_config(config, options: dict, where: str) -> GRPOConfig:
     unknown = [name for name in options if name not in _FIELD_NAMES]
     if unknown:
         raise TypeError(f"unknown {where} options {sorted(unknown)}; valid: {_FIELD_NAMES}")
-    return GRPOConfig(**options)
+    return GRPOConfig.from_options(options, partial=True)
 
 
 def check_temperature(temperature) -> float:
@@ -99,6 +113,7 @@ def check_ids_in_range(ids: torch.Tensor, vocab: int, mask: Optional[torch.Tenso
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         where = " (at a position the completion_mask keeps)" if mask is not None else ""
+
         raise ValueError(
             f"{name} holds {int(ids[idx])} at index {idx}, outside the vocabulary [0, {vocab}) of logits{where}"
         )
@@ -110,12 +125,44 @@ class LossInputs:
 
     logits: torch.Tensor  # [B, T, V]
     ids: torch.Tensor  # [B, T] integer
-    mask: torch.Tensor  # [B, T] bool
+    mask: torch.Tensor  # [B, T] bool: the positions that count (weight != 0)
     advantages: torch.Tensor  # [B] or [B, T], compute dtype
     old_logps: Optional[torch.Tensor]
     ref_logps: Optional[torch.Tensor]
     max_completion_length: Optional[int]
     num_items_in_batch: object
+    # [B, T] the completion_mask as token weights, for every sum and normaliser of the loss and metrics:
+    # ``mask`` itself (bool) for a boolean or absent mask, else the mask in the compute dtype.
+    weights: Optional[torch.Tensor] = None
+
+
+def slice_hint(name: str, positions: int, T: int) -> str:
+    """The fix for ``name`` (logits / hidden) of ``positions`` > T positions next to T completion ids."""
+    if positions == T + 1:
+        return (f"; {name} has one position more than completion_ids: position t of a causal LM predicts token "
+                f"t + 1, so pass {name}[:, :-1] (or {name}[:, P-1:-1] of the whole prompt + completion, P = the "
+                "prompt length)")
+    if positions > T + 1:
+        return (f"; if {name} covers the prompt too, pass {name}[:, P-1:-1] (P = the prompt length, here "
+                f"{name}[:, {positions - T - 1}:-1] if every row is prompt + completion)")
+    return ""
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """A non-boolean completion_mask is a weight per token: finite and >= 0 (CPU, or any device in debug mode;
+    on a GPU the check would cost a host sync)."""
+    if mask.dtype == torch.bool or (mask.device.type != "cpu" and not debug_checks_enabled()):
+        return
+    bad = (mask < 0) | ~torch.isfinite(mask) if mask.is_floating_point() else mask < 0
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "completion_mask holds a negative or non-finite weight")
+        return
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"completion_mask holds {mask[idx].item()} at index {idx}: its values are token weights, finite and "
+            ">= 0 (0 drops a token; fractions and values above 1 weight it as TRL's formulas do)"
+        )
 
 
 def validate_loss_inputs(
@@ -142,15 +189,28 @@ def validate_loss_inputs(
     B, T, V = logits.shape
     check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
     if tuple(completion_ids.shape) != (B, T):
-        raise ValueError(f"completion_ids must have shape [B, T] = {(B, T)} to match logits, got {tuple(completion_ids.shape)}")
+        hint = slice_hint("logits", T, completion_ids.shape[1]) if completion_ids.shape[0] == B else ""
+        raise ValueError(
+            f"completion_ids must have shape [B, T] = {(B, T)} to match logits, got {tuple(completion_ids.shape)}{hint}"
+        )
 
+    cdt = compute_dtype(logits)
     if completion_mask is None:
         mask = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+        weights = mask
     else:
         check_tensor("completion_mask", completion_mask, ndim=2)
+        if completion_mask.is_complex():
+            raise TypeError(f"completion_mask must be bool, integer or real floating point, got {completion_mask.dtype}")
         if tuple(completion_mask.shape) != (B, T):
             raise ValueError(f"completion_mask must have shape [B, T] = {(B, T)}, got {tuple(completion_mask.shape)}")
-        mask = completion_mask if completion_mask.dtype == torch.bool else completion_mask != 0
+        check_same_device(logits, completion_mask=completion_mask)
+        check_mask_values(completion_mask)
+        if completion_mask.dtype == torch.bool:
+            mask = weights = completion_mask
+        else:
+            # Weights, as in TRL's (l * m).sum() / m.sum(): a 0 drops the token (any id and logits there).
+            mask, weights = completion_mask != 0, completion_mask.to(cdt)
 
     if (advantages is None) == (rewards is None):
         raise ValueError("pass exactly one of advantages= (shape [B] or [B, T]) or rewards= (shape [B], with group_size=)")
@@ -165,9 +225,12 @@ def validate_loss_inputs(
         advantages = group_advantages(rewards, group_size, scale)
     else:
         check_tensor("advantages", advantages, ndim=(1, 2), floating=True)
-        if tuple(advantages.shape) not in ((B,), (B, T)):
-            raise ValueError(f"advantages must have shape [B] = [{B}] or [B, T] = {[B, T]}, got {tuple(advantages.shape)}")
-    cdt = compute_dtype(logits)
+        if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+            raise ValueError(
+                f"advantages must have shape [B] = [{B}], [B, 1] = [{B}, 1] or [B, T] = {[B, T]}, got {tuple(advantages.shape)}"
+            )
+        if advantages.dim() == 2 and advantages.shape[1] == 1:
+            advantages = advantages[:, 0]  # TRL's [B, 1]: one advantage per sequence
     advantages = advantages.to(cdt)
 
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
@@ -191,12 +254,12 @@ def validate_loss_inputs(
                 raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got shape {tuple(num_items_in_batch.shape)}")
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
             raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
-    check_ids_in_range(completion_ids, V, mask, "completion_ids")
+    check_ids_in_range(completion_ids, V, None if completion_mask is None else mask, "completion_ids")
     return LossInputs(
         logits, completion_ids, mask, advantages,
         None if old_logps is None else old_logps.to(cdt),
         None if ref_logps is None else ref_logps.to(cdt),
-        max_completion_length, num_items_in_batch,
+        max_completion_length, num_items_in_batch, weights,
     )
 
 

@@ -1,4 +1,4 @@
-"""Public functions: validate, pick a backend, run it (SPEC section 2)."""
+"""Public functions: validate, pick a backend, run it."""
 
 from __future__ import annotations
 
@@ -8,15 +8,32 @@ import torch
 from torch import nn
 
 from . import _validate, reference
+from ._docs import fill
 from ._ops import grpo_loss_fused, token_logprobs_fused
 from .backends import check_backend_name, resolve_backend
 from .config import ADVANTAGE_SCALES, GRPOConfig, takes_config_options
 
 
 class GRPOLossOutput(NamedTuple):
-    loss: torch.Tensor  # 0-d, differentiable w.r.t. the logits
-    logps: torch.Tensor  # [B, T] fp32, detached, 0 at masked positions; reusable as old_logps
-    metrics: dict  # TRL's names -> detached 0-d fp32 tensors
+    """What the loss functions return.
+
+    Attributes
+    ----------
+    loss : Tensor
+        0-d (fp32; float64 for float64 inputs), differentiable w.r.t. the logits (or hidden states and
+        head). Already reduced as ``loss_type`` says; call ``loss.backward()``.
+    logps : Tensor
+        [B, T] fp32 per-token log-probs of ``completion_ids``, detached, 0 at dropped positions; reusable
+        as ``old_logps`` of later iterations on the same batch.
+    metrics : dict
+        TRL's metric names -> detached 0-d fp32 tensors (no host sync): "entropy", "kl" (beta != 0),
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean" (clip loss types) or
+        "cispo_clip_ratio" (cispo).
+    """
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    metrics: dict
 
 
 def _kernel_dtype_check(backend: str, logits: torch.Tensor) -> None:
@@ -24,6 +41,7 @@ def _kernel_dtype_check(backend: str, logits: torch.Tensor) -> None:
         raise TypeError(f"logits of dtype float64 run only on backend='torch' (the reference), not {backend!r}")
 
 
+@fill
 def token_logprobs(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -32,10 +50,25 @@ def token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
 ):
-    """Per-token log-probs ``log softmax(logits / temperature)[ids]`` without a full log-softmax.
+    """Per-token log-probs ``log_softmax(logits / temperature)[ids]`` without materialising the log-softmax.
 
-    logits ``[..., V]`` (any strides but the last), ids ``[...]`` integer. Returns logps ``[...]`` fp32
-    (and the entropy of ``softmax(logits / temperature)`` if ``return_entropy``); both differentiable.
+    Parameters
+    ----------
+    logits : Tensor [..., V]
+        float32, bfloat16 or float16 (float64 on backend "torch"); any strides but stride 1 along V.
+    ids : Tensor [...], integer
+        Token ids, the shape of ``logits.shape[:-1]``, each in [0, V) (checked on CPU tensors).
+    temperature : float, default 1.0
+        Softmax temperature (> 0).
+    return_entropy : bool, default False
+        Also return the entropy of ``softmax(logits / temperature)`` per position.
+    {{backend}}
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        logps ``[...]`` fp32 (float64 for float64 logits), and the entropy ``[...]`` if
+        ``return_entropy``; both differentiable w.r.t. ``logits``.
     """
     _validate.check_logits(logits)
     _validate.check_tensor("ids", ids, integer=True)
@@ -54,10 +87,24 @@ def token_logprobs(
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4):
-    """Group-relative advantages ``A [B]`` (fp32; float64 for float64 rewards) from rewards ``[B]``.
+    """Group-relative advantages: each reward minus its group's mean, scaled (TRL's ``scale_rewards``).
 
-    Groups are ``group_size`` contiguous entries. ``scale``: "group" divides by each group's unbiased std
-    plus ``eps``, "batch" by the whole batch's, "none" only centres.
+    Parameters
+    ----------
+    rewards : Tensor [B], floating point
+        One reward per completion; groups are ``group_size`` contiguous entries (P prompts x G).
+    group_size : int
+        G >= 2, dividing B.
+    scale : str, default "group"
+        "group": divide by each group's unbiased std plus ``eps``; "batch": by the whole batch's std plus
+        ``eps``; "none": only centre.
+    eps : float, default 1e-4
+        Added to the std (TRL's value), so a group of equal rewards gets advantages 0.
+
+    Returns
+    -------
+    Tensor [B]
+        fp32 advantages (float64 for float64 rewards).
     """
     _validate.check_tensor("rewards", rewards, ndim=1, floating=True)
     _validate.check_group_size(group_size, rewards.shape[0])
@@ -84,7 +131,26 @@ def grpo_loss_with_config(
     inplace: bool = False,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
+    """:func:`grpo_loss` with the loss options given as one config object.
+
+    Parameters
+    ----------
+    logits, completion_ids
+        As in :func:`grpo_loss`.
+    config : GRPOConfig or trl.GRPOConfig
+        The loss options. A ``trl.GRPOConfig`` is read with :meth:`GRPOConfig.from_trl` (TRL's
+        ``epsilon`` is ``epsilon_low``), and its ``max_completion_length`` (TRL default 512) is used when
+        the call passes none.
+    completion_mask, advantages, rewards, group_size, old_logps, ref_logps, max_completion_length,
+    num_items_in_batch, inplace, backend
+        As in :func:`grpo_loss`.
+
+    Returns
+    -------
+    GRPOLossOutput
+        ``(loss, logps, metrics)`` as in :func:`grpo_loss`.
+    """
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     x = _validate.validate_loss_inputs(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages,
         rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -92,13 +158,19 @@ def grpo_loss_with_config(
     )
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "inplace=True overwrites logits with their gradient, but logits is a leaf tensor that requires grad "
+            "(a parameter or an input of your own): its values would be lost and its .grad would share their "
+            "storage; pass the model's output logits (a non-leaf) or inplace=False"
+        )
     name = resolve_backend(backend, logits.device)
     _kernel_dtype_check(name, logits)
     if name == "torch":
         if inplace:
             raise ValueError("inplace=True needs a fused backend ('cuda', 'triton' or 'cpu'); backend='torch' cannot write the gradient into the logits")
         loss, logps, metrics = reference.grpo_loss(
-            x.logits, x.ids, config, x.advantages, x.mask, x.old_logps, x.ref_logps,
+            x.logits, x.ids, config, x.advantages, x.weights, x.old_logps, x.ref_logps,
             x.max_completion_length, x.num_items_in_batch,
         )
     else:
@@ -108,6 +180,7 @@ def grpo_loss_with_config(
 
 
 @takes_config_options
+@fill
 def grpo_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
@@ -124,11 +197,44 @@ def grpo_loss(
     backend: str = "auto",
     **options,
 ) -> GRPOLossOutput:
-    """The GRPO loss over logits ``[B, T, V]`` (any strides but the last) in one pass, no N x V softmax.
+    """The GRPO loss of TRL's ``GRPOTrainer`` from logits, without an N x V log-softmax.
 
-    Give ``advantages`` ([B] or [B, T]) or ``rewards`` [B] with ``group_size``. ``options``: the fields of
-    :class:`GRPOConfig` (the signature lists them with their defaults, TRL 1.16's). Returns
-    ``GRPOLossOutput(loss, logps, metrics)``.
+    One pass over the logits computes each completion token's log-prob and entropy and, when a gradient is
+    needed with token-level ratios, the gradient w.r.t. the logits; the per-token loss, its reduction and
+    the metrics follow TRL 1.16's formulas (every default is ``trl.GRPOConfig``'s). With ``r`` the
+    importance ratio ``exp(logp - old_logps)`` and ``A`` the advantage, the per-token loss of the clip
+    family is ``-min(r * A, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A)`` plus ``beta * KL``.
+
+    Parameters
+    ----------
+    logits : Tensor [B, T, V]
+        The logits that predict ``completion_ids``: for a causal LM run on prompt + completion (P prompt
+        tokens), ``model(...).logits[:, P-1:-1]`` (or ``logits[:, :-1]`` of ``logits_to_keep=T+1``).
+        float32, bfloat16 or float16 (float64 on backend "torch"); any strides but stride 1 along V.
+    completion_ids : Tensor [B, T], integer
+        The sampled completion tokens, each in [0, V) where the mask keeps it.
+    {{loss_inputs}}
+    {{loss_options}}
+    {{reduction}}
+    inplace : bool, default False
+        Write the gradient w.r.t. the logits into the logits' own storage instead of a new N x V buffer
+        (fused backends only). The caller's ``logits`` tensor is overwritten: with token-level ratios
+        during this call, with sequence-level ones during ``backward``. Anything that reads those logits
+        afterwards (another loss term, a metric, a second call) sees the gradient, silently. What can be
+        detected is: an autograd node that saved these logits before the call raises at ``backward``
+        ("modified by an inplace operation"), so does a write to them between the call and ``backward``,
+        and a leaf tensor that requires grad is rejected (``ValueError``). Use it only when the loss is
+        the logits' last reader.
+    {{backend}}
+
+    Returns
+    -------
+    {{returns}}
+
+    Examples
+    --------
+    >>> out = grpo_loss(logits, completion_ids, completion_mask=mask, advantages=A, loss_type="grpo")
+    >>> out.loss.backward()
     """
     config = _validate.resolve_config(None, options, "grpo_loss")
     return grpo_loss_with_config(
@@ -140,17 +246,38 @@ def grpo_loss(
 
 
 class GRPOLoss(nn.Module):
-    """``grpo_loss`` configured once: ``GRPOLoss(loss_type="grpo", beta=0.04)(logits, ids, advantages=A)``."""
+    """:func:`grpo_loss` configured once, as a module: ``GRPOLoss(loss_type="grpo", beta=0.04)``.
+
+    Parameters
+    ----------
+    config : GRPOConfig, trl.GRPOConfig or None, default None
+        The loss options as one object (a ``trl.GRPOConfig`` is read with :meth:`GRPOConfig.from_trl`,
+        its ``max_completion_length`` included). Give either ``config`` or keyword options.
+    backend : str, default "auto"
+        As in :func:`grpo_loss`; may be overridden per call.
+    inplace : bool, default False
+        As in :func:`grpo_loss` (overwrites the logits); may be overridden per call.
+    **options
+        The loss options of :func:`grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
+
+    ``forward(logits, completion_ids, **inputs)`` takes the inputs of :func:`grpo_loss`
+    (completion_mask, advantages or rewards with group_size, old_logps, ref_logps, max_completion_length,
+    num_items_in_batch, inplace, backend) and returns its :class:`GRPOLossOutput`.
+    """
 
     def __init__(self, config: Optional[GRPOConfig] = None, *, backend: str = "auto", inplace: bool = False, **options):
         super().__init__()
         self.config = _validate.resolve_config(config, options, "GRPOLoss")
+        # a trl.GRPOConfig also supplies max_completion_length (dr_grpo), as TRL's trainer reads it
+        self.max_completion_length = None if config is None else _validate.loss_config(config, None)[1]
         check_backend_name(backend)
         self.backend, self.inplace = backend, inplace
 
     def forward(self, logits, completion_ids, **inputs) -> GRPOLossOutput:
         inputs.setdefault("inplace", self.inplace)
         inputs.setdefault("backend", self.backend)
+        if inputs.get("max_completion_length") is None:
+            inputs["max_completion_length"] = self.max_completion_length
         return grpo_loss_with_config(logits, completion_ids, self.config, **inputs)
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # -min(c1*A, clamp(c1)*A)
@@ -22,12 +22,51 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_CODE_CLIP, LOSS_CODE_CISPO, LOSS_CODE_SAPO = 0, 1, 2
 
 
+# TRL 1.16 GRPOConfig options that change the loss and have no field here, with the value that leaves the
+# loss unchanged: a TRL config that sets one otherwise is rejected rather than silently computed without it.
+_TRL_OPTIONS_WITHOUT_FIELD = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "entropy_coef": 0.0,
+                              "use_adaptive_entropy": False}
+DEFAULT_EPSILON_LOW = 0.2
+
+
 @dataclass(frozen=True)
 class GRPOConfig:
-    """The options of the GRPO loss; defaults are TRL 1.16's ``GRPOConfig``.
+    """The options of the GRPO loss; every default is TRL 1.16's ``trl.GRPOConfig`` default.
 
-    ``epsilon_high=None`` means ``epsilon_low`` (symmetric clip). For ``loss_type="cispo"`` ``epsilon_high``
-    is the raw upper bound of the ratio (MiniMax-M1 uses e.g. 5.0), not an offset from 1.
+    Parameters
+    ----------
+    beta : float, default 0.0
+        Weight of the KL penalty ``beta * KL(policy || reference)`` (k3 estimator per token). 0 turns the
+        term off; any other value needs ``ref_logps``.
+    epsilon_low : float, default 0.2
+        Lower clip offset: the ratio is clipped below at ``1 - epsilon_low``.
+    epsilon_high : float or None, default None
+        Upper clip offset (``1 + epsilon_high``); None means ``epsilon_low`` (symmetric clip). For
+        ``loss_type="cispo"`` it is the raw upper bound of the ratio (MiniMax-M1 uses e.g. 5.0), not an
+        offset from 1.
+    delta : float or None, default None
+        Two-sided clipping (INTELLECT-2): the unclipped ratio is also capped at ``delta``. None: off.
+    temperature : float, default 1.0
+        Sampling temperature: the log-probs are those of ``softmax(logits / temperature)``.
+    loss_type : str, default "dapo"
+        One of "grpo" (per-sequence mean, then mean over sequences), "bnpo" (mean over the batch's kept
+        tokens), "dr_grpo" (sum / (B * max_completion_length)), "dapo" (sum / num_items_in_batch, or the
+        batch's kept tokens), "cispo" (clipped-ratio REINFORCE, normalised as dapo), "sapo" (soft gate,
+        normalised as grpo).
+    importance_sampling_level : str, default "token"
+        "token": one ratio per token; "sequence" (GSPO): one ratio per sequence, the exponential of the
+        masked mean log-ratio.
+    use_bias_correction_kl : bool, default True
+        Multiply the KL term by the importance ratio (TRL's default).
+    sapo_temperature_pos, sapo_temperature_neg : float, default 1.0, 1.05
+        SAPO's gate temperatures for positive / non-positive advantages.
+    epsilon : float or None, default None
+        TRL's name for ``epsilon_low``, accepted as an alias: ``GRPOConfig(epsilon=0.3)`` sets
+        ``epsilon_low = 0.3`` and the field reads None afterwards. Giving both ``epsilon`` and an
+        ``epsilon_low`` other than its default (and other than ``epsilon``) raises ``ValueError``.
+
+    ``GRPOConfig.from_trl(trl_config)`` reads these options from a ``trl.GRPOConfig``; every function
+    that takes ``config=`` also accepts a ``trl.GRPOConfig`` directly.
     """
 
     beta: float = 0.0
@@ -40,8 +79,14 @@ class GRPOConfig:
     use_bias_correction_kl: bool = True
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    epsilon: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.epsilon is not None:
+            _check_epsilon_alias(self.epsilon, self.epsilon_low,
+                                 self.epsilon_low not in (DEFAULT_EPSILON_LOW, self.epsilon))
+            object.__setattr__(self, "epsilon_low", self.epsilon)
+            object.__setattr__(self, "epsilon", None)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.importance_sampling_level not in LEVELS:
@@ -81,10 +126,58 @@ class GRPOConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_options(cls, options: dict) -> GRPOConfig:
-        """The config of the loss options in ``options`` (e.g. a keyword-wide wrapper's ``locals()``); every
-        field must be present, so a wrapper cannot silently drop one."""
+    def from_options(cls, options: dict, *, partial: bool = False) -> GRPOConfig:
+        """The config of the loss options in ``options``.
+
+        ``partial=False`` (a keyword-wide wrapper's ``locals()``): every field must be present, so a wrapper
+        cannot silently drop one. ``partial=True`` (a module's ``**options``): absent fields keep their
+        defaults, and ``epsilon`` with ``epsilon_low`` both present is an error whatever their values.
+        """
+        if partial:
+            if options.get("epsilon") is not None and "epsilon_low" in options:
+                _check_epsilon_alias(options["epsilon"], options["epsilon_low"], True)
+            return cls(**options)
         return cls(**{name: options[name] for name in _FIELD_NAMES})
+
+    @classmethod
+    def from_trl(cls, trl_config) -> GRPOConfig:
+        """The loss options of a ``trl.GRPOConfig`` (TRL's ``epsilon`` is ``epsilon_low`` here).
+
+        Every field is read from the TRL attribute of the same name. A TRL option that changes the loss and
+        has no field here (top_entropy_quantile < 1, off_policy_mask_threshold, an entropy bonus) raises
+        ``ValueError`` instead of being dropped. ``max_completion_length`` is not a loss option here but an
+        argument of the loss functions; given a TRL config they take it from there when it is not passed.
+        """
+        values = {}
+        for name in _FIELD_NAMES:
+            source = "epsilon" if name == "epsilon_low" else name
+            if name != "epsilon" and hasattr(trl_config, source):
+                values[name] = getattr(trl_config, source)
+        for name, neutral in _TRL_OPTIONS_WITHOUT_FIELD.items():
+            if name not in values and hasattr(trl_config, name) and getattr(trl_config, name) != neutral:
+                raise ValueError(
+                    f"trl.GRPOConfig option {name}={getattr(trl_config, name)!r} has no counterpart in grpo_kernels "
+                    f"(only {neutral!r}); the loss would silently differ from TRL's"
+                )
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"trl.GRPOConfig: {e}") from None
+
+
+def is_trl_config(config) -> bool:
+    """True for a ``trl.GRPOConfig`` (or a subclass); trl itself is not imported for the check."""
+    return any(c.__name__ == "GRPOConfig" and c.__module__.split(".")[0] == "trl" for c in type(config).__mro__)
+
+
+def _check_epsilon_alias(epsilon, epsilon_low, low_given: bool) -> None:
+    """``epsilon`` (TRL's name) is ``epsilon_low``: both given is ambiguous. ``low_given`` is what the caller
+    can tell: key presence for a dict of options, a value other than the default (or ``epsilon``) otherwise."""
+    if low_given:
+        raise ValueError(
+            f"epsilon is TRL's name for epsilon_low: pass one of them, not both (got epsilon={epsilon!r}, "
+            f"epsilon_low={epsilon_low!r})"
+        )
 
 
 _FIELD_NAMES = GRPOConfig.field_names()  # a constant: torch.compile traces through from_options

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.library import custom_op
 
 from . import _validate, reference
+from ._docs import fill
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
 from .backends import check_backend_name, launchers, resolve_backend
@@ -176,12 +177,14 @@ def _logits_of(rows: _Rows, weight, bias, n0, n1):
 
 def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, params, loss_type, tau, chunk,
                  backend, want):
-    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk."""
+    """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk.
+
+    ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
     B, T, _ = hidden.shape
     N = B * T
     cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the reference's view of the same scalars
     L = None if backend == "torch" else launchers(backend)
-    mflat, iflat = mask.reshape(-1), ids.reshape(-1)
+    mflat, iflat = reference.kept(mask).reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     cdt = reference.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
     logp_out = torch.zeros(N, dtype=cdt, device=hidden.device)
@@ -216,7 +219,7 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
 
 def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
-    ``backends/base.py``), one chunk of logits at a time."""
+    docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
     N = B * T
     L = None if backend == "torch" else launchers(backend)
@@ -435,8 +438,25 @@ def fused_linear_grpo_loss_with_config(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`fused_linear_grpo_loss` with the loss options given as one :class:`GRPOConfig`."""
-    _validate.check_config(config)
+    """:func:`fused_linear_grpo_loss` with the loss options given as one config object.
+
+    Parameters
+    ----------
+    hidden, lm_head_weight, completion_ids
+        As in :func:`fused_linear_grpo_loss`.
+    config : GRPOConfig or trl.GRPOConfig
+        The loss options; a ``trl.GRPOConfig`` is read with :meth:`GRPOConfig.from_trl`, and its
+        ``max_completion_length`` is used when the call passes none.
+    lm_head_bias, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
+    max_completion_length, num_items_in_batch, chunk_size, backend
+        As in :func:`fused_linear_grpo_loss`.
+
+    Returns
+    -------
+    GRPOLossOutput
+        As in :func:`fused_linear_grpo_loss`.
+    """
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
     V = lm_head_weight.shape[0]
@@ -468,12 +488,12 @@ def fused_linear_grpo_loss_with_config(
 
     grad_on = torch.is_grad_enabled()
     want = [grad_on and t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)]
-    loss_args = (adv, mask, old, ref)
+    loss_args = (adv, x.weights, old, ref)
     if any(want) and config.importance_sampling_level == "token":
         # single pass: the gradients are computed now; the loss carries them to backward
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
-            hidden.detach(), lm_head_weight.detach(), bias_d, ids, mask, adv, old, ref, num_items,
+            hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv, old, ref, num_items,
             x.max_completion_length, LossParams.from_config(config).pack(), config.loss_type, config.temperature,
             int(chunk_size), name, want,
         )
@@ -493,6 +513,7 @@ def fused_linear_grpo_loss_with_config(
 
 
 @takes_config_options
+@fill
 def fused_linear_grpo_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -513,11 +534,32 @@ def fused_linear_grpo_loss(
 ) -> GRPOLossOutput:
     """``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` without the logits.
 
-    hidden ``[B, T, H]`` (the hidden states aligned with ``completion_ids``, e.g. ``h[:, P-1:-1]``; any
-    strides), lm_head_weight ``[V, H]``, lm_head_bias ``[V]`` or None, all of one dtype. The N = B*T rows are
-    processed ``chunk_size`` at a time (default: from a memory budget, see :func:`default_chunk_size`), so
-    only one chunk of logits exists at a time. Options and outputs are those of :func:`grpo_loss`; the loss
-    is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
+    The N = B*T rows are processed ``chunk_size`` at a time, so only one chunk of logits (and its gradient)
+    exists at a time; the gradients w.r.t. hidden, weight and bias are computed in the forward pass with
+    token-level ratios (sequence-level: recomputed chunk by chunk in ``backward``).
+
+    Parameters
+    ----------
+    hidden : Tensor [B, T, H]
+        The last hidden states aligned with ``completion_ids`` (e.g. ``h[:, P-1:-1]`` of prompt +
+        completion, P prompt tokens; any strides): float32, bfloat16 or float16 (float64 on "torch").
+    lm_head_weight : Tensor [V, H]
+        The LM head's weight, of the dtype of ``hidden``.
+    completion_ids : Tensor [B, T], integer
+        The sampled completion tokens, each in [0, V) where the mask keeps it.
+    lm_head_bias : Tensor [V] or None, default None
+        The LM head's bias, if it has one.
+    {{loss_inputs}}
+    {{loss_options}}
+    {{reduction}}
+    chunk_size : int or None, default None
+        Rows per chunk; None chooses it from a memory budget (:func:`default_chunk_size`).
+    {{backend}}
+
+    Returns
+    -------
+    {{returns}}
+        The loss is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
     """
     config = _validate.resolve_config(None, options, "fused_linear_grpo_loss")
     return fused_linear_grpo_loss_with_config(
@@ -535,6 +577,27 @@ class FusedLinearGRPOLoss(nn.Module):
     ref_logps=R)``, or ``FusedLinearGRPOLoss(weight=W, bias=b, ...)``. The head is referenced, not
     registered: the loss module owns no parameters or state (the model does; tied embeddings, FSDP and
     optimizer state are unaffected), and the current ``weight``/``bias`` tensors are read at each call.
+
+    Parameters
+    ----------
+    lm_head : nn.Module or None, default None
+        A module with ``.weight`` [V, H] (and ``.bias`` [V] or None), e.g. ``model.lm_head``.
+    weight : Tensor [V, H] or None, default None
+        The head's weight, instead of ``lm_head`` (give exactly one of them).
+    bias : Tensor [V] or None, default None
+        The head's bias with ``weight=``.
+    config : GRPOConfig, trl.GRPOConfig or None, default None
+        The loss options as one object (a ``trl.GRPOConfig``'s ``max_completion_length`` included); give
+        either ``config`` or keyword options.
+    chunk_size : int or None, default None
+        As in :func:`fused_linear_grpo_loss`.
+    backend : str, default "auto"
+        As in :func:`fused_linear_grpo_loss`.
+    **options
+        The loss options of :func:`fused_linear_grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
+
+    ``forward(hidden, completion_ids, **inputs)`` takes the inputs of :func:`fused_linear_grpo_loss`
+    and returns its :class:`GRPOLossOutput`.
     """
 
     def __init__(self, lm_head: nn.Module | None = None, *, weight: Tensor | None = None,
@@ -555,6 +618,8 @@ class FusedLinearGRPOLoss(nn.Module):
         check_backend_name(backend)
         _check_chunk_size(chunk_size)
         self.config = _validate.resolve_config(config, options, "FusedLinearGRPOLoss")
+        # a trl.GRPOConfig also supplies max_completion_length (dr_grpo), as TRL's trainer reads it
+        self.max_completion_length = None if config is None else _validate.loss_config(config, None)[1]
         self.backend, self.chunk_size = backend, chunk_size
         # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
         self._head = (lm_head, weight, bias)
@@ -569,6 +634,8 @@ class FusedLinearGRPOLoss(nn.Module):
         weight, bias = self.head()
         inputs.setdefault("chunk_size", self.chunk_size)
         inputs.setdefault("backend", self.backend)
+        if inputs.get("max_completion_length") is None:
+            inputs["max_completion_length"] = self.max_completion_length
         return fused_linear_grpo_loss_with_config(hidden, weight, completion_ids, self.config, lm_head_bias=bias,
                                                   **inputs)
 

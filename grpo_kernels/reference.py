@@ -1,4 +1,4 @@
-"""The eager reference (``backend="torch"``): SPEC section 1 written to be read.
+"""The eager reference (``backend="torch"``): docs/contract.md written to be read.
 
 It is the oracle of every test (called on float64 inputs it computes in float64) and the "pure PyTorch"
 baseline of the benchmarks: like TRL it materialises the full-vocabulary log-softmax in fp32.
@@ -9,6 +9,10 @@ the metrics are always computed here. The kernels' only copy of the loss math is
 specified by :func:`token_loss_grad`.
 
 Shapes: B sequences (P prompts x G completions, contiguous groups), T completion tokens, V vocabulary.
+
+``mask`` [B, T] of the loss functions below is the completion mask: bool, or real token weights (TRL's
+formulas multiply by it: ``(l * m).sum(-1) / m.sum(-1)``, ``(l * m).sum() / m.sum()``). A position of
+weight 0 (False) is dropped: its id, logits, old / ref log-probs and advantage may be anything.
 """
 
 from __future__ import annotations
@@ -84,14 +88,21 @@ class TokenTerms(NamedTuple):
     adv: torch.Tensor  # [B, 1] or [B, T]
 
 
+def kept(mask: torch.Tensor) -> torch.Tensor:
+    """The positions that count (bool): the mask itself, or where its weight is not 0."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum of x where mask, with garbage (NaN/inf) at masked positions ignored, not multiplied by 0."""
-    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    """sum of x * mask, with garbage (NaN/inf) at weight-0 positions ignored, not multiplied by 0."""
+    if mask.dtype != torch.bool:
+        x = x * mask.to(x.dtype)
+    x = torch.where(kept(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x.sum() if dim is None else x.sum(dim)
 
 
 def log_importance_weights(logp, old, mask, level):
-    """w = logp - old (token) or the masked mean of it over the sequence (GSPO), shape [B, 1]."""
+    """w = logp - old (token) or the (weighted) masked mean of it over the sequence (GSPO), shape [B, 1]."""
     log_ratio = logp - old
     if level == "token":
         return log_ratio
@@ -111,12 +122,12 @@ def token_terms(
     old = logp.detach() if old_logps is None else old_logps
     # Garbage (NaN) at masked positions of old / ref / [B, T] advantages must not reach the gradient: a
     # per-sequence c1 [B, 1] sums cotangent * value over the row, and 0 * NaN = NaN there.
-    fill = logp.detach()
-    old = torch.where(mask, old, fill)
+    fill, keep = logp.detach(), kept(mask)
+    old = torch.where(keep, old, fill)
     if ref_logps is not None:
-        ref_logps = torch.where(mask, ref_logps, fill)
+        ref_logps = torch.where(keep, ref_logps, fill)
     if adv.shape == mask.shape:
-        adv = torch.where(mask, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+        adv = torch.where(keep, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
     coef_1 = torch.exp(log_importance_weights(logp, old, mask, cfg.importance_sampling_level))
 
     kl = None
@@ -147,7 +158,8 @@ def reduction_weights(
 ) -> torch.Tensor:
     """coef[B, T] such that loss = sum coef * loss_tok (0 at masked positions); O(N), no N x V.
 
-    The fused single pass needs it before the kernel runs, so it depends on the mask alone.
+    The fused single pass needs it before the kernel runs, so it depends on the mask alone (bool, or token
+    weights: coef = weight / normaliser, the normaliser being the weights' sum where TRL's is).
     """
     B, T = mask.shape
     m = mask.to(dtype)
@@ -164,7 +176,7 @@ def reduction_weights(
 
 
 def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items_in_batch=None):
-    """The reductions of SPEC section 1, written as TRL writes them."""
+    """The reductions (docs/contract.md#reductions), written as TRL writes them."""
     B, T = mask.shape
     if loss_type in ("grpo", "sapo"):
         return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()
@@ -220,7 +232,7 @@ def loss_from_logps(
     max_completion_length=None,
     num_items_in_batch=None,
 ):
-    """-> (loss 0-d, metrics dict). Differentiable in ``logp``; ``mask`` is bool [B, T]."""
+    """-> (loss 0-d, metrics dict). Differentiable in ``logp``; ``mask`` is bool or token weights [B, T]."""
     terms = token_terms(logp, cfg, advantages, old_logps, ref_logps, mask)
     loss = reduce_loss(terms.loss_tok, mask, cfg.loss_type, max_completion_length, num_items_in_batch)
     return loss, metrics(terms, entropy, mask, cfg)
@@ -241,9 +253,10 @@ def grpo_loss(
 
     -> (loss, logps [B, T] detached, metrics).
     """
-    logp = token_logprobs(logits, completion_ids, cfg.temperature, mask=mask)
+    keep = kept(mask)
+    logp = token_logprobs(logits, completion_ids, cfg.temperature, mask=keep)
     with torch.no_grad():  # the entropy is a metric here: no N x V autograd graph for it
-        _, entropy = token_logprobs(logits.detach(), completion_ids, cfg.temperature, True, mask=mask)
+        _, entropy = token_logprobs(logits.detach(), completion_ids, cfg.temperature, True, mask=keep)
     loss, mets = loss_from_logps(
         logp, cfg, advantages, mask, old_logps, ref_logps, entropy, max_completion_length, num_items_in_batch
     )

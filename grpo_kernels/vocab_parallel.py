@@ -27,7 +27,7 @@ mass, up to the common log S) and ``e_r = e^{c_r}``, ``S = sum_r e_r``, ``w_r = 
     logp = logp_r + c_r - log S  on the rank that owns the id
 
 (``H = -sum p log p`` split by shard, ``p_v = w_r q_v`` with ``q`` the shard softmax). The global lse
-``M / tau + log S`` is never formed as one float (see ``backends/base.py``). The backward is the ordinary
+``M / tau + log S`` is never formed as one float (docs/contract.md#row-statistics). The backward is the ordinary
 fused backward kernel fed the GLOBAL (M, log S) and H: O(N) saved, nothing of size N x V_r but the
 gradient. With ``backend="torch"`` (and for float64 shards, the reference's dtype) the per-shard arithmetic is
 eager torch (an fp32 / float64 copy of the shard and its exp, O(N x V_r)). The loss math is
@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validate, reference
+from ._docs import fill
 from ._memory import empty_grad
 from ._ops import layout_3d
 from .api import GRPOLossOutput
@@ -244,8 +245,25 @@ def grpo_loss_with_config(
     num_items_in_batch=None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
-    """:func:`grpo_loss` with the options as one :class:`GRPOConfig`."""
-    _validate.check_config(config)
+    """:func:`grpo_loss` with the options as one config object.
+
+    Parameters
+    ----------
+    logits_shard, completion_ids
+        As in :func:`grpo_loss`.
+    config : GRPOConfig or trl.GRPOConfig
+        The loss options; a ``trl.GRPOConfig`` is read with ``GRPOConfig.from_trl``, and its
+        ``max_completion_length`` is used when the call passes none.
+    group, vocab_start, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
+    max_completion_length, num_items_in_batch, backend
+        As in :func:`grpo_loss`.
+
+    Returns
+    -------
+    GRPOLossOutput
+        As in :func:`grpo_loss`.
+    """
+    config, max_completion_length = _validate.loss_config(config, max_completion_length)
     group = _check_group(group)
     _validate.check_logits(logits_shard, "logits_shard")
     _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
@@ -266,13 +284,14 @@ def grpo_loss_with_config(
                           _backend(backend, logits_shard), "completion_ids")
     logp = torch.where(mask, logp, 0.0)
     loss, metrics = reference.loss_from_logps(
-        logp, config, x.advantages, mask, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
+        logp, config, x.advantages, x.weights, x.old_logps, x.ref_logps, ent.detach(), x.max_completion_length,
         x.num_items_in_batch,
     )
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
 @takes_config_options
+@fill
 def grpo_loss(
     logits_shard: Tensor,
     completion_ids: Tensor,
@@ -290,9 +309,31 @@ def grpo_loss(
     backend: str = "auto",
     **options,
 ) -> GRPOLossOutput:
-    """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary: ``logits_shard [B, T, V_r]`` holds
-    this rank's columns (see :func:`token_logprobs`), ``completion_ids`` are global ids. The loss, logps and
-    metrics are identical on every rank; ``loss.backward()`` on each rank gives the gradient of its shard."""
+    """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary across a process group.
+
+    The loss, logps and metrics are identical on every rank; ``loss.backward()`` on each rank gives the
+    gradient of its shard. Every rank must call it with the same ids and loss inputs (a collective).
+
+    Parameters
+    ----------
+    logits_shard : Tensor [B, T, V_r]
+        This rank's vocabulary columns ``[vocab_start, vocab_start + V_r)`` of the logits that predict
+        ``completion_ids`` (stride 1 along V_r).
+    completion_ids : Tensor [B, T], integer
+        Global vocabulary ids, the same on every rank.
+    group : ProcessGroup or None, default None
+        The group the vocabulary is sharded over; None is the default (world) group.
+    vocab_start : int or None, default None
+        The first global id of this rank's columns; None means ``rank * V_r`` (equal shards in rank order).
+    {{loss_inputs}}
+    {{loss_options}}
+    {{reduction}}
+    {{backend}}
+
+    Returns
+    -------
+    {{returns}}
+    """
     config = _validate.resolve_config(None, options, "vocab_parallel.grpo_loss")
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,

@@ -12,8 +12,12 @@ and their rewards, all built in code (nothing is downloaded, nothing to prepare)
   for stopping right after it) that the completion gets right. Exact match alone gives no signal from a
   random model (a few correct samples in 10^5); partial credit gives ~0.06 from the first step.
 
-A reward function has the signature ``fn(prompts, completions, answers) -> list[float]`` (strings in,
-one finite float per completion out); ``train_grpo.py --reward module:function`` loads any such function.
+A reward function has TRL's signature ``fn(prompts, completions, answer, **kwargs) -> list[float]``
+(strings in, one finite float per completion out; TRL passes every dataset column, here ``answer``, as a
+keyword list, and more keywords such as ``completion_ids`` and ``trainer_state``), so the same function
+serves ``trl.GRPOTrainer(reward_funcs=...)`` and ``train_grpo.py --reward module:function``. The older
+``fn(prompts, completions, answers)`` (no ``**kwargs``) still loads in ``train_grpo.py``, and the functions
+below may also be called positionally that way.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def make_example(task: str, n_digits: int, rng: random.Random) -> dict:
     return {"prompt": " ".join(map(str, digits)) + " =", "answer": " ".join(map(str, answer_for(task, digits)))}
 
 
-def partial_credit(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+def partial_credit(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
     """Per-position credit in [0, 1]: (#positions i where completion[i] == answer[i], plus 1 if the
     completion has exactly the answer's length, i.e. it stopped in time) / (len(answer) + 1).
 
@@ -90,13 +94,13 @@ def partial_credit(prompts: list[str], completions: list[str], answers: list[str
     tokenizer as a Qwen2 tokenizer, which decodes without spaces). Exact match scores 1.
     """
     rewards = []
-    for completion, answer in zip(completions, answers, strict=False):
-        got, want = "".join(completion.split()), "".join(answer.split())
+    for completion, target in zip(completions, answer, strict=False):
+        got, want = "".join(completion.split()), "".join(target.split())
         hits = sum(g == w for g, w in zip(got, want, strict=False)) + (len(got) == len(want))
         rewards.append(hits / (len(want) + 1))
     return rewards
 
 
-def exact_match(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
     """1.0 when the completion equals the answer (whitespace ignored), else 0.0 (too sparse to learn from scratch)."""
-    return [float("".join(c.split()) == "".join(a.split())) for c, a in zip(completions, answers, strict=False)]
+    return [float("".join(c.split()) == "".join(a.split())) for c, a in zip(completions, answer, strict=False)]

@@ -4,7 +4,10 @@ The algorithm (GRPO, DeepSeekMath; TRL's GRPOTrainer semantics), one ``for step`
 
 1. rollout: take P prompts (this rank's shard), sample G completions per prompt with Hugging Face
    ``model.generate`` (do_sample, temperature, no top-k / top-p), mask each completion after its EOS;
-2. reward every completion with the reward function(s) (``--reward module:function``, summed);
+2. reward every completion with the reward function(s) (``--reward module:function``, summed), called as
+   TRL calls them: ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with the data's
+   other fields (``answer=``) as keyword lists; a function without ``**kwargs`` is called the older way,
+   ``fn(prompts, completions, answers)``;
 3. group advantages ``A = (r - mean_group) / (std_group + 1e-4)`` (``grpo_kernels.group_advantages``);
 4. ``--mu`` optimisation iterations over the batch, each one AdamW step (gradient clipping, gradient
    accumulation over micro-batches). Iteration 0 is on-policy (ratio 1); the log-probs it returns are
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -63,8 +67,19 @@ class UsageError(Exception):
     """A problem with the command line or the user's files/functions; printed without a traceback."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default after its help (unless the help already
+    says what the default is)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default is not argparse.SUPPRESS and "(default" not in text and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
                    help="local Hugging Face causal LM directory with its tokenizer (default: the embedded tiny Qwen2)")
@@ -73,8 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--task", default="copy", choices=tasks.TASKS, help="synthetic digit task (without --prompts)")
     g.add_argument("--digits", type=int, default=3, help="digits per synthetic prompt")
     g.add_argument("--reward", action="append", default=None,
-                   help="module:function or file.py:function, fn(prompts, completions, answers) -> list[float]; "
-                   "repeat to sum several (default: tasks:partial_credit)")
+                   help="module:function or file.py:function -> list[float], TRL's signature fn(prompts, "
+                   "completions, completion_ids, **columns) (the data's fields, e.g. answer=, as keywords) or "
+                   "fn(prompts, completions, answers); repeat to sum several (default: tasks:partial_credit)")
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts-per-step", type=int, default=16, help="P prompts per step over all ranks")
     g.add_argument("--group-size", type=int, default=16, help="G sampled completions per prompt")
@@ -84,23 +100,24 @@ def parse_args(argv=None):
     g = p.add_argument_group("loss and optimisation")
     g.add_argument("--backend", default="auto", choices=grpo_kernels.backends.backend_names(),
                    help="grpo_kernels backend ('torch' = the eager reference)")
-    g.add_argument("--loss-type", default="dapo", choices=grpo_kernels.config.LOSS_TYPES)
+    g.add_argument("--loss-type", default="dapo", choices=grpo_kernels.config.LOSS_TYPES,
+                   help="how the per-token losses are reduced (TRL's loss_type)")
     g.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 loads a frozen reference model")
     g.add_argument("--epsilon", type=float, default=0.2, help="lower clip offset eps_low")
     g.add_argument("--epsilon-high", type=float, default=None, help="upper clip offset (default: --epsilon)")
     g.add_argument("--mu", type=int, default=2, help="optimisation iterations (optimizer steps) per sampled batch")
     g.add_argument("--micro-batch", type=int, default=256,
                    help="sequences per forward/backward on each rank (gradient accumulation)")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping by the global norm")
     g = p.add_argument_group("run")
     g.add_argument("--steps", type=int, default=2000, help="maximum number of steps")
     g.add_argument("--time-budget", type=float, default=300.0,
                    help="stop after this many seconds of training (0: no limit)")
     g.add_argument("--target-reward", type=float, default=0.8,
                    help="stop when the mean reward of the last 10 steps reaches it (0: never)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the model initialisation, the prompts and sampling")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0: 1 for the embedded model (15x faster than several for 331k "
                    "parameters), else torch's default")
@@ -208,11 +225,31 @@ def load_reward(spec):
     return fn
 
 
-def score(reward_fns, specs, prompts, completions, answers):
-    """Sum of the reward functions -> float32 [B]; wrong lengths and NaN/inf are errors naming the function."""
+def takes_trl_keywords(fn) -> bool:
+    """True for a TRL-style reward function (one that accepts ``**kwargs``): it is called with keywords."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the positional convention
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def call_reward(fn, prompts, completions, completion_ids, columns):
+    """A reward function of either convention: TRL's keywords (``prompts``, ``completions``,
+    ``completion_ids`` and each data field as a list, e.g. ``answer``), or ``fn(prompts, completions,
+    answers)``."""
+    if takes_trl_keywords(fn):
+        return fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    return fn(prompts, completions, columns["answer"])
+
+
+def score(reward_fns, specs, prompts, completions, completion_ids, columns):
+    """Sum of the reward functions -> float32 [B]; wrong lengths and NaN/inf are errors naming the function.
+
+    ``columns``: every field of the data rows but "prompt" (e.g. "answer"), one entry per completion."""
     total = torch.zeros(len(completions), dtype=torch.float64)
     for fn, spec in zip(reward_fns, specs, strict=False):
-        values = fn(prompts, completions, answers)
+        values = call_reward(fn, prompts, completions, completion_ids, columns)
         try:
             r = torch.as_tensor([float(v) for v in values], dtype=torch.float64)
         except (TypeError, ValueError) as e:
@@ -264,8 +301,9 @@ def rollout(policy, tokenizer, rows, args, gen_config, reward_fns, device):
     shown = completion_ids.masked_fill(~completion_mask, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    answers = [r["answer"] for r in rows for _ in range(G)]
-    rewards = score(reward_fns, args.reward, prompts, texts, answers).to(device)
+    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    ids = [row[keep].tolist() for row, keep in zip(completion_ids.cpu(), completion_mask.cpu(), strict=True)]
+    rewards = score(reward_fns, args.reward, prompts, texts, ids, columns).to(device)
     return prompt_ids, prompt_mask, completion_ids, completion_mask, rewards
 
 

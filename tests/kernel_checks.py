@@ -272,7 +272,7 @@ def _clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
     li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
     at = {}
     for sign in (-1.0, 1.0):
-        _, mets = reference.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.mask,
+        _, mets = reference.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.weights,
                                             li.old_logps, li.ref_logps, None, li.max_completion_length,
                                             li.num_items_in_batch)
         at[sign] = {k: v.item() for k, v in mets.items()}
@@ -299,10 +299,10 @@ def _loss_of_logps(x, ids, cfg, inputs, logps):
 
     li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
     lp = logps.double().clone().requires_grad_()
-    terms = reference.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.mask)
-    loss = reference.reduce_loss(terms.loss_tok, li.mask, cfg.loss_type, li.max_completion_length,
+    terms = reference.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.weights)
+    loss = reference.reduce_loss(terms.loss_tok, li.weights, cfg.loss_type, li.max_completion_length,
                                  li.num_items_in_batch)
-    kl = None if terms.kl is None else reference._mean_metric(terms.kl.detach(), li.mask)
+    kl = None if terms.kl is None else reference._mean_metric(terms.kl.detach(), li.weights)
     g = torch.autograd.grad(loss, lp, allow_unused=True)[0] if loss.requires_grad else None
     x64 = x.detach().double().requires_grad_()
     logp_x = reference.token_logprobs(x64, torch.where(li.mask, ids, 0), cfg.temperature, mask=li.mask)

@@ -1,4 +1,5 @@
-"""The public API (SPEC sections 2 and 4): validation, backend selection, layout, GRPOLoss, metric names.
+"""The public API and its bad-input rules (docs/contract.md): validation, backend selection, layout,
+GRPOLoss, metric names.
 
 Numerical agreement of the fused backends with the reference is tested in their own files; here every
 available backend is only checked for what the API promises whatever the backend: inputs untouched, a
@@ -53,7 +54,7 @@ def test_valid_call_shapes():
 
 
 # --------------------------------------------------------------------------------------------------
-# bad input (SPEC section 4): the error type and a message that names the argument
+# bad input: the error type and a message that names the argument
 # --------------------------------------------------------------------------------------------------
 X = inputs()
 NAN, INF = float("nan"), float("inf")

@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 4): every rejected input, checked against the table in README.md.
+"""Bad input: every rejected input, checked against the table in README.md.
 
 The README's table (between ``<!-- bad-input-table -->`` and ``<!-- /bad-input-table -->``) lists each rejected
 input with its case id, the exception and the message (``…`` stands for a part that varies). Here each case id

@@ -44,6 +44,7 @@ from kernel_checks import (
     check_large_magnitude_entropy,
     check_logprobs,
     check_loss,
+    check_loss_outputs,
     check_masked_rows_and_bad_ids,
     emu_backend,
     loss_inputs,
@@ -244,6 +245,25 @@ def test_thread_sanitizer_clean():
     assert res.stdout.strip().endswith("ok"), res.stdout
     race = _run(exe, "race")
     assert race.returncode == 66 and "data race" in race.stderr, race.stdout + race.stderr[-2000:]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fractional_mask_weights(b64, level, dtype):
+    """A non-boolean completion_mask weights each token (coef carries it into the kernel), weights above 1
+    included; weight-0 positions hold NaN logits and out-of-range ids."""
+    B, T, V = 3, 4, 1007
+    x = make_logits(B, T, V, dtype)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.tensor([[1, 0.5, 0.25, 0], [2, 1, 0, 0], [0.75, 1, 1, 1.5]])
+    x[0, 3] = float("nan")
+    ids[1, 2] = V + 3
+    logp = torch.log_softmax(x.double(), -1).gather(-1, ids.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1).float()
+    inputs = dict(completion_mask=mask, advantages=torch.tensor([0.7, -1.1, 0.4]),
+                  old_logps=logp + 0.3 * torch.randn(B, T), ref_logps=logp + 0.2 * torch.randn(B, T))
+    for loss_type in ("grpo", "dapo", "sapo"):
+        cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04)
+        check_loss_outputs(x, ids, cfg, b64, inputs)
 
 
 def test_boundary_binding(emu):

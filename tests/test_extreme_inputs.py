@@ -7,18 +7,11 @@ values only where the reference has them):
   subnormals); temperature 1e-3 and 1e3; old_logps 80 nats away from logps (ratio exp(+-80)); all rewards equal
   in a group; a fully masked batch (loss 0, finite zero gradient); NaN / inf garbage at masked positions.
 
-Found here and fixed (regression tests):
-- the backward kernels of every fused backend (CPU ``logprobs_bwd``, CUDA ``bwd_kernel`` / ``fused_kernel`` via
-  ``grad_elem``, Triton ``_grad``) computed p = exp(z - lse) from ONE saved fp32 lse = m + log s, so where |lse|
-  is large (logits ~1e4, or temperature 1e-3) p lost |lse| eps / 2 relative (1e4: 5e-4) where torch's
-  log_softmax, which subtracts the max first, is exact to a few eps: fp32 log-prob gradients 8x to 340x over the
-  rule. The kernels now keep the row statistics as the pair (m = max of the raw logits, log s) and compute
-  d = (x - m) / tau - log s; test_fp32_logprob_gradient_at_large_lse (a strict xfail until then).
-- the C++ CPU kernels' AVX2 build contracted ``x * inv_tau - m`` (and
-``x[id] * inv_tau - lse``) into FMAs against the ROUNDED m = max(x) * inv_tau, so the max element got d =
-(rounding error of m) instead of 0: with V = 1 logp was +8.8e-5 (x = 301.7, tau = 0.109) and the entropy < 0, the
-top token of a peaked row got logp > 0. Fixed by d = (x - max x) / tau, logp = d[id] - log s (commit f2aafcd,
-CPU and Triton kernels); test_single_token_vocabulary_cpu_every_isa.
+Regression tests of the two numerical choices of docs/contract.md#row-statistics, on every backend:
+- test_fp32_logprob_gradient_at_large_lse: the backward takes p from the pair (m, log s), so fp32 log-prob
+  gradients stay within the dtype rule where |lse| is large (logits ~1e4, temperature 1e-3);
+- test_single_token_vocabulary_and_peaked_rows / _cpu_every_isa: d = (x - max x) / tau with the shift first,
+  so a V = 1 row has logp = 0 and entropy = 0 exactly and no top token gets logp > 0, in every CPU ISA build.
 """
 
 from __future__ import annotations
@@ -295,7 +288,7 @@ def test_garbage_at_masked_positions_does_not_leak(be, dtype, level):
 
 
 # --------------------------------------------------------------------------------------------------
-# defects found here, fixed, kept as regression tests
+# regression tests of the row statistics (docs/contract.md#row-statistics)
 # --------------------------------------------------------------------------------------------------
 def large_lse_cases():
     torch.manual_seed(1)
@@ -306,9 +299,9 @@ def large_lse_cases():
 
 @pytest.mark.parametrize("case", list(large_lse_cases()))
 def test_fp32_logprob_gradient_at_large_lse(be, case):
-    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large. With p = exp(z - fl(lse)) (one saved
-    fp32 lse) the error was 8x-340x the rule's bound in every backend (e.g. logits +-1e4: 4.4e-5 against a bound
-    of 1.6e-6; temperature 1e-3: 0.5 against 1.9e-3); from the pair (m, log s) it is within the rule."""
+    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large: within the rule from the pair
+    (m, log s); p = exp(z - fl(lse)) from one rounded fp32 lse would miss it by 8x-340x here (e.g. logits
+    +-1e4: 4.4e-5 against a bound of 1.6e-6; temperature 1e-3: 0.5 against 1.9e-3)."""
     backend, device = be
     x, tau = large_lse_cases()[case]
     check_logprobs(x, torch.randint(0, 257, (8, 4)), tau, backend, device, entropy=False)
@@ -334,9 +327,9 @@ def test_single_token_vocabulary_and_peaked_rows(be):
 
 
 def test_single_token_vocabulary_cpu_every_isa():
-    """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them): before the fix the AVX2
-    build gave logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 at V = 1 for the x above (tau = 0.109), entropy down to
-    -4.4e-8, and +8.8e-5 for the top token of [300, 0]."""
+    """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them). An FMA of
+    x * (1/tau) against a rounded m / tau would give logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 at V = 1 for the x
+    above (tau = 0.109), entropy down to -4.4e-8, and +8.8e-5 for the top token of [300, 0]."""
     from grpo_kernels import _C
 
     isa = _C.isa()

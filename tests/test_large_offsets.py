@@ -1,4 +1,4 @@
-"""64-bit offsets (SPEC section 3: "64-bit offsets wherever an index can pass 2^31").
+"""64-bit offsets wherever an index can pass 2^31 (docs/contract.md#performance).
 
 - ``test_cpu_backend_more_than_2_31_elements`` (slow): the C++ CPU kernels on a real bf16 batch of N = 16,640
   rows x V = 131,079 (2.18e9 elements, 4.4 GB; rows past n = 16,384 start beyond element 2^31), through the

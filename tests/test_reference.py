@@ -1,7 +1,7 @@
 """The float64 eager reference (backend="torch"): the oracle of every other test, checked on its own.
 
 Three independent kinds of evidence:
-- values against a numpy transcription of SPEC section 1 written in this file (``np_loss``) and against
+- values against a numpy transcription of docs/contract.md written in this file (``np_loss``) and against
   worked examples whose numbers are derived by hand in the test (nice logits: p in {1/4, 1/2, 1/3});
 - gradients by ``torch.autograd.gradcheck`` in float64 (finite differences of the public ``grpo_loss``
   and ``token_logprobs``), over loss type x level x beta (with / without KL bias correction) x delta x
@@ -246,7 +246,7 @@ def test_reduction_weights_equal_reduce_loss(loss_type, extra):
 
 
 # --------------------------------------------------------------------------------------------------
-# an independent numpy transcription of SPEC section 1
+# an independent numpy transcription of the math in docs/contract.md
 # --------------------------------------------------------------------------------------------------
 def np_logp_entropy(logits, ids, temperature):
     z = logits / temperature
@@ -350,7 +350,7 @@ def test_loss_and_metrics_match_numpy(case):
     want, want_m = np_loss(logp, ent, n["mask"], n["adv"], n["old"] if off_policy else None, n["ref"],
                            importance_sampling_level=level, **opts)
     np.testing.assert_allclose(out.loss.item(), want, rtol=RTOL, atol=1e-15)
-    assert out.logps.dtype == torch.float32 and not out.logps.requires_grad  # SPEC: logps are fp32, detached
+    assert out.logps.dtype == torch.float32 and not out.logps.requires_grad  # the contract: logps are fp32, detached
     np.testing.assert_allclose(out.logps.numpy(), np.where(n["mask"], logp, 0.0), rtol=1e-7, atol=0)
     assert set(out.metrics) == set(want_m)
     for k, v in want_m.items():
@@ -740,7 +740,7 @@ def test_logp_gradient_is_zero_at_masked_positions(loss_type, level):
 
 
 # --------------------------------------------------------------------------------------------------
-# clip metrics at an exact bound: the inequalities are strict (SPEC section 1)
+# clip metrics at an exact bound: the inequalities are strict (docs/contract.md#metrics)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("opts", [dict(loss_type="grpo", epsilon_low=0.0, epsilon_high=0.0),

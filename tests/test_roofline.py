@@ -1,4 +1,4 @@
-"""bench/roofline.py (issue 10): the arithmetic of the static roofline note and a quick run of its core.
+"""bench/roofline.py: the arithmetic of the static roofline note and a quick run of its core.
 
 - ``occupancy`` follows cuda_occupancy.h for sm_90 (registers per warp rounded to 256, allocated per
   sub-partition; 64 warps, 32 blocks, 228 KB shared memory per SM + 1 KB reserved per block), checked on

@@ -1,4 +1,4 @@
-"""The Triton kernels compiled ahead of time for sm_80 and sm_90 on this GPU-less machine (issue 10).
+"""The Triton kernels compiled ahead of time for sm_80 and sm_90 on a machine without a GPU.
 
 ``python -m bench.triton_aot 80 90`` (run once here, in a subprocess without the interpreter) compiles every
 kernel and constexpr variant that the dispatcher can launch, with the specialisations of real launches on the

@@ -225,6 +225,48 @@ def test_parity_sapo_temperatures(level, pos, neg, rtol):
     assert_same(ours, trl, rtol=rtol)
 
 
+# A fractional completion_mask: TRL multiplies by it in every sum ((l * m).sum(-1) / m.sum(-1), the GSPO
+# mean log-ratio, the metrics' masked means) and uses it as the normaliser; 2 counts a token twice. A row of
+# weights summing to 0.5 meets TRL's clamp(min=1) of the normaliser.
+WEIGHTS = [[1, 1, 0.5], [0.5, 1, 0], [0, 0, 0], [2, 0, 0.25], [1, 1, 1], [0, 0.25, 0.25]]
+WEIGHT_CASES = [(lt, lvl, beta) for lt in LOSS_TYPES for lvl in ("token", "sequence") for beta in (0.0, 0.04)]
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=[f"{lt}-{lvl}-beta{b}" for lt, lvl, b in WEIGHT_CASES])
+def test_parity_fractional_completion_mask(case):
+    loss_type, level, beta = case
+    x = make_inputs(level, 0.7)
+    x["mask"] = torch.tensor(WEIGHTS, dtype=F64)
+    eh = CISPO_EH if loss_type == "cispo" else EH
+    trainer = trl_trainer(loss_type, level, beta, True, None, EL, eh, max_completion_length=4)
+    trl = run_trl(x, trainer, 0.7, x["old"], x["ref"] if beta else None, float(x["mask"].sum()))
+    ours = run_ours(x, 0.7, x["old"], x["ref"] if beta else None, loss_type=loss_type,
+                    importance_sampling_level=level, beta=beta, epsilon_low=EL, epsilon_high=eh,
+                    max_completion_length=4, sapo_temperature_pos=SAPO_EXACT[0],
+                    sapo_temperature_neg=SAPO_EXACT[1])
+    assert_same(ours, trl, rtol=1e-10)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_fractional_mask_is_not_a_binary_mask(loss_type):
+    """The regression: [1, 1, 0.5, 0.5, 0] once gave the loss of [1, 1, 1, 1, 0]; now TRL's value, and another."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=g, dtype=F64)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    x = dict(logits=logits, ids=ids, adv=torch.tensor([0.7, -1.3], dtype=F64),
+             old=logp - 0.3 * torch.randn(2, 5, generator=g, dtype=F64))
+    losses = {}
+    for name, row in (("weights", [1, 1, 0.5, 0.5, 0]), ("binary", [1, 1, 1, 1, 0])):
+        x["mask"] = torch.tensor([row, [1, 1, 1, 0, 0]], dtype=F64)
+        trainer = trl_trainer(loss_type, "token", 0.0, True, None, EL, EH, max_completion_length=5)
+        trl = run_trl(x, trainer, 1.0, x["old"], None, float(x["mask"].sum()))
+        ours = run_ours(x, 1.0, x["old"], None, loss_type=loss_type, epsilon_low=EL, epsilon_high=EH)
+        assert_same(ours, trl, rtol=1e-10)
+        losses[name] = ours[0].item()
+    assert abs(losses["weights"] - losses["binary"]) > 1e-3, losses
+
+
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_advantages_match_trl_formula(scale):
     """TRL 1.16 _generate_and_score_completions ("sum_then_normalize", no NaN rewards), with TRL's nanstd."""

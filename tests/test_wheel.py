@@ -1,4 +1,4 @@
-"""Issue 5: ``pip wheel .`` gives a wheel that installs and imports without a GPU, and ``backend="cuda"`` then
+"""``pip wheel .`` gives a wheel that installs and imports without a GPU, and ``backend="cuda"`` then
 raises a clear BackendUnavailableError ("no CUDA device"), it does not crash.
 
 The wheel is built with ``pip wheel . --no-deps --no-build-isolation --no-index -w DIR`` from a copy of the

@@ -14,7 +14,7 @@
 // ISA: every row kernel is compiled from one template body for the compiler's baseline ISA and, on x86-64,
 // twice more through function attributes: AVX2+FMA+F16C (256-bit vectors) and AVX-512 F/BW/DQ/VL with
 // 512-bit vectors preferred. The widest set the CPU reports is chosen at load time (GRPO_KERNELS_CPU_ISA=
-// avx2 or =baseline asks for less), so one wheel runs on any x86-64 CPU. AVX-512 halves the instructions
+// avx2 or =baseline, any case, asks for less), so one wheel runs on any x86-64 CPU. AVX-512 halves the instructions
 // of the exp loops; bf16 gains less because GCC keeps 256-bit vectors in the loops that load 16-bit
 // elements. The OpenMP row loops are baseline code that call the row kernel through a function pointer
 // (one call per row).
@@ -24,6 +24,7 @@
 #include <new>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>  // strcasecmp
 
 #include "grpo_math.h"
 
@@ -262,7 +263,7 @@ const RowKernels* choose_default() {
   const RowKernels* best = &isa_base::table;
   for (const IsaBuild& b : kBuilds) {
     if (b.cpu_runs()) best = b.table;
-    if (env && strcmp(env, b.name) == 0) break;
+    if (env && strcasecmp(env, b.name) == 0) break;  // any case; unknown names are rejected in Python
   }
   return best;
 }

@@ -26,7 +26,9 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name but cannot run here; the message says why."""
+    """A backend was asked for by name (``backend=`` or ``GRPO_KERNELS_BACKEND``) but cannot run on the
+    tensors' device here; the message says why (no GPU, extension not built, Triton without its interpreter
+    on CPU tensors). A ``RuntimeError``."""
 
 
 def _module_missing(module: str) -> Optional[str]:
@@ -130,7 +132,19 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
 
 
 def available_backends(device: "str | torch.device | None" = None) -> list[str]:
-    """Backends that can run on ``device`` (default: on any device of this machine), fastest first."""
+    """The backends that can run here, fastest first.
+
+    Parameters
+    ----------
+    device : str, torch.device or None, default None
+        The device the tensors will be on; None means any device of this machine.
+
+    Returns
+    -------
+    list of str
+        Names to pass as ``backend=``: "cuda", "triton", "cpu", "torch" (always last; "triton" appears for
+        CPU tensors only under ``TRITON_INTERPRET=1``).
+    """
     if device is None:
         types = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     else:

@@ -8,6 +8,7 @@ The kernels use ``torch.get_num_threads()`` OpenMP threads, so ``torch.set_num_t
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -16,6 +17,22 @@ from .. import _C
 from .base import LossParams, native
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ISA_ENV = "GRPO_KERNELS_CPU_ISA"
+
+
+def check_isa_env() -> None:
+    """Validate ``GRPO_KERNELS_CPU_ISA``, which caps the instruction set of the row kernels.
+
+    The extension reads the variable when it loads (any case; the widest build the CPU runs, no wider than
+    the named one) and cannot raise there, so an unknown value is rejected here, when the cpu backend is
+    first used, rather than silently running the widest build.
+    """
+    value = os.environ.get(ISA_ENV, "")
+    if value and value.lower() not in _C.ISAS:
+        raise ValueError(f"{ISA_ENV} must be one of {', '.join(_C.ISAS)} (any case), got {value!r}")
+
+
+check_isa_env()  # this module is imported at the first use of backend "cpu"
 
 
 def _rows(logits: torch.Tensor, ids: torch.Tensor, tau) -> _C.Rows:

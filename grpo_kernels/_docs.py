@@ -1,0 +1,81 @@
+"""Parameter descriptions shared by the docstrings of the public loss functions.
+
+Several public functions take the same inputs and options; their docstrings name a fragment as
+``{{name}}`` on a line of its own and :func:`fill` replaces it with the text below, indented like the
+placeholder, so ``help()`` shows every parameter in place and the text exists once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+FRAGMENTS = {
+    "loss_inputs": """\
+completion_mask : Tensor [B, T] or None, default None
+    Which completion tokens count, TRL's ``completion_mask``: bool, integer or floating point. None keeps
+    every token. Non-boolean values are token weights used exactly as TRL's formulas use the mask
+    (``(l * m).sum(-1) / m.sum(-1)``, ``(l * m).sum() / m.sum()``, the sequence-level importance weight
+    and the metrics' means): 0 drops a token (its id and logits may be anything, even NaN), 0.5 counts it
+    half, 2 twice. Negative or non-finite values raise ``ValueError`` (checked on CPU tensors, and on a
+    GPU with ``GRPO_KERNELS_DEBUG=1``).
+advantages : Tensor [B], [B, 1] or [B, T], floating point, default None
+    Per-sequence (or per-token) advantages. Give exactly one of ``advantages`` and ``rewards``.
+rewards : Tensor [B], floating point, default None
+    Rewards; the advantages are then ``group_advantages(rewards, group_size)`` (scale "group").
+group_size : int or None, default None
+    Completions per prompt G (groups are contiguous rows); required with ``rewards``.
+old_logps : Tensor [B, T] or None, default None
+    Log-probs of the completions under the policy that sampled them. None means on-policy: the ratio
+    is exp(logp - logp.detach()) = 1 with the gradient of logp (TRL's ``num_iterations=1``).
+ref_logps : Tensor [B, T] or None, default None
+    Log-probs under the reference model; required when ``beta != 0``.""",
+    "loss_options": None,  # GRPOConfig's own Parameters section, filled in below
+    "reduction": """\
+max_completion_length : int or None, default None
+    The constant of dr_grpo's normaliser ``B * max_completion_length``. None means T, the width of this
+    batch; TRL uses its config's ``max_completion_length`` (default 512), so with dr_grpo a batch of
+    T = 5 gives a loss 512 / 5 ~ 100x TRL's unless you pass TRL's value (a ``trl.GRPOConfig`` given as
+    ``config`` supplies it). Other loss types ignore it.
+num_items_in_batch : int, float, 1-element Tensor or None, default None
+    dapo / cispo normaliser: the (weighted) number of kept tokens over all micro-batches and ranks that
+    one optimizer step averages. None: this batch's ``completion_mask.sum()``. Others ignore it.""",
+    "backend": """\
+backend : str, default "auto"
+    "auto" (the ``GRPO_KERNELS_BACKEND`` environment variable if set, else the fastest available for
+    the device: "cuda", then "triton", on GPUs; "cpu" on CPUs; "torch" as the last resort), "cuda",
+    "triton", "cpu" or "torch" (the float64-capable eager reference). A named backend that cannot run
+    raises ``BackendUnavailableError``; nothing falls back silently.""",
+    "returns": """\
+GRPOLossOutput
+    A named tuple ``(loss, logps, metrics)``: ``loss`` a 0-d tensor (fp32; float64 for float64 inputs),
+    differentiable; ``logps`` [B, T] fp32, detached, 0 at dropped positions (reusable as ``old_logps``);
+    ``metrics`` a dict of detached 0-d fp32 tensors under TRL's names: "entropy" (mean token entropy),
+    "kl" (when beta != 0), "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"
+    (clip loss types) or "cispo_clip_ratio" (cispo); means weighted by ``completion_mask``.""",
+}
+
+_PLACEHOLDER = re.compile(r"^([ \t]*)\{\{(\w+)\}\}[ \t]*$", re.MULTILINE)
+
+
+def _config_options() -> str:
+    """The Parameters section of GRPOConfig's docstring: every loss option and its default is described once,
+    beside the field that holds it."""
+    from .config import GRPOConfig
+
+    doc = inspect.cleandoc(GRPOConfig.__doc__)
+    return doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0]
+
+
+FRAGMENTS["loss_options"] = _config_options()
+
+
+def fill(obj):
+    """Decorator: replace each ``{{name}}`` line of ``obj.__doc__`` by ``FRAGMENTS[name]``, indented alike."""
+
+    def sub(m: re.Match) -> str:
+        indent, name = m.group(1), m.group(2)
+        return "\n".join(indent + line if line else line for line in FRAGMENTS[name].splitlines())
+
+    obj.__doc__ = _PLACEHOLDER.sub(sub, obj.__doc__)
+    return obj

@@ -1,0 +1,163 @@
+"""docs/contract.md stays true to what it links: TRL v1.16.0's source lines and its own sections.
+
+- Every link into TRL's source names a line of TRL 1.16 (the installed copy is that version) that holds the
+  code the formula follows; ``TRL_LINES`` says, per link, a piece of that first line.
+- Every ``contract.md#<heading>`` pointer in a tracked file and every in-page link names a heading of
+  the page.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "contract.md"
+LINK_DEF = re.compile(
+    r"^\[(\w+)\]: https://github\.com/huggingface/trl/blob/v1\.16\.0/trl/trainer/(\w+\.py)(?:#L(\d+)(?:-L(\d+))?)?$",
+    re.M)
+
+# link label -> a piece of the first line it points at, in TRL 1.16.0
+TRL_LINES = {
+    "u586": "per_token_logps = selected_logits - logsumexp_values",
+    "u638": "logps = F.log_softmax(chunk, dim=-1)",
+    "u703": "logits = logits / temperature",
+    "u1041": "correction = count / (count - 1)",
+    "t916": 'args.loss_type == "luspo"',
+    "t1380": "def get_high_entropy_mask",
+    "t2660": "if self.use_vllm and self.vllm_importance_sampling_correction:",
+    "t2662": "per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps) * mask",
+    "t2667": "sequence_level_is =",
+    "t2680": '["sequence_truncate", "token_truncate"]',
+    "t2686": '["sequence_mask", "token_mask"]',
+    "t2765": "mean_grouped_rewards = torch.nanmean",
+    "t2774": 'self.scale_rewards == "batch"',
+    "t2785": "advantages = rewards - mean_grouped_rewards",
+    "t2786": 'if self.scale_rewards != "none":',
+    "t2945": "def get_off_policy_mask(",
+    "t2971": "@torch.no_grad()",
+    "t2997": "log_ratio_clamped = torch.clamp(log_ratio_per_token, -20.0, 20.0)",
+    "t3001": "if importance_sampling_ratio is not None:",
+    "t3006": "log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)",
+    "t3010": "is_nonneg_adv = advantages >= 0",
+    "t3015": "log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq",
+    "t3049": "if self.top_entropy_quantile < 1.0:",
+    "t3058": "if advantages.dim() == 1:",
+    "t3066": "old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None",
+    "t3073": 'sampling_per_token_logps = inputs.get("sampling_per_token_logps", old_per_token_logps)',
+    "t3083": "log_ratio = per_token_logps - old_per_token_logps",
+    "t3095": "coef_1 = torch.exp(log_importance_weights)",
+    "t3098": "if self.beta != 0.0:",
+    "t3104": "if self.args.use_bias_correction_kl:",
+    "t3109": 'if self.loss_type == "cispo":',
+    "t3112": 'elif self.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:',
+    "t3115": "if self.args.delta is not None:",
+    "t3121": 'elif self.loss_type == "sapo":',
+    "t3125": 'elif self.loss_type == "vespo":',
+    "t3140": "if self.off_policy_mask_threshold is not None:",
+    "t3143": "if entropy_mask is not None:",
+    "t3146": 'self.loss_type != "vespo"',
+    "t3149": "if self.beta != 0.0:",
+    "t3153": 'if self.loss_type in ["grpo", "sapo"]:',
+    "t3154": "loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()",
+    "t3159": "loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)",
+    "t3164": "(per_token_loss.size(0) * self.max_completion_length)",
+    "t3168": 'elif self.loss_type in ["cispo", "dapo", "vespo"]:',
+    "t3170": 'normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes',
+    "t3179": "loss = (per_token_loss * mask).sum(-1).mean()",
+    "t3189": "if self._entropy_bonus_enabled:",
+    "t3192": "effective_mask = mask if entropy_mask is None else mask * entropy_mask",
+    "t3199": "entropy_loss = (",
+    "t3254": "def masked_seq_mean(x):",
+    "t3259": "def global_masked_mean(x):",
+    "t3267": "if self.beta != 0.0:",
+    "t3270": '["entropy"].append(global_masked_mean(entropies))',
+    "t3274": "is_low_clipped = (coef_1 < 1 - self.epsilon_low) & (advantages < 0)",
+    "t3275": "is_high_clipped = (coef_1 > 1 + self.epsilon_high) & (advantages > 0)",
+    "t3276": "is_region_clipped = is_low_clipped | is_high_clipped",
+    "t3277": '["clip_ratio/low_mean"]',
+    "t3278": '["clip_ratio/high_mean"]',
+    "t3279": '["clip_ratio/region_mean"]',
+    "t3280": "gathered_low_clip =",
+    "t3282": "gathered_high_clip =",
+    "t3284": 'elif self.loss_type == "cispo":',
+    "t3287": 'elif self.loss_type == "vespo":',
+    "cfg": None,  # the whole config file
+    "c494": "max_completion_length:",
+    "c532": "temperature: float",
+    "c681": "beta: float",
+    "c693": "epsilon: float",
+    "c697": "delta: float | None",
+    "c705": "epsilon_high: float | None",
+    "c714": "sapo_temperature_neg: float",
+    "c722": "sapo_temperature_pos: float",
+    "c730": "vespo_k_pos: float",
+    "c737": "vespo_lambda_pos: float",
+    "c745": "vespo_k_neg: float",
+    "c752": "vespo_lambda_neg: float",
+    "c760": "importance_sampling_level: str",
+    "c789": "scale_rewards: str",
+    "c801": "loss_type: str",
+    "c866": "top_entropy_quantile: float",
+    "c876": "entropy_coef: float",
+    "c934": "vllm_importance_sampling_mode: str",
+    "c947": "vllm_importance_sampling_clip_max: float | None",
+    "c955": "vllm_importance_sampling_clip_min: float | None",
+    "c963": "off_policy_mask_threshold: float | None",
+    "c972": "use_bias_correction_kl: bool",
+}
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def page_anchors() -> set[str]:
+    return {github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", PAGE.read_text(), re.M)}
+
+
+def test_trl_links_point_at_the_lines_they_follow():
+    trl = pytest.importorskip("trl")
+    if trl.__version__ != "1.16.0":
+        pytest.skip(f"the links are to TRL v1.16.0; trl {trl.__version__} is installed")
+    src = Path(trl.__file__).parent / "trainer"
+    links = LINK_DEF.findall(PAGE.read_text())
+    assert {label for label, *_ in links} == set(TRL_LINES), "a TRL link without an expected line, or the reverse"
+    for label, name, first, last in links:
+        lines = (src / name).read_text().splitlines()
+        if TRL_LINES[label] is None:
+            assert not first, label
+            continue
+        first, last = int(first), int(last or first)
+        assert 1 <= first <= last <= len(lines), f"[{label}]: lines {first}-{last} of {name} ({len(lines)} lines)"
+        assert TRL_LINES[label] in lines[first - 1], f"[{label}] {name}#L{first} is {lines[first - 1].strip()!r}"
+
+
+def test_every_link_definition_is_used():
+    text = PAGE.read_text()
+    for label in TRL_LINES:
+        assert re.search(r"\]\[" + label + r"\]", text), f"[{label}] is defined but no formula links it"
+
+
+def test_section_pointers_name_a_heading():
+    anchors = page_anchors()
+    in_page = re.findall(r"\]\(#([\w-]+)\)", PAGE.read_text())
+    assert in_page and set(in_page) <= anchors, sorted(set(in_page) - anchors)
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    pointers = {}
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in (".py", ".md", ".h", ".cuh", ".cu", ".cpp", ".toml", ".txt") or not path.is_file():
+            continue
+        for anchor in re.findall(r"contract\.md#([\w-]+)", path.read_text(encoding="utf-8", errors="replace")):
+            pointers.setdefault(anchor, name)
+    assert pointers, "no file points at a section of docs/contract.md"
+    missing = {a: f for a, f in pointers.items() if a not in anchors}
+    assert not missing, f"pointers to sections docs/contract.md lacks: {missing}"

@@ -183,14 +183,15 @@ def backend_for_test(name: str, request):
     """(backend name, device) of a fused backend for a test, or a skip saying why it cannot run here.
 
     ``name``: "cpu", "triton" (the interpreter on CPU tensors, the GPU where there is one), "cuda" (a GPU),
-    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block: the ``emu`` fixture of
-    conftest.py)."""
+    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block, the emulated sm_90's choice of
+    fused kernel: the 2-pass cluster kernel) / "cuda_emu_3pass" (the same with the 3-pass fused kernel): the
+    ``emu`` fixture of conftest.py."""
     import pytest
 
     from grpo_kernels.backends import unavailable_reason
 
-    if name == "cuda_emu":
-        return emu_backend(request.getfixturevalue("emu"), 64), "cpu"
+    if name in ("cuda_emu", "cuda_emu_3pass"):
+        return emu_backend(request.getfixturevalue("emu"), 64, 1 if name == "cuda_emu_3pass" else 0), "cpu"
     device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
     reason = unavailable_reason(name, device)
     if reason is not None:
@@ -198,18 +199,20 @@ def backend_for_test(name: str, request):
     return name, device
 
 
-def emu_backend(emu, block: int) -> str:
+def emu_backend(emu, block: int, cluster: int = 0) -> str:
     """Registers (once) the test backend running the emulated CUDA kernels (the ``emu`` fixture) with ``block``
-    threads per block (0: the kernels' default); returns its name."""
+    threads per block (0: the kernels' default); ``cluster``: the fused kernel (``CudaLaunchers``: 0 = the
+    extension's choice, 1 = 3-pass, 2 / 4 / 8); returns its name."""
     from grpo_kernels import backends
     from grpo_kernels.backends.base import BackendInfo
     from grpo_kernels.backends.cuda_backend import CudaLaunchers
 
-    name = f"cuda_emu{block}"
+    name = f"cuda_emu{block}" + (f"_c{cluster}" if cluster else "")
     if name not in backends.REGISTRY:
         backends.register_backend(BackendInfo(
             name, ("cpu",), lambda d: None if d == "cpu" else "emulated kernels take cpu tensors",
-            lambda: CudaLaunchers(emu, device_type="cpu", block=block), "test only: CUDA kernels on the CPU emulator",
+            lambda: CudaLaunchers(emu, device_type="cpu", block=block, cluster=cluster),
+            "test only: CUDA kernels on the CPU emulator",
         ))
     return name
 

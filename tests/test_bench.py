@@ -14,6 +14,7 @@ import torch
 
 import grpo_kernels
 from bench import cpu_isa, gpu, logprobs, loss, report, runner, train_step
+from test_cuda_emu import emu  # noqa: F401  (the fixture of the fused-kernels smoke test)
 
 N, V = 128, 4000  # N x V fp32 = 2 MB: large enough for RSS accounting (pages, mmap) to see it
 TINY = ["--n", str(N), "--v", str(V), "--device", "cpu", "--repeats", "2", "--warmup", "1", "--t", "64"]
@@ -146,6 +147,27 @@ def test_cpu_isa_smoke(capsys):
     assert "torch.exp" in text and _C.isa() == default
     for isa in _C.ISAS:  # every build appears for each dtype, timed or with the reason it did not run
         assert text.count(f" {isa} ") == 2, text
+
+
+def test_gpu_fused_kernels_smoke(request):
+    """``--ops fused_kernels`` on the CPU emulation of the CUDA kernels: both fused kernels time, with their
+    passes and HBM bytes, and the command is part of the suite."""
+    from test_cuda_emu import CXX
+
+    if CXX is None:
+        pytest.skip("g++ is needed to build the CUDA emulation module")
+    emu = request.getfixturevalue("emu")
+    rows = gpu.time_fused_kernels(8, [203], repeats=1, warmup=0, module=emu, device="cpu", dtype=torch.float32)
+    assert [(r["kernel"], r["cluster"], r["passes"]) for r in rows] == [("fused_kernel", 1, 3),
+                                                                          ("fused_cluster_kernel", 2, 2)]
+    assert all(r["median_ms"] > 0 and r["hbm_bytes"] > 8 * 203 * 4 for r in rows)
+    md = gpu.fused_kernels_markdown(rows, "emulator")
+    assert "fused_cluster_kernel | 2 | 2 |" in md and "fused_kernel | 1 | 3 |" in md
+
+
+def test_gpu_dry_run_lists_the_fused_kernel_run(capsys):
+    gpu.main(["--dry-run", "--ops", "fused_kernels", "--v", "32000,151936"])
+    assert "-m bench.gpu --fused-kernels-now --n 8192 --v 32000,151936 --dtype bf16" in capsys.readouterr().out
 
 
 def test_gpu_check_reports_missing_pieces():

@@ -318,7 +318,7 @@ def test_module_bad_arguments():
     with pytest.raises(TypeError, match="lm_head"):
         FusedLinearGRPOLoss(nn.ReLU())
     with pytest.raises(TypeError, match="unknown"):
-        FusedLinearGRPOLoss(head, epsilon=0.2)
+        FusedLinearGRPOLoss(head, eps_low=0.2)
     with pytest.raises(ValueError, match="config"):
         FusedLinearGRPOLoss(head, config=GRPOConfig(), beta=0.1)
     with pytest.raises(ValueError, match="backend"):

@@ -7,7 +7,7 @@
   so the test needs one N x V buffer (peak ~4.5 GB). Sampled rows (both sides of the 2^31 boundary, the last
   row, random ones) are checked against the float64 reference computed on those rows only.
 - ``test_row_offsets_past_2_32_without_the_memory``: the C++ CPU kernels and the CUDA kernels (csrc/cuda, run by
-  the CPU emulation) on 6 bf16 rows laid out with a batch stride of 2^31 + 5 and a time stride of 2^30 + 3
+  the CPU emulation, with the 2-pass cluster and the 3-pass fused kernel) on 6 bf16 rows laid out with a batch stride of 2^31 + 5 and a time stride of 2^30 + 3
   elements (row starts up to 2^32 + 2^30 + 13: each stride alone overflows int32, their products with a row
   index even uint32), and 6 fp32 rows past 2^31. The buffer is one real allocation (10.7 GB, 8.6 GB) that is
   never touched but at those rows:
@@ -165,7 +165,7 @@ def test_cpu_backend_more_than_2_31_elements():
 SPARSE = [(torch.bfloat16, 3, 2, (2**31 + 5, 2**30 + 3)), (torch.float32, 2, 3, (2**31 + 5, 67))]
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda_emu"])
+@pytest.mark.parametrize("name", ["cpu", "cuda_emu", "cuda_emu_3pass"])  # cuda_emu: the 2-pass cluster kernel
 @pytest.mark.parametrize("dtype,B,T,strides", SPARSE, ids=["bf16 past 2^32", "fp32 past 2^31"])
 def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, request):
     backend, device = backend_for_test(name, request)

@@ -1,6 +1,6 @@
 """Triton kernels of the fused GRPO loss: one program per row of logits, online log-sum-exp over V.
 
-Math (SPEC section 1; the same as ``csrc/include/grpo_math.h``), per row with ``z = x / tau``:
+Math (docs/contract.md; the same as ``csrc/include/grpo_math.h``), per row with ``z = x / tau``:
   ``lse = m / tau + log s``, ``s = sum_v e^{(x_v - m) / tau}``, ``t = sum_v e^{(x_v - m) / tau} (x_v - m) / tau``
   for the running max m of the raw logits; ``logp = (x[id] - m) / tau - log s``; entropy ``H = log s - t / s``
   (no cancellation when |z| ~ 1e4, unlike ``lse - sum p z``);
@@ -29,7 +29,7 @@ V * elsize is a multiple of 16).
 
 A row of the backward whose weights g and g_H are both exactly 0 (masked tokens) is written as zeros with
 its loads predicated off: garbage (NaN) logits there are never read. An id outside [0, V) gives logp NaN
-and no target term (the API rejects such ids before launching on the CPU; see SPEC section 4).
+and no target term (the API rejects such ids before launching on the CPU).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ placeholder, so ``help()`` shows every parameter in place and the text exists on
 
 from __future__ import annotations
 
+import inspect
 import re
 
 FRAGMENTS = {
@@ -29,34 +30,7 @@ old_logps : Tensor [B, T] or None, default None
     is exp(logp - logp.detach()) = 1 with the gradient of logp (TRL's ``num_iterations=1``).
 ref_logps : Tensor [B, T] or None, default None
     Log-probs under the reference model; required when ``beta != 0``.""",
-    "loss_options": """\
-beta : float, default 0.0
-    Weight of the KL penalty (k3 estimator) against ``ref_logps``; 0 turns it off.
-epsilon_low : float, default 0.2
-    Lower clip offset: the ratio is clipped below at ``1 - epsilon_low``.
-epsilon_high : float or None, default None
-    Upper clip offset (``1 + epsilon_high``); None means ``epsilon_low``. For ``loss_type="cispo"`` the
-    raw upper bound of the ratio (e.g. 5.0).
-epsilon : float or None, default None
-    TRL's name for ``epsilon_low`` (an alias). Giving both with different values, ``epsilon_low`` not at
-    its default, raises ``ValueError``.
-delta : float or None, default None
-    Two-sided clipping: the unclipped ratio is also capped at ``delta`` (INTELLECT-2). None: off.
-temperature : float, default 1.0
-    The log-probs are those of ``softmax(logits / temperature)``: pass the sampling temperature.
-loss_type : str, default "dapo"
-    "grpo" (mean over each sequence's tokens, then over sequences), "bnpo" (mean over the batch's kept
-    tokens), "dr_grpo" (sum / (B * max_completion_length)), "dapo" (sum / num_items_in_batch, default
-    the batch's kept tokens), "cispo" (clipped-ratio REINFORCE, normalised as dapo), "sapo" (soft gate,
-    normalised as grpo).
-importance_sampling_level : str, default "token"
-    "token": one ratio per token; "sequence" (GSPO): one per sequence, exp of the masked mean log-ratio.
-use_bias_correction_kl : bool, default True
-    Multiply the KL term by the importance ratio (TRL's default).
-sapo_temperature_pos : float, default 1.0
-    SAPO gate temperature for tokens with a positive advantage.
-sapo_temperature_neg : float, default 1.05
-    SAPO gate temperature for the others.""",
+    "loss_options": None,  # GRPOConfig's own Parameters section, filled in below
     "reduction": """\
 max_completion_length : int or None, default None
     The constant of dr_grpo's normaliser ``B * max_completion_length``. None means T, the width of this
@@ -82,6 +56,18 @@ GRPOLossOutput
 }
 
 _PLACEHOLDER = re.compile(r"^([ \t]*)\{\{(\w+)\}\}[ \t]*$", re.MULTILINE)
+
+
+def _config_options() -> str:
+    """The Parameters section of GRPOConfig's docstring: every loss option and its default is described once,
+    beside the field that holds it."""
+    from .config import GRPOConfig
+
+    doc = inspect.cleandoc(GRPOConfig.__doc__)
+    return doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0]
+
+
+FRAGMENTS["loss_options"] = _config_options()
 
 
 def fill(obj):

@@ -10,8 +10,8 @@ from torch import nn
 from . import _validate, reference
 from ._docs import fill
 from ._ops import grpo_loss_fused, token_logprobs_fused
-from .backends import BACKENDS, resolve_backend
-from .config import ADVANTAGE_SCALES, GRPOConfig
+from .backends import check_backend_name, resolve_backend
+from .config import ADVANTAGE_SCALES, GRPOConfig, takes_config_options
 
 
 class GRPOLossOutput(NamedTuple):
@@ -46,7 +46,7 @@ def token_logprobs(
     logits: torch.Tensor,
     ids: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float = GRPOConfig.temperature,
     return_entropy: bool = False,
     backend: str = "auto",
 ):
@@ -179,6 +179,7 @@ def grpo_loss_with_config(
     return GRPOLossOutput(loss, logps, metrics)
 
 
+@takes_config_options
 @fill
 def grpo_loss(
     logits: torch.Tensor,
@@ -190,21 +191,11 @@ def grpo_loss(
     group_size: Optional[int] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    epsilon: Optional[float] = None,
-    delta: Optional[float] = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     inplace: bool = False,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """The GRPO loss of TRL's ``GRPOTrainer`` from logits, without an N x V log-softmax.
 
@@ -245,7 +236,7 @@ def grpo_loss(
     >>> out = grpo_loss(logits, completion_ids, completion_mask=mask, advantages=A, loss_type="grpo")
     >>> out.loss.backward()
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "grpo_loss")
     return grpo_loss_with_config(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -267,9 +258,7 @@ class GRPOLoss(nn.Module):
     inplace : bool, default False
         As in :func:`grpo_loss` (overwrites the logits); may be overridden per call.
     **options
-        The loss options of :func:`grpo_loss` (beta, epsilon_low, epsilon_high, epsilon, delta,
-        temperature, loss_type, importance_sampling_level, use_bias_correction_kl, sapo_temperature_pos,
-        sapo_temperature_neg), defaults as there.
+        The loss options of :func:`grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
 
     ``forward(logits, completion_ids, **inputs)`` takes the inputs of :func:`grpo_loss`
     (completion_mask, advantages or rewards with group_size, old_logps, ref_logps, max_completion_length,
@@ -278,17 +267,10 @@ class GRPOLoss(nn.Module):
 
     def __init__(self, config: Optional[GRPOConfig] = None, *, backend: str = "auto", inplace: bool = False, **options):
         super().__init__()
-        if config is not None and options:
-            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
-        unknown = set(options) - set(GRPOConfig.field_names())
-        if unknown:
-            raise TypeError(f"unknown GRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}")
-        if config is None:
-            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
-        else:
-            self.config, self.max_completion_length = _validate.loss_config(config, None)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config = _validate.resolve_config(config, options, "GRPOLoss")
+        # a trl.GRPOConfig also supplies max_completion_length (dr_grpo), as TRL's trainer reads it
+        self.max_completion_length = None if config is None else _validate.loss_config(config, None)[1]
+        check_backend_name(backend)
         self.backend, self.inplace = backend, inplace
 
     def forward(self, logits, completion_ids, **inputs) -> GRPOLossOutput:

@@ -53,9 +53,9 @@ from . import _validate, reference
 from ._docs import fill
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
-from .backends import BACKENDS, launchers, resolve_backend
+from .backends import check_backend_name, launchers, resolve_backend
 from .backends.base import LossParams
-from .config import GRPOConfig
+from .config import GRPOConfig, takes_config_options
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -601,6 +601,7 @@ def fused_linear_grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@takes_config_options
 @fill
 def fused_linear_grpo_loss(
     hidden: Tensor,
@@ -614,23 +615,13 @@ def fused_linear_grpo_loss(
     group_size: int | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    epsilon: float | None = None,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` without the logits.
 
@@ -674,7 +665,7 @@ def fused_linear_grpo_loss(
     gradients reach the originals in their dtype). An FSDP2 or tensor-parallel ``DTensor`` weight (and bias)
     is gathered once with ``full_tensor()`` (its backward reduces the gradient back to the shards), as TRL does.
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "fused_linear_grpo_loss")
     return fused_linear_grpo_loss_with_config(
         hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -756,9 +747,7 @@ class FusedLinearGRPOLoss(nn.Module):
     logit_scale, final_logit_softcapping : float, float or None
         The head's output transform, as in :func:`fused_linear_grpo_loss` (defaults 1.0 and None).
     **options
-        The loss options of :func:`fused_linear_grpo_loss` (beta, epsilon_low, epsilon_high, epsilon,
-        delta, temperature, loss_type, importance_sampling_level, use_bias_correction_kl,
-        sapo_temperature_pos, sapo_temperature_neg), defaults as there.
+        The loss options of :func:`fused_linear_grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
 
     ``forward(hidden, completion_ids, **inputs)`` takes the inputs of :func:`fused_linear_grpo_loss`
     and returns its :class:`GRPOLossOutput`.
@@ -780,22 +769,13 @@ class FusedLinearGRPOLoss(nn.Module):
                 )
         elif not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a torch.Tensor [V, H], got {type(weight).__name__}")
-        if config is not None and options:
-            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
-        unknown = set(options) - set(GRPOConfig.field_names())
-        if unknown:
-            raise TypeError(
-                f"unknown FusedLinearGRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}"
-            )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         _check_chunk_size(chunk_size)
         _check_head_transform(logit_scale, final_logit_softcapping)
         self.logit_scale, self.final_logit_softcapping = logit_scale, final_logit_softcapping
-        if config is None:
-            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
-        else:
-            self.config, self.max_completion_length = _validate.loss_config(config, None)
+        self.config = _validate.resolve_config(config, options, "FusedLinearGRPOLoss")
+        # a trl.GRPOConfig also supplies max_completion_length (dr_grpo), as TRL's trainer reads it
+        self.max_completion_length = None if config is None else _validate.loss_config(config, None)[1]
         self.backend, self.chunk_size = backend, chunk_size
         # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
         self._head = (lm_head, weight, bias)

@@ -47,7 +47,7 @@ from ._memory import empty_grad
 from ._ops import layout_3d
 from .api import GRPOLossOutput
 from .backends import launchers, resolve_backend
-from .config import GRPOConfig
+from .config import GRPOConfig, takes_config_options
 
 
 def _check_group(group):
@@ -205,7 +205,7 @@ def token_logprobs(
     *,
     group=None,
     vocab_start: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = GRPOConfig.temperature,
     return_entropy: bool = False,
     backend: str = "auto",
 ):
@@ -309,6 +309,7 @@ def grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@takes_config_options
 @fill
 def grpo_loss(
     logits_shard: Tensor,
@@ -322,20 +323,10 @@ def grpo_loss(
     group_size: int | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    epsilon: float | None = None,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary across a process group.
 
@@ -362,7 +353,7 @@ def grpo_loss(
     -------
     {{returns}}
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "vocab_parallel.grpo_loss")
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,

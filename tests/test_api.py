@@ -675,3 +675,40 @@ def test_loss_docstrings_give_defaults_shapes_and_outputs():
         assert needle in doc, needle
     for field in gk.GRPOLossOutput._fields:
         assert f"{field} :" in gk.GRPOLossOutput.__doc__
+
+
+def test_registering_a_backend_makes_it_valid_everywhere():
+    """BACKENDS is derived from the registry: a backend registered after import is accepted by every entry point
+    (and dispatched through the same statically named ops); a second registration of a name is refused."""
+    from grpo_kernels.backends.base import BackendInfo
+    from grpo_kernels.fused_linear import FusedLinearGRPOLoss
+
+    name = "cpu_again_for_test"
+    assert name not in backends.BACKENDS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gk.GRPOLoss(backend=name)
+    info = backends.REGISTRY["torch"]
+    try:
+        assert backends.register_backend(BackendInfo(name, ("cpu",), lambda d: None,
+                                                     lambda: backends.launchers(CPU_BACKENDS[0]), "test only")) == name
+        assert name in backends.BACKENDS and name in backends.backend_names()
+        gk.GRPOLoss(backend=name)
+        FusedLinearGRPOLoss(weight=torch.zeros(3, 2), backend=name)
+        with pytest.raises(ValueError, match="already registered"):
+            backends.register_backend(info)
+        with pytest.raises(ValueError, match="identifier other than 'auto'"):
+            backends.register_backend(BackendInfo("auto", ("cpu",), lambda d: None, lambda: None, ""))
+        if CPU_BACKENDS[0] != "torch":  # the fused ops run the registered launchers under the new name
+            x, ids = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+            torch.testing.assert_close(gk.token_logprobs(x, ids, backend=name),
+                                       gk.token_logprobs(x, ids, backend=CPU_BACKENDS[0]), rtol=0, atol=0)
+    finally:
+        backends.REGISTRY.pop(name, None)
+
+
+def test_the_custom_ops_have_static_names():
+    import grpo_kernels._ops  # noqa: F401  (imported by grpo_kernels already)
+
+    for op in ("logprobs_fwd", "logprobs_bwd", "logprobs_bwd_inplace", "fused", "fused_inplace", "attach_grad"):
+        assert hasattr(torch.ops.grpo_kernels, op), op
+        assert "str backend" in str(getattr(torch.ops.grpo_kernels, op).default._schema) or op == "attach_grad"

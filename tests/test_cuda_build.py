@@ -498,7 +498,7 @@ def test_cuda_backend_without_gpu_raises_cleanly():
 @pytest.mark.parametrize("V", [7, 1007, 32007, 151936])
 def test_gpu_matches_reference(dtype, V):
     _installed_module()
-    from test_cuda_emu import assert_rule, check_loss, loss_inputs
+    from kernel_checks import assert_rule, check_loss, loss_inputs
 
     import grpo_kernels as gk
     from grpo_kernels.config import GRPOConfig
@@ -519,5 +519,5 @@ def test_gpu_matches_reference(dtype, V):
     if V == 1007:
         for level in ("token", "sequence"):
             cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04, delta=1.5)
-            args = [a.cuda() for a in loss_inputs(3, 4, V, dtype, strided=True)]
-            check_loss(args, cfg, "cuda")
+            b = loss_inputs(3, 4, V, dtype, strided=True)
+            check_loss(b.x, b.ids, cfg, "cuda", b.inputs(cfg), device="cuda")

@@ -4,7 +4,8 @@
 ``grpo_kernels._cuda``, with g++ against ``csrc/emu/cuda_emu.h`` (a block's threads as std::threads, a
 barrier per ``__syncthreads``, per-block shared memory, 32-lane shuffles; what it cannot emulate is listed
 at the top of that header). The module is built once per session into ``build/cuda_emu/<hash>/``, and
-registered here as a test backend ``cuda_emuNNN`` (NNN = threads per block, 0 = the kernels' default), so
+registered as a test backend ``cuda_emuNNN`` (NNN = threads per block, 0 = the kernels' default;
+``kernel_checks.emu_backend``), so
 the public API runs the CUDA kernels end to end: custom ops, autograd, single-pass and two-pass paths.
 
 Tolerance rule (the FlashAttention rule, as in tests/test_cpu_backend.py): with ``ref64`` the float64
@@ -30,16 +31,13 @@ path is parametrized over ``VARIANTS``: "3pass" (cluster=1), "cluster" (the choi
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from cuda_emu_build import COMMON_FLAGS, CXX, ROOT, cache_dir, compile_to
 from kernel_checks import (
     DTYPES,
     KL,
@@ -51,84 +49,19 @@ from kernel_checks import (
     check_inplace,
     check_large_magnitude_entropy,
     check_logprobs,
-    check_logprobs_no_entropy,
     check_loss,
-    check_loss_outputs,
     check_masked_rows_and_bad_ids,
+    emu_backend,
     loss_inputs,
     make_logits,
 )
 
-import grpo_kernels.backends as backends
 from grpo_kernels import reference
-from grpo_kernels.backends.base import BackendInfo, LossParams, native
+from grpo_kernels.backends.base import LossParams, native
 from grpo_kernels.backends.cuda_backend import _DTYPE_CODE, CudaLaunchers
 from grpo_kernels.config import GRPOConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-CXX = shutil.which(os.environ.get("CXX", "g++"))
-
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is needed to build the CUDA emulation module")
-
-COMMON_FLAGS = ["-std=c++20", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
-                f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cuda'}"]
-
-
-def _source_files() -> list[Path]:
-    files = [p for d in ("cuda", "emu", "include", "bindings") for p in sorted((ROOT / "csrc" / d).iterdir())
-             if p.suffix in (".h", ".cuh", ".cu", ".cpp")]
-    return files
-
-
-def _cache_dir(kind: str, flags: list[str]) -> Path:
-    h = hashlib.sha256(" ".join([CXX or "", *flags]).encode())
-    for p in _source_files():
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    d = ROOT / "build" / "cuda_emu" / f"{kind}-{h.hexdigest()[:16]}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _compile(cmd: list[str], target: Path) -> None:
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    res = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.fail(f"compile failed: {' '.join(cmd)}\n{res.stderr[-4000:]}")
-    os.replace(tmp, target)  # atomic: a concurrent session never imports a half-written file
-
-
-@pytest.fixture(scope="session")
-def emu():
-    """The emulation module (built once per source hash, imported from its cache directory)."""
-    import pybind11
-
-    flags = [*COMMON_FLAGS, "-O2", "-fPIC", "-shared", f"-I{pybind11.get_include()}",
-             f"-I{sysconfig.get_paths()['include']}"]
-    name = "grpo_kernels_cuda_emu"
-    target = _cache_dir("module", flags) / (name + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not target.exists():
-        _compile(["nice", CXX, *flags, str(ROOT / "csrc/emu/emu_module.cpp")], target)
-    spec = importlib.util.spec_from_file_location(name, target)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.EMULATED
-    return mod
-
-
-def emu_backend(emu, block: int, cluster: int = 0) -> str:
-    """Registers (once) the test backend running the emulated CUDA kernels with ``block`` threads per block;
-    ``cluster``: the fused kernel (``CudaLaunchers``: 0 = the extension's choice, 1 = 3-pass, 2 / 4 / 8)."""
-    name = f"cuda_emu{block}" + (f"_c{cluster}" if cluster else "")
-    if name not in backends.REGISTRY:
-        backends.REGISTRY[name] = BackendInfo(
-            name, ("cpu",), lambda d: None if d == "cpu" else "emulated kernels take cpu tensors",
-            lambda: CudaLaunchers(emu, device_type="cpu", block=block, cluster=cluster),
-            "test only: CUDA kernels on the CPU emulator",
-        )
-    if name not in backends.BACKENDS:
-        backends.BACKENDS = backends.BACKENDS + (name,)
-    return name
 
 
 # fused kernel variants: the ``cluster`` argument of CudaLaunchers
@@ -164,7 +97,7 @@ def test_logprobs_values_and_grads(b64, dtype, B, T, V, strided):
         x[0, 0, :3] = float("-inf")  # banned tokens
     ids = torch.randint(0, V, (B, T))
     check_logprobs(x, ids, 0.7 if V != 7 else 1.0, b64)
-    check_logprobs_no_entropy(x, ids, 0.7, b64)  # the other forward / backward instantiation
+    check_logprobs(x, ids, 0.7, b64, entropy=False)  # the other forward / backward instantiation
 
 
 @pytest.mark.parametrize("block", [32, 96, 512])
@@ -227,7 +160,8 @@ LEVEL_VARIANT = [*(("token", v) for v in VARIANTS), ("sequence", "3pass")]
 def test_loss_matrix_fp32(emu, loss_type, level, variant, beta, bias, delta):
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, use_bias_correction_kl=bias,
                      delta=delta, epsilon_high=4.0 if loss_type == "cispo" else 0.28, temperature=0.9)
-    check_loss(loss_inputs(3, 4, 301, torch.float32), cfg, emu_backend(emu, 64, VARIANTS[variant]))
+    b = loss_inputs(3, 4, 301, torch.float32)
+    check_loss(b.x, b.ids, cfg, emu_backend(emu, 64, VARIANTS[variant]), b.inputs(cfg))
     if level == "token":
         expect_variant(emu, variant, 301, torch.float32)
 
@@ -239,8 +173,8 @@ def test_loss_matrix_fp32(emu, loss_type, level, variant, beta, bias, delta):
 def test_loss_half_dtypes(emu, fused64, dtype, loss_type, level, strided):
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                      delta=1.5 if loss_type == "grpo" else None)
-    k = check_loss(loss_inputs(3, 4, 1007, dtype, strided), cfg, fused64)
-    assert k[2].dtype == dtype
+    b = loss_inputs(3, 4, 1007, dtype, strided)
+    assert check_loss(b.x, b.ids, cfg, fused64, b.inputs(cfg)).grad.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -256,12 +190,13 @@ def test_inplace_matches_out_of_place(emu, dtype, level, variant):
 def test_on_policy_and_entropy_temperature(fused64):
     """old_logps=None (ratio 1, d(logp-old)/dlogp = 1) through the single pass, temperature != 1."""
     cfg = GRPOConfig(loss_type="dapo", beta=0.04, temperature=0.7)
-    check_loss(loss_inputs(3, 4, 513, torch.float32), cfg, fused64, on_policy=True)
+    b = loss_inputs(3, 4, 513, torch.float32)
+    check_loss(b.x, b.ids, cfg, fused64, b.inputs(cfg, on_policy=True))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_launcher_matches_token_loss_grad(emu, variant):
-    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant]), LossParams.from_config)
+    check_fused_launcher(CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant]))
     expect_variant(emu, variant, 211, torch.float32)
 
 
@@ -270,18 +205,19 @@ def test_fused_extremes(fused64, dtype):
     """Through the single pass: a row with every logit -inf but the target (logp = 0, entropy = 0: its
     gradient is the loss weight times 0), a V = 1 batch, and logits ~1e4 at temperature 0.5."""
     cfg = GRPOConfig(loss_type="grpo", beta=0.04, temperature=0.5)
-    args = list(loss_inputs(3, 4, 203, dtype))
-    x, ids = args[0], args[1]
+    b = loss_inputs(3, 4, 203, dtype)
+    x, ids = b.x, b.ids
     with torch.no_grad():
         x[0, 1] = float("-inf")
         x[0, 1, ids[0, 1]] = 3.0
         x[2] = x[2] * 2 + 1e4
-    k = check_loss(args, cfg, fused64)
-    assert torch.isfinite(k[2][0, 1]).all() and torch.equal(k[2][0, 1].abs(), torch.zeros_like(k[2][0, 1]).abs())
-    v1 = list(loss_inputs(3, 4, 1, dtype))
-    v1[1] = torch.zeros_like(v1[1])  # V = 1: id 0 everywhere (the masked row keeps its NaN logits)
-    v1[1][1] = 6
-    check_loss(v1, cfg, fused64)
+    k = check_loss(b.x, b.ids, cfg, fused64, b.inputs(cfg))
+    assert torch.isfinite(k.grad[0, 1]).all() and torch.equal(k.grad[0, 1].abs(), torch.zeros_like(k.grad[0, 1]).abs())
+    v1 = loss_inputs(3, 4, 1, dtype)
+    ids1 = torch.zeros_like(v1.ids)  # V = 1: id 0 everywhere (the masked row keeps its NaN logits)
+    ids1[1] = 6
+    v1 = v1._replace(ids=ids1)
+    check_loss(v1.x, v1.ids, cfg, fused64, v1.inputs(cfg))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -477,9 +413,9 @@ def test_binding_rejects_bad_arguments(emu):
 # --------------------------------------------------------------------------------------------------
 def _selftest(sanitize: bool) -> Path:
     flags = [*COMMON_FLAGS, "-O1", "-g", "-fsanitize=thread"] if sanitize else [*COMMON_FLAGS, "-O2"]
-    target = _cache_dir("tsan" if sanitize else "selftest", flags) / "emu_selftest"
+    target = cache_dir("tsan" if sanitize else "selftest", flags) / "emu_selftest"
     if not target.exists():
-        _compile(["nice", CXX, *flags, str(ROOT / "csrc/emu/emu_selftest.cpp")], target)
+        compile_to(["nice", CXX, *flags, str(ROOT / "csrc/emu/emu_selftest.cpp")], target)
     return target
 
 
@@ -540,7 +476,7 @@ def test_fractional_mask_weights(emu, level, variant, dtype):
                   old_logps=logp + 0.3 * torch.randn(B, T), ref_logps=logp + 0.2 * torch.randn(B, T))
     for loss_type in ("grpo", "dapo", "sapo"):
         cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04)
-        check_loss_outputs(x, ids, cfg, emu_backend(emu, 64, VARIANTS[variant]), inputs)
+        check_loss(x, ids, cfg, emu_backend(emu, 64, VARIANTS[variant]), inputs)
 
 
 def test_boundary_binding(emu):

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_rule, backend_for_test, check_logprob_outputs, check_loss_outputs, one_thread
-from test_cuda_emu import emu  # noqa: F401  (the fixture behind backend "cuda_emu")
+from kernel_checks import assert_rule, backend_for_test, check_logprobs, check_loss, one_thread
 
 import grpo_kernels as gk
 from grpo_kernels import reference
@@ -188,7 +187,7 @@ def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, re
     small = x.clone()  # the same rows, contiguous (what the reference sees)
 
     # forward + backward kernels (the gradient goes to a fresh small buffer)
-    check_logprob_outputs(x, ids, 0.8, backend, device, entropy=True)
+    check_logprobs(x, ids, 0.8, backend, device, entropy=True)
     # single-pass kernel, inplace (the output rows are at the same far offsets) and forward + backward, inplace
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 1] = False
@@ -206,6 +205,6 @@ def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, re
         (grad,) = torch.autograd.grad(out.loss, inp)
         assert grad.data_ptr() == big.data_ptr() and grad.stride() == (sb, st, 1), "written in place, far rows"
         k = (out.loss.detach(), out.logps, grad.detach().clone(), out.metrics)
-        check_loss_outputs(small, ids, cfg, backend, inputs, kernel_outputs=k)
+        check_loss(small, ids, cfg, backend, inputs, kernel_outputs=k)
     assert status_mib("VmRSS") - rss0 < 512, "something walked the reserved buffer"
 

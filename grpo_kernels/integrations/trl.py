@@ -42,7 +42,7 @@ import torch
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
-from ..backends import BACKENDS
+from ..backends import check_backend_name
 from ..config import LOSS_TYPES
 from ..config import GRPOConfig as LossConfig
 from ..fused_linear import fused_linear_grpo_loss_with_config, fused_linear_token_logprobs
@@ -110,8 +110,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, backend: str = "auto", chunk_size: int | None = None, **kwargs):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")

@@ -5,10 +5,16 @@ One shared runner (:mod:`bench.runner`) and one script per op:
     python -m bench.loss --n 2048 --v 32000 --dtype bf16      # grpo_loss fwd / bwd / fwd+bwd
     python -m bench.logprobs --n 2048 --v 32000 --dtype fp32  # token_logprobs (+ entropy)
     python -m bench.train_step --n 2048 --v 32000             # tiny model: forward + loss + backward
+    python -m bench.latency                                   # 30 calls of the fused cpu loss, first / steady
+    python -m bench.grpo_vs_ppo                               # one GRPO step against one PPO step
     python -m bench.gpu                                       # the whole GPU suite, one command
     python -m bench.report --readme                           # results/*.md, the plot, README table
 
 Every script compares, in one run, every backend in ``grpo_kernels.available_backends()`` for the
-device, the eager reference (``backend="torch"``, TRL-style full log-softmax), ``torch.compile`` of that
-reference, and Liger-Kernel where it runs; results go to ``bench/results/*.json`` and ``*.md``.
+device (and its ``inplace=True`` form), TRL 1.16's own code (``trl``: what TRL users run), ``torch.compile``
+of grpo_kernels' reference, Liger-Kernel where it runs, and the reference itself (``backend="torch"``, a
+correctness tool); speed-ups are quoted against ``trl`` and ``compile``. Results go to
+``bench/results/*.json`` and ``*.md``. Also: ``bench.latency`` (call-by-call latency of one fused loss in a
+fresh process), ``bench.grpo_vs_ppo`` (one optimizer step of GRPO against PPO), ``bench/regenerate_cpu.sh``
+(every CPU result file and the README table, one command).
 """

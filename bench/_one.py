@@ -1,6 +1,6 @@
 """Peak CPU memory of one forward+backward of one implementation, in this fresh process.
 
-    python -m bench._one '{"op": "loss", "impl": "eager", "args": {...}}'
+    python -m bench._one '{"op": "loss", "impl": "reference", "args": {...}}'
 
 Prints one JSON line: ``peak_extra_bytes`` = peak RSS during the measured forward+backward minus the RSS
 just before it, with the inputs allocated and the implementation warmed up (compiled, thread pools
@@ -22,6 +22,7 @@ import sys
 import torch
 
 from bench import runner
+from grpo_kernels import _memory
 
 
 def _maxrss_bytes() -> int:
@@ -38,11 +39,20 @@ def main(spec_json: str) -> dict:
     case = module.build(spec["impl"], inputs, args)
 
     if not runner.reset_peak_rss():
+        if case.setup is not None:
+            case.setup()
         return cold_run(case)
     for _ in range(max(1, args.warmup)):
+        if case.setup is not None:
+            case.setup()
         case.backward(case.forward())
         for t in case.leaves:
             t.grad = None
+    if case.setup is not None:
+        case.setup()
+    # the fused CPU ops keep their last N x V gradient buffer for the next call: drop it, so that the measured
+    # call allocates its buffer and the peak counts it (it is memory the op needs, cached or not)
+    _memory.release_cached()
     gc.collect()
     runner.reset_peak_rss()
     base = runner.proc_status_kib("VmRSS") * 1024
@@ -51,7 +61,8 @@ def main(spec_json: str) -> dict:
     peak = runner.proc_status_kib("VmHWM") * 1024
     return {"peak_extra_bytes": peak - base, "memory_method":
             "CPU peak RSS (VmHWM) of a fresh process per implementation during one fwd+bwd, minus its RSS just "
-            "before (inputs allocated, warmed up; peak reset via /proc/self/clear_refs)"}
+            "before (inputs allocated, warmed up, grpo_kernels' cached gradient buffer released; peak reset via "
+            "/proc/self/clear_refs)"}
 
 
 def cold_run(case) -> dict:

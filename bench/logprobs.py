@@ -3,8 +3,11 @@
     python -m bench.logprobs --n 2048 --v 32000 --dtype fp32
     python -m bench.logprobs --n 2048 --v 32000 --dtype bf16 --no-entropy
 
-Rows: ``eager`` (``grpo_kernels.token_logprobs(backend="torch")``: full fp32 log-softmax), every fused
-backend available for the device, ``compile`` (``torch.compile(grpo_kernels.reference.token_logprobs)``).
+Rows: ``trl`` (TRL 1.16's ``selective_log_softmax_and_entropy``, entropy differentiable: on CPU tensors
+``selective_log_softmax`` + ``entropy_from_logits``, on CUDA TRL's Triton kernel; ``selective_log_softmax``
+alone with ``--no-entropy``), ``compile`` (``torch.compile(grpo_kernels.reference.token_logprobs)``), every
+fused backend available for the device, and ``reference`` (``grpo_kernels.token_logprobs(backend="torch")``,
+the float64-capable reference: a correctness tool, not what users run).
 The backward takes random upstream gradients for the log-probs (and the entropy), as a loss downstream
 would give; it is the two-pass path (the gradient is not known in the forward), so its floor counts two
 reads of the logits. Logits, ids, mask and ``--layout`` are those of ``bench.loss``.
@@ -20,7 +23,7 @@ import torch
 import grpo_kernels
 from grpo_kernels import reference
 
-from . import runner
+from . import _trl, runner
 from .loss import FUSED, add_layout_argument, fused_backends, logits_of, make_logit_batch
 
 NAME = "logprobs"
@@ -47,7 +50,8 @@ def make_inputs(args, device: torch.device) -> dict:
 
 
 def implementations(args, device: torch.device) -> list:
-    return [("eager", None), *fused_backends(device), ("compile", None), ("liger", LIGER_REASON)]
+    return [("trl", _trl.missing_reason()), ("compile", None), ("liger", LIGER_REASON), *fused_backends(device),
+            ("reference", None)]
 
 
 def work(args) -> runner.Work:
@@ -63,8 +67,18 @@ def build(impl: str, x: dict, args) -> runner.Case:
         return (out * x["g_logp"]).sum()
 
     backward = lambda s: s.backward()  # noqa: E731
-    if impl == "eager" or impl in FUSED:
-        backend = "torch" if impl == "eager" else impl
+    if impl == "trl":
+        from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+
+        if ent:
+            fn = lambda: selective_log_softmax_and_entropy(logits_of(x), ids, temperature=args.temperature)  # noqa: E731
+            note = "trl.trainer.utils.selective_log_softmax_and_entropy (entropy with gradient)"
+        else:
+            fn = lambda: selective_log_softmax(logits_of(x), ids, temperature=args.temperature)  # noqa: E731
+            note = "trl.trainer.utils.selective_log_softmax"
+        return runner.Case(lambda: surrogate(fn()), backward, [leaf], note)
+    if impl == "reference" or impl in FUSED:
+        backend = "torch" if impl == "reference" else impl
         return runner.Case(
             lambda: surrogate(grpo_kernels.token_logprobs(logits_of(x), ids, temperature=args.temperature,
                                                           return_entropy=ent, backend=backend)),

@@ -1,16 +1,23 @@
 """Benchmark of grpo_loss: forward, backward and forward+backward, every implementation side by side.
 
     python -m bench.loss --n 2048 --v 32000 --dtype bf16
-    python -m bench.loss --n 2048 --v 32000 --dtype fp32 --impls eager,cpu
+    python -m bench.loss --n 2048 --v 32000 --dtype fp32 --impls trl,cpu
 
 Implementations (rows):
-- ``eager``: ``grpo_kernels.grpo_loss(backend="torch")``, the reference: full fp32 log-softmax (TRL-style);
-  the baseline of every speed-up.
+- ``trl``: TRL 1.16's own code, what a TRL user runs: ``GRPOTrainer._compute_loss`` (the loss terms and the
+  logged metrics) with its log-probs and entropy from TRL's ``selective_log_softmax_and_entropy`` on the
+  logits (on CPU tensors: ``selective_log_softmax`` + ``entropy_from_logits``; on CUDA: TRL's Triton
+  kernel); see :mod:`bench._trl`. A speed-up baseline.
 - every fused backend in ``grpo_kernels.available_backends(device)`` ("cpu", "triton", "cuda"), picked up
-  automatically; the ones that cannot run are listed with the reason.
-- ``compile``: ``torch.compile(grpo_kernels.reference.grpo_loss)`` (the same eager code, compiled by
-  Inductor; compilation happens in the warm-up, outside the timing).
+  automatically; the ones that cannot run are listed with the reason. ``<backend>_inplace``: the same with
+  ``inplace=True`` (the gradient written into the logits, which are then a fresh non-leaf copy of the
+  shared logits made before each repeat, untimed).
+- ``compile``: ``torch.compile(grpo_kernels.reference.grpo_loss)`` (Inductor; compilation happens in the
+  warm-up, outside the timing). A speed-up baseline.
 - ``liger``: Liger-Kernel's Triton GRPO loss on logits (GPU only), with the same options, ``inplace=False``.
+- ``reference``: ``grpo_kernels.grpo_loss(backend="torch")``, the float64-capable reference the kernels are
+  tested against (full fp32 log-softmax, every intermediate kept). Not what users run: no speed-up is quoted
+  against it.
 
 The batch: B sequences x T tokens (N = B*T), a random completion mask (lengths in [T/2, T]), advantages
 [B], old and reference log-probs near the current ones so that some ratios are clipped, loss_type dapo,
@@ -36,7 +43,7 @@ from grpo_kernels import reference
 from grpo_kernels.backends import unavailable_reason
 from grpo_kernels.config import GRPOConfig
 
-from . import runner
+from . import _trl, runner
 
 NAME = "loss"
 FUSED = ("cpu", "triton", "cuda")
@@ -130,8 +137,29 @@ def liger_reason(device: torch.device) -> str | None:
     return None
 
 
+def inplace_rows(device: torch.device) -> list[tuple[str, str | None]]:
+    return [(f"{name}_inplace", reason) for name, reason in fused_backends(device)]
+
+
 def implementations(args, device: torch.device) -> list:
-    return [("eager", None), *fused_backends(device), ("compile", None), ("liger", liger_reason(device))]
+    return [("trl", _trl.missing_reason()), ("compile", None), ("liger", liger_reason(device)),
+            *fused_backends(device), *inplace_rows(device), ("reference", None)]
+
+
+def inplace_case(x: dict, forward_on, note: str) -> runner.Case:
+    """A Case whose forward overwrites its logits with their gradient. inplace=True takes logits that are not
+    a leaf (a model's output): before each repeat (outside the timing) they are made afresh as a copy of the
+    shared leaf, through which the gradient reaches the leaf; the shared leaf itself is never written."""
+    leaf, state = x["leaf"], {}
+
+    def setup():
+        state["logits"] = leaf.clone()  # a non-leaf with autograd history back to the leaf
+
+    def fwd():
+        logits = state.pop("logits")
+        return forward_on(logits[:, :-1] if x["view"] else logits)
+
+    return runner.Case(fwd, lambda loss: loss.backward(), [leaf], note, setup)
 
 
 def work(args) -> runner.Work:
@@ -144,15 +172,25 @@ def build(impl: str, x: dict, args) -> runner.Case:
                   ref_logps=x["ref_logps"], beta=args.beta, loss_type=args.loss_type,
                   importance_sampling_level=args.level, temperature=args.temperature)
     backward = lambda loss: loss.backward()  # noqa: E731
-    if impl == "eager" or impl in FUSED:
-        backend = "torch" if impl == "eager" else impl
-        note = ("grpo_kernels.grpo_loss(backend='torch'): full fp32 log-softmax, TRL-style" if impl == "eager"
+    if impl == "reference" or impl in FUSED:
+        backend = "torch" if impl == "reference" else impl
+        note = ("grpo_kernels.grpo_loss(backend='torch'): the float64-capable reference (full fp32 log-softmax, "
+                "every intermediate kept); a correctness tool, not what users run" if impl == "reference"
                 else f"grpo_kernels.grpo_loss(backend={backend!r})")
-        if impl != "eager" and args.level == "token":
+        if impl != "reference" and args.level == "token":
             note += ("; single pass: the gradient is computed in the forward (so the N x V gradient is what autograd "
                      "holds between forward and backward), backward only hands it over")
         return runner.Case(lambda: grpo_kernels.grpo_loss(logits_of(x), x["ids"], backend=backend, **common).loss,
                            backward, [leaf], note)
+    if impl.endswith("_inplace") and impl[: -len("_inplace")] in FUSED:
+        backend = impl[: -len("_inplace")]
+        return inplace_case(
+            x, lambda logits: grpo_kernels.grpo_loss(logits, x["ids"], backend=backend, inplace=True, **common).loss,
+            f"grpo_kernels.grpo_loss(backend={backend!r}, inplace=True): the gradient overwrites the logits")
+    if impl == "trl":
+        trainer = _trl.trainer_on_logits(cfg, lambda: logits_of(x), x["ids"], x["mask"])
+        batch = _trl.loss_inputs(x["ids"], x["mask"], x["advantages"], x["old_logps"], x["ref_logps"])
+        return runner.Case(lambda: trainer._compute_loss(None, batch), backward, [leaf], TRL_NOTE)
     if impl == "compile":
         fn = torch.compile(reference.grpo_loss, dynamic=False)
         return runner.Case(lambda: fn(logits_of(x), x["ids"], cfg, x["advantages"], x["mask"], x["old_logps"],
@@ -180,6 +218,11 @@ def build(impl: str, x: dict, args) -> runner.Case:
     raise ValueError(f"unknown implementation {impl!r}")
 
 
+TRL_NOTE = ("TRL 1.16 GRPOTrainer._compute_loss (its loss terms and logged metrics), log-probs and entropy from "
+            "trl.trainer.utils.selective_log_softmax_and_entropy on the logits (CPU: selective_log_softmax + "
+            "entropy_from_logits; CUDA: TRL's Triton kernel)")
+
+
 def _at(result, n, v, dtypes) -> bool:
     c = result["config"]
     return c["n"] == n and c["v"] == v and c["dtype"] in dtypes
@@ -197,8 +240,8 @@ def targets(result: dict) -> list[dict]:
         miss = f"backend cpu did not run: {why.get('cpu', 'not selected')}"
         fresh = result.get("floor", {}).get("fresh_buffer_extra_ms")
         out += [
-            runner.target("cpu fwd+bwd speed-up vs eager" + where, runner.ratio(result, "eager", "cpu"), ">=", 3,
-                          why_missing=miss),
+            runner.target("cpu fwd+bwd speed-up vs reference" + where, runner.ratio(result, "reference", "cpu"),
+                          ">=", 3, why_missing=miss),
             runner.target("cpu fwd+bwd speed-up vs torch.compile" + where, runner.ratio(result, "compile", "cpu"),
                           ">=", 1.5, why_missing=miss if cpu is None else f"compile: {why.get('compile', '')}"),
             runner.target("cpu fwd+bwd time / floor (max of copy and exp time)" + where,
@@ -224,8 +267,8 @@ def targets(result: dict) -> list[dict]:
                 runner.target(f"{name} fwd+bwd GB/s / copy rate" + where, frac, ">=", 0.9, unit="", why_missing=miss),
                 runner.target(f"{name} fwd+bwd speed-up vs Liger" + where, runner.ratio(result, "liger", name),
                               ">=", 1.3, why_missing=miss if row is None else f"liger: {why.get('liger', '')}"),
-                runner.target(f"{name} fwd+bwd speed-up vs eager" + where, runner.ratio(result, "eager", name),
-                              ">=", 5, why_missing=miss),
+                runner.target(f"{name} fwd+bwd speed-up vs reference" + where,
+                              runner.ratio(result, "reference", name), ">=", 5, why_missing=miss),
             ]
     return out
 

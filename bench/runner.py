@@ -15,7 +15,9 @@ Measurement (timing in this process; CPU memory in one fresh subprocess per impl
 - time: each repeat runs forward then backward, timed separately (CUDA events around each phase on a GPU,
   ``perf_counter`` with the work synchronous on the CPU), after ``--warmup`` untimed repeats (which also
   absorb torch.compile's and Triton's compilation). forward+backward is the sum of the two phases of the
-  same repeat. median, min and max over ``--repeats``.
+  same repeat. median, p50 (nearest rank: a measured call), p90, min and max over ``--repeats`` (the steady
+  calls), and the first warm-up call (``first_ms``: one-off costs such as lazy imports, compilation, the first
+  page faults) where there is a warm-up.
 - memory, CUDA: ``max_memory_allocated`` during one forward+backward minus what was allocated before it
   (inputs and warm state excluded). CPU: a fresh ``python -m bench._one`` subprocess per implementation
   builds the inputs, warms up, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), records
@@ -73,12 +75,15 @@ class Case:
 
     ``forward()`` returns whatever ``backward(state)`` needs (e.g. the loss); ``leaves`` are the tensors
     whose ``.grad`` the backward fills (cleared between repeats, excluded from saved-bytes counts).
+    ``setup()``, when given, runs before every repeat, untimed (e.g. restoring logits that ``inplace=True``
+    overwrote with their gradient).
     """
 
     forward: Callable[[], Any]
     backward: Callable[[Any], None]
     leaves: list
     note: str = ""
+    setup: Callable[[], None] | None = None
 
 
 @dataclass
@@ -210,16 +215,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def percentile(ms: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]): always one of the measured values."""
+    s = sorted(ms)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
 def _stats(ms: list[float]) -> dict:
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "times_ms": ms}
+    return {"median_ms": statistics.median(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+            "min_ms": min(ms), "max_ms": max(ms), "times_ms": ms}
 
 
 def time_case(case: Case, device: torch.device, warmup: int, repeats: int) -> dict:
     """-> {"fwd": stats, "bwd": stats, "fwd_bwd": stats}; forward and backward timed in the same repeat."""
-    fwd, bwd = [], []
+    fwd, bwd, first = [], [], None
     for i in range(warmup + repeats):
         for t in case.leaves:
             t.grad = None
+        if case.setup is not None:
+            case.setup()
         gc.collect()
         synchronize(device)
         if device.type == "cuda":
@@ -239,12 +253,16 @@ def time_case(case: Case, device: torch.device, warmup: int, repeats: int) -> di
             t2 = time.perf_counter()
             f_ms, b_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         del state
+        if i == 0:
+            first = f_ms + b_ms
         if i >= warmup:
             fwd.append(f_ms)
             bwd.append(b_ms)
     for t in case.leaves:
         t.grad = None
-    return {"fwd": _stats(fwd), "bwd": _stats(bwd), "fwd_bwd": _stats([f + b for f, b in zip(fwd, bwd, strict=False)])}
+    out = {"fwd": _stats(fwd), "bwd": _stats(bwd), "fwd_bwd": _stats([f + b for f, b in zip(fwd, bwd, strict=False)])}
+    out["fwd_bwd"]["first_ms"] = first if warmup else None
+    return out
 
 
 def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
@@ -332,6 +350,8 @@ def saved_bytes(case: Case) -> dict:
 
     for t in case.leaves:
         t.grad = None
+    if case.setup is not None:
+        case.setup()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         state = case.forward()
     value = float(state.detach()) if isinstance(state, torch.Tensor) and state.numel() == 1 else None
@@ -370,6 +390,8 @@ def reset_peak_rss() -> bool:
 def cuda_peak_extra(case: Case, device: torch.device) -> dict:
     for t in case.leaves:
         t.grad = None
+    if case.setup is not None:
+        case.setup()
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -551,11 +573,15 @@ def _derive(result: dict, work: Work) -> None:
             row[ph]["x_floor"] = t / fl["floor_ms"]
 
 
+BASELINES = ("trl", "compile", "reference")  # speed-ups are reported against each of these rows where it ran
+
+
 def _speedups(result: dict) -> None:
-    base = next((r for r in result["rows"] if r["impl"] == "eager"), None)
-    for row in result["rows"]:
-        for ph in ("fwd", "bwd", "fwd_bwd"):
-            row[ph]["speedup_vs_eager"] = None if base is None else base[ph]["median_ms"] / row[ph]["median_ms"]
+    for name in BASELINES:
+        base = row_of(result, name)
+        for row in result["rows"]:
+            for ph in ("fwd", "bwd", "fwd_bwd"):
+                row[ph][f"speedup_vs_{name}"] = None if base is None else base[ph]["median_ms"] / row[ph]["median_ms"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,6 +638,12 @@ def _ms(s: dict) -> str:
     return f"{s['median_ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f})"
 
 
+def _tail(s: dict) -> str:
+    if "p90_ms" not in s:
+        return "n/a"
+    return f"{s['p50_ms']:.2f} / {s['p90_ms']:.2f} / {s['max_ms']:.2f}"
+
+
 def _fmt(x, spec=".2f", none="n/a") -> str:
     return none if x is None else format(x, spec)
 
@@ -636,7 +668,11 @@ def markdown(result: dict) -> str:
         f"(machine busy time minus this benchmark's own); load average (1/5/15 min, this run included) at start "
         f"{e.get('load_avg_start')}, at end {e.get('load_avg_end')}",
         f"- timing: median (min-max) over {c['repeats']} repeats after {c['warmup']} warm-up repeats "
-        "(compilation excluded); fwd and bwd timed in the same repeat, fwd+bwd is their sum",
+        "(compilation excluded); fwd and bwd timed in the same repeat, fwd+bwd is their sum; p50 / p90 / max are "
+        "nearest-rank over the same timed repeats; first call: the first warm-up repeat (one-off costs included)",
+        "- speed-ups: the median fwd+bwd time of `trl` (TRL's own code, what TRL users run) and of `compile` "
+        "divided by the row's; `reference` is grpo_kernels' float64-capable reference implementation, a "
+        "correctness tool that no user runs for speed, so no speed-up is quoted against it",
     ]
     fl = result.get("floor")
     if fl:
@@ -664,14 +700,17 @@ def markdown(result: dict) -> str:
         lines += [f"**{busy}**", ""]
 
     has_floor = bool(fl)
-    head = ["impl", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd speed-up vs eager"]
+    head = ["impl", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd p50 / p90 / max ms", "first call ms",
+            "speed-up vs trl", "speed-up vs compile"]
     if has_floor:
         head += ["fwd+bwd GB/s", "fwd+bwd time / floor"]
     head += ["peak extra MiB", "x grad buffer", "saved B/token"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        cells = [f"`{r['impl']}`", _ms(r["fwd"]), _ms(r["bwd"]), _ms(r["fwd_bwd"]),
-                 _fmt(r["fwd_bwd"].get("speedup_vs_eager"), ".2f") + "x"]
+        fb = r["fwd_bwd"]
+        cells = [f"`{r['impl']}`", _ms(r["fwd"]), _ms(r["bwd"]), _ms(fb), _tail(fb), _fmt(fb.get("first_ms"), ".1f"),
+                 _fmt(fb.get("speedup_vs_trl"), ".2f", "-") + ("x" if fb.get("speedup_vs_trl") else ""),
+                 _fmt(fb.get("speedup_vs_compile"), ".2f", "-") + ("x" if fb.get("speedup_vs_compile") else "")]
         if has_floor:
             cells += [_fmt(r["fwd_bwd"].get("GBps"), ".1f"), _fmt(r["fwd_bwd"].get("x_floor"), ".2f")]
         pe = r.get("peak_extra_bytes")

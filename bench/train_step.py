@@ -1,16 +1,24 @@
 """Benchmark of one training step of a tiny causal LM: model forward + GRPO loss, then backward.
 
     python -m bench.train_step --n 2048 --v 32000 --dtype bf16
-    python -m bench.train_step --n 2048 --v 32000 --hidden 256 --layers 2 --impls eager,cpu
+    python -m bench.train_step --n 2048 --v 32000 --hidden 256 --layers 2 --impls trl,cpu
 
 The model (defined here, no download): embedding [V, H], ``--layers`` pre-norm MLP blocks (H -> 4H -> H,
 residual), a final LayerNorm and an LM head [V, H] without bias, in ``--dtype``. A batch is B sequences
 of P prompt + T completion tokens (N = B*T completion tokens); the loss sees the completion logits as the
 view ``logits[:, P-1:-1]``, as a GRPO trainer does. What differs between rows is only the loss:
 
-- ``eager`` / every fused backend: ``grpo_kernels.grpo_loss(logits view, backend=...)``;
+- ``trl``: TRL 1.16's ``GRPOTrainer._compute_loss`` on the same logits view, log-probs and entropy from
+  TRL's ``selective_log_softmax_and_entropy`` (see :mod:`bench._trl`);
+- ``trl_fused_head``: TRL 1.16 as its trainer runs by default: ``_compute_loss`` with TRL's own
+  ``_get_per_token_logps_and_entropies``, the model patched by TRL's ``add_fused_lm_head`` (its LM head is
+  ``ChunkedLogProbFunction`` on the hidden states: the [B, P+T, V] logits are never materialised);
+- every fused backend: ``grpo_kernels.grpo_loss(logits view, backend=...)``; ``<backend>_inplace`` with
+  ``inplace=True`` (the gradient overwrites the model's logits, which nothing else needs);
 - ``compile``: ``torch.compile(grpo_kernels.reference.grpo_loss)`` on the same logits view (the model
   itself stays eager in every row);
+- ``reference``: ``grpo_kernels.grpo_loss(backend="torch")``, the float64-capable reference (a correctness
+  tool, not what users run);
 - ``liger_chunked``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (its default ``compiled=True``) on the
   hidden states and the LM head weight, which never materialises the [B, P+T, V] logits: on the CPU this
   is Liger's only GRPO path;
@@ -33,8 +41,8 @@ import grpo_kernels
 from grpo_kernels import reference
 from grpo_kernels.config import GRPOConfig
 
-from . import runner
-from .loss import FUSED, batch_shape, fused_backends
+from . import _trl, runner
+from .loss import FUSED, TRL_NOTE, batch_shape, fused_backends, inplace_rows
 
 NAME = "train_step"
 
@@ -102,8 +110,9 @@ def implementations(args, device: torch.device) -> list:
         liger = None
     fl = None if hasattr(grpo_kernels, "fused_linear_grpo_loss") else \
         "grpo_kernels.fused_linear_grpo_loss is not in this version of the package"
-    return [("eager", None), *fused_backends(device), ("compile", None), ("liger_chunked", liger),
-            ("fused_linear", fl)]
+    trl = _trl.missing_reason()
+    return [("trl", trl), ("trl_fused_head", trl), ("compile", None), ("liger_chunked", liger),
+            *fused_backends(device), *inplace_rows(device), ("fused_linear", fl), ("reference", None)]
 
 
 def work(args):
@@ -116,12 +125,31 @@ def build(impl: str, x: dict, args) -> runner.Case:
     backward = lambda loss: loss.backward()  # noqa: E731
     common = dict(completion_mask=x["mask"], advantages=x["advantages"], old_logps=x["old_logps"],
                   ref_logps=x["ref_logps"], beta=args.beta, loss_type=args.loss_type, temperature=args.temperature)
-    if impl == "eager" or impl in FUSED:
-        backend = "torch" if impl == "eager" else impl
+    if impl == "reference" or impl in FUSED:
+        backend = "torch" if impl == "reference" else impl
         return runner.Case(
             lambda: grpo_kernels.grpo_loss(model(x["input_ids"])[:, P - 1 : -1], x["ids"], backend=backend,
                                            **common).loss,
-            backward, leaves, f"model + grpo_kernels.grpo_loss(backend={backend!r})")
+            backward, leaves, f"model + grpo_kernels.grpo_loss(backend={backend!r})" + (
+                ": the reference, not what users run" if impl == "reference" else ""))
+    if impl.endswith("_inplace") and impl[: -len("_inplace")] in FUSED:
+        backend = impl[: -len("_inplace")]
+        return runner.Case(
+            lambda: grpo_kernels.grpo_loss(model(x["input_ids"])[:, P - 1 : -1], x["ids"], backend=backend,
+                                           inplace=True, **common).loss,
+            backward, leaves, f"model + grpo_kernels.grpo_loss(backend={backend!r}, inplace=True)")
+    if impl == "trl":
+        trainer = _trl.trainer_on_logits(cfg, lambda: model(x["input_ids"])[:, P - 1 : -1], x["ids"], x["mask"])
+        batch = _trl.loss_inputs(x["ids"], x["mask"], x["advantages"], x["old_logps"], x["ref_logps"])
+        return runner.Case(lambda: trainer._compute_loss(None, batch), backward, leaves, "model + " + TRL_NOTE)
+    if impl == "trl_fused_head":
+        view = _trl.CausalLMView(model.hidden_states, model.lm_head, model)
+        trainer = _trl.trainer_on_model(cfg, view, x["ids"].shape[1])
+        batch = _trl.loss_inputs(x["ids"], x["mask"], x["advantages"], x["old_logps"], x["ref_logps"],
+                                 prompt_ids=x["input_ids"][:, :P])
+        return runner.Case(lambda: trainer._compute_loss(view, batch), backward, leaves,
+                           "TRL 1.16 GRPOTrainer._compute_loss with its own _get_per_token_logps_and_entropies, the "
+                           "model patched by trl add_fused_lm_head (ChunkedLogProbFunction on the hidden states)")
     if impl == "compile":
         fn = torch.compile(reference.grpo_loss, dynamic=False)
         return runner.Case(

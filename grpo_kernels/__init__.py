@@ -22,8 +22,14 @@ from .api import (
     token_logprobs,
 )
 from .backends import BackendUnavailableError, available_backends
+from ._diagnostics import show_config
 from .config import GRPOConfig
-from .fused_linear import FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_grpo_loss_with_config
+from .fused_linear import (
+    FusedLinearGRPOLoss,
+    fused_linear_grpo_loss,
+    fused_linear_grpo_loss_with_config,
+    fused_linear_token_logprobs,
+)
 
 __version__ = "0.1.0"
 
@@ -36,10 +42,12 @@ __all__ = [
     "available_backends",
     "fused_linear_grpo_loss",
     "fused_linear_grpo_loss_with_config",
+    "fused_linear_token_logprobs",
     "group_advantages",
     "grpo_loss",
     "grpo_loss_with_config",
     "sampler_importance_ratio",
+    "show_config",
     "token_logprobs",
     "vocab_parallel",
     "__version__",

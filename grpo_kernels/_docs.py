@@ -7,6 +7,7 @@ placeholder, so ``help()`` shows every parameter in place and the text exists on
 
 from __future__ import annotations
 
+import inspect
 import re
 
 FRAGMENTS = {
@@ -39,49 +40,7 @@ sampling_logps : Tensor [B, T] or None, default None
 process_group : torch.distributed group or None, default None
     The data-parallel group whose ranks hold the batch's other sequences: ``top_entropy_quantile`` takes
     its quantile over the entropies of every rank of it. None: this call's tokens only.""",
-    "loss_options": """\
-beta : float, default 0.0
-    Weight of the KL penalty (k3 estimator) against ``ref_logps``; 0 turns it off.
-epsilon_low : float, default 0.2
-    Lower clip offset: the ratio is clipped below at ``1 - epsilon_low``.
-epsilon_high : float or None, default None
-    Upper clip offset (``1 + epsilon_high``); None means ``epsilon_low``. For ``loss_type="cispo"`` the
-    raw upper bound of the ratio (e.g. 5.0).
-epsilon : float or None, default None
-    TRL's name for ``epsilon_low`` (an alias). Giving both with different values, ``epsilon_low`` not at
-    its default, raises ``ValueError``.
-delta : float or None, default None
-    Two-sided clipping: the unclipped ratio is also capped at ``delta`` (INTELLECT-2). None: off.
-temperature : float, default 1.0
-    The log-probs are those of ``softmax(logits / temperature)``: pass the sampling temperature.
-loss_type : str, default "dapo"
-    "grpo" (mean over each sequence's tokens, then over sequences), "bnpo" (mean over the batch's kept
-    tokens), "dr_grpo" (sum / (B * max_completion_length)), "dapo" (sum / num_items_in_batch, default
-    the batch's kept tokens), "cispo" (clipped-ratio REINFORCE, normalised as dapo), "sapo" (soft gate,
-    normalised as grpo), "luspo" (the clip loss summed over each sequence's tokens, then mean over
-    sequences), "vespo" (``-phi * A * logp`` with VESPO's detached sequence weight, normalised as dapo).
-importance_sampling_level : str, default "token"
-    "token": one ratio per token; "sequence" (GSPO): one per sequence, exp of the masked mean log-ratio.
-use_bias_correction_kl : bool, default True
-    Multiply the KL term by the importance ratio (TRL's default).
-sapo_temperature_pos : float, default 1.0
-    SAPO gate temperature for tokens with a positive advantage.
-sapo_temperature_neg : float, default 1.05
-    SAPO gate temperature for the others.
-vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg : float, default 2.0, 3.0, 3.0, 2.0
-    VESPO's weight ``phi(w) = e^lam w^k e^(-lam w)`` (``phi(1) = 1``; w the exp of the clamped sum of the
-    sequence's log-ratios, times the sampler ratio): ``k, lam`` for A >= 0 / A < 0.
-off_policy_mask_threshold : float or None, default None
-    Off-policy sequence mask (DeepSeek-V3.2): a sequence with A < 0 whose mean ``sampling_logps - logp``
-    over its kept tokens exceeds this leaves the policy loss. None: off.
-top_entropy_quantile : float, default 1.0
-    Only tokens whose entropy is >= the ``1 - top_entropy_quantile`` quantile of the kept tokens'
-    entropies (over ``process_group``) enter the policy loss; the normalisers are unchanged. 1.0: all.
-entropy_coef : float, default 0.0
-    Entropy bonus: ``loss -= entropy_coef * mean entropy`` over the kept (and top-entropy) tokens,
-    differentiated through the entropy, whatever the loss type's normaliser; the metric "policy_loss" is
-    then the loss before it. With sequence level, vespo, the off-policy or top-entropy mask or this
-    bonus the fused backends run two passes (forward kernel, loss, backward kernel); otherwise one.""",
+    "loss_options": None,  # GRPOConfig's own Parameters section, filled in below
     "reduction": """\
 max_completion_length : int or None, default None
     The constant of dr_grpo's normaliser ``B * max_completion_length``. None means T, the width of this
@@ -109,6 +68,18 @@ GRPOLossOutput
 }
 
 _PLACEHOLDER = re.compile(r"^([ \t]*)\{\{(\w+)\}\}[ \t]*$", re.MULTILINE)
+
+
+def _config_options() -> str:
+    """The Parameters section of GRPOConfig's docstring: every loss option and its default is described once,
+    beside the field that holds it."""
+    from .config import GRPOConfig
+
+    doc = inspect.cleandoc(GRPOConfig.__doc__)
+    return doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0]
+
+
+FRAGMENTS["loss_options"] = _config_options()
 
 
 def fill(obj):

@@ -1,9 +1,10 @@
-"""Custom ops and autograd around a fused backend's launchers (see ``backends/base.py``).
+"""Custom ops and autograd around the fused backends' launchers (see ``backends/base.py``).
 
-For each fused backend NAME this registers, once, ``torch.library`` custom ops with fakes:
+The ops are registered once, at import, under static names; the backend is an argument (a string, a constant
+under torch.compile), looked up in the registry of ``grpo_kernels.backends`` when the op runs:
 
-- ``grpo_kernels::NAME_logprobs_fwd``  (autograd -> ``NAME_logprobs_bwd`` / ``NAME_logprobs_bwd_inplace``)
-- ``grpo_kernels::NAME_fused`` / ``NAME_fused_inplace``: loss gradient computed in the forward pass
+- ``grpo_kernels::logprobs_fwd``  (autograd -> ``grpo_kernels::logprobs_bwd`` / ``logprobs_bwd_inplace``)
+- ``grpo_kernels::fused`` / ``fused_inplace``: loss gradient computed in the forward pass
 - ``grpo_kernels::attach_grad``: makes the loss value (computed in torch from the log-probs) carry the
   gradient that the fused pass already wrote.
 
@@ -31,8 +32,6 @@ from .backends import launchers
 from .backends.base import LossParams
 from .config import GRPOConfig
 
-_OPS: dict[str, dict] = {}
-
 
 def _f32(n: int, like: Tensor) -> Tensor:
     return torch.empty(n, dtype=torch.float32, device=like.device)
@@ -44,84 +43,87 @@ def _scalar_is_one(g: Tensor) -> bool:
     return not torch.compiler.is_compiling() and bool(g == 1)
 
 
-def ops_for(name: str) -> dict:
-    """Register (once) and return the custom ops of backend ``name``."""
-    if name in _OPS:
-        return _OPS[name]
-    L = launchers(name)
-    ns = f"grpo_kernels::{name}_"
+# ---- log-probs: forward --------------------------------------------------------------------------
+@custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
+def logprobs_fwd(logits: Tensor, ids: Tensor, tau: float, want_entropy: bool, inplace: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (logp [N], stats [N, 2] = (m, log s) per row, entropy [N] or empty). ``inplace``: the backward
+    writes the gradient into the logits."""
+    logp, stats, ent = launchers(backend).logprobs_fwd(logits, ids, tau, want_entropy)
+    return logp, stats, ent
 
-    # ---- log-probs: forward ------------------------------------------------------------------
-    @custom_op(ns + "logprobs_fwd", mutates_args=())
-    def fwd(logits: Tensor, ids: Tensor, tau: float, want_entropy: bool, inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
-        logp, stats, ent = L.logprobs_fwd(logits, ids, tau, want_entropy)
-        return logp, stats, ent
 
-    @fwd.register_fake
-    def _(logits, ids, tau, want_entropy, inplace):
-        n = ids.numel()
-        stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log s) per row
-        return _f32(n, logits), stats, _f32(n if want_entropy else 0, logits)
+@logprobs_fwd.register_fake
+def _(logits, ids, tau, want_entropy, inplace, backend):
+    n = ids.numel()
+    stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log s) per row
+    return _f32(n, logits), stats, _f32(n if want_entropy else 0, logits)
 
-    # ---- log-probs: backward (into a fresh buffer, or into the logits themselves) -----------------
-    def bwd_body(logits, ids, stats, entropy, g_logp, g_ent, tau, out):
-        L.logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out)
 
-    @custom_op(ns + "logprobs_bwd", mutates_args=("out",))
-    def bwd(logits: Tensor, ids: Tensor, stats: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
-            g_ent: Optional[Tensor], tau: float, out: Tensor) -> None:
-        bwd_body(logits, ids, stats, entropy, g_logp, g_ent, tau, out)
+# ---- log-probs: backward (into a fresh buffer, or into the logits themselves) ---------------------
+@custom_op("grpo_kernels::logprobs_bwd", mutates_args=("out",))
+def logprobs_bwd(logits: Tensor, ids: Tensor, stats: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
+                 g_ent: Optional[Tensor], tau: float, backend: str, out: Tensor) -> None:
+    launchers(backend).logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, out)
 
-    @custom_op(ns + "logprobs_bwd_inplace", mutates_args=("logits",))
-    def bwd_inplace(logits: Tensor, ids: Tensor, stats: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
-                    g_ent: Optional[Tensor], tau: float) -> None:
-        bwd_body(logits, ids, stats, entropy, g_logp, g_ent, tau, logits)
 
-    bwd.register_fake(lambda *a: None)
-    bwd_inplace.register_fake(lambda *a: None)
+@custom_op("grpo_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
+def logprobs_bwd_inplace(logits: Tensor, ids: Tensor, stats: Tensor, entropy: Optional[Tensor], g_logp: Tensor,
+                         g_ent: Optional[Tensor], tau: float, backend: str) -> None:
+    launchers(backend).logprobs_bwd(logits, ids, stats, entropy, g_logp, g_ent, tau, logits)
 
-    def setup_context(ctx, inputs, output):
-        logits, ids, tau, want_entropy, inplace = inputs
-        _, stats, ent = output
-        ctx.save_for_backward(logits, ids, stats, ent if want_entropy else None)
-        ctx.tau, ctx.inplace = tau, inplace
 
-    def backward(ctx, g_logp, g_stats, g_ent):
-        logits, ids, stats, ent = ctx.saved_tensors
-        g_logp = stats.new_zeros(stats.shape[0]) if g_logp is None else g_logp.float().contiguous()
-        use_ent = ent is not None and g_ent is not None
-        args = (ids, stats, ent if use_ent else None, g_logp, g_ent.float().contiguous() if use_ent else None, ctx.tau)
-        if ctx.inplace:
-            bwd_inplace(logits, *args)
-            return logits, None, None, None, None
-        out = empty_grad(logits.shape, logits.dtype, logits.device)
-        bwd(logits, *args, out)
-        return out, None, None, None, None
+logprobs_bwd.register_fake(lambda *a: None)
+logprobs_bwd_inplace.register_fake(lambda *a: None)
 
-    fwd.register_autograd(backward, setup_context=setup_context)
 
-    # ---- single pass: forward + gradient of sum(coef * loss_tok) --------------------------------
-    def fused_body(logits, ids, tau, old, ref, adv, coef, params, out):
-        return L.fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, LossParams.unpack(params), out)
+def _fwd_setup_context(ctx, inputs, output):
+    logits, ids, tau, want_entropy, inplace, backend = inputs
+    _, stats, ent = output
+    ctx.save_for_backward(logits, ids, stats, ent if want_entropy else None)
+    ctx.tau, ctx.inplace, ctx.backend = tau, inplace, backend
 
-    @custom_op(ns + "fused", mutates_args=("out",))
-    def fused(logits: Tensor, ids: Tensor, tau: float, old: Optional[Tensor], ref: Optional[Tensor], adv: Tensor,
-              coef: Tensor, params: list[float], out: Tensor) -> tuple[Tensor, Tensor]:
-        return fused_body(logits, ids, tau, old, ref, adv, coef, params, out)
 
-    @custom_op(ns + "fused_inplace", mutates_args=("logits",))
-    def fused_inplace(logits: Tensor, ids: Tensor, tau: float, old: Optional[Tensor], ref: Optional[Tensor],
-                      adv: Tensor, coef: Tensor, params: list[float]) -> tuple[Tensor, Tensor]:
-        return fused_body(logits, ids, tau, old, ref, adv, coef, params, logits)
+def _fwd_backward(ctx, g_logp, g_stats, g_ent):
+    logits, ids, stats, ent = ctx.saved_tensors
+    g_logp = stats.new_zeros(stats.shape[0]) if g_logp is None else g_logp.float().contiguous()
+    use_ent = ent is not None and g_ent is not None
+    args = (ids, stats, ent if use_ent else None, g_logp, g_ent.float().contiguous() if use_ent else None, ctx.tau,
+            ctx.backend)
+    if ctx.inplace:
+        logprobs_bwd_inplace(logits, *args)
+        return logits, None, None, None, None, None
+    out = empty_grad(logits.shape, logits.dtype, logits.device)
+    logprobs_bwd(logits, *args, out)
+    return out, None, None, None, None, None
 
-    def fused_fake(logits, ids, *rest):
-        return _f32(ids.numel(), logits), _f32(ids.numel(), logits)
 
-    fused.register_fake(fused_fake)
-    fused_inplace.register_fake(fused_fake)
+logprobs_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
-    _OPS[name] = {"fwd": fwd, "fused": fused, "fused_inplace": fused_inplace}
-    return _OPS[name]
+
+# ---- single pass: forward + gradient of sum(coef * loss_tok) -------------------------------------
+# ``params`` is LossParams.pack(): an op takes list[float], not a dataclass.
+@custom_op("grpo_kernels::fused", mutates_args=("out",))
+def fused(logits: Tensor, ids: Tensor, tau: float, old: Optional[Tensor], ref: Optional[Tensor], adv: Tensor,
+          coef: Tensor, params: list[float], backend: str, out: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (logp [N], entropy [N]); the gradient of sum(coef * loss_tok) w.r.t. the logits written into out."""
+    return launchers(backend).fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, LossParams.unpack(params), out)
+
+
+@custom_op("grpo_kernels::fused_inplace", mutates_args=("logits",))
+def fused_inplace(logits: Tensor, ids: Tensor, tau: float, old: Optional[Tensor], ref: Optional[Tensor], adv: Tensor,
+                  coef: Tensor, params: list[float], backend: str) -> tuple[Tensor, Tensor]:
+    """:func:`fused` writing the gradient over the logits."""
+    return launchers(backend).fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, LossParams.unpack(params),
+                                            logits)
+
+
+def _fused_fake(logits, ids, *rest):
+    return _f32(ids.numel(), logits), _f32(ids.numel(), logits)
+
+
+fused.register_fake(_fused_fake)
+fused_inplace.register_fake(_fused_fake)
 
 
 # ---- attach a precomputed gradient to a loss value ------------------------------------------------
@@ -169,7 +171,7 @@ def token_logprobs_fused(name: str, logits: Tensor, ids: Tensor, tau: float, ret
     lead = ids.shape
     l3 = layout_3d(logits)
     flat_ids = ids.reshape(-1).long().contiguous()
-    logp, _, ent = ops_for(name)["fwd"](l3, flat_ids, tau, return_entropy, False)
+    logp, _, ent = logprobs_fwd(l3, flat_ids, tau, return_entropy, False, name)
     if return_entropy:
         return logp.view(lead), ent.view(lead)
     return logp.view(lead)
@@ -177,7 +179,6 @@ def token_logprobs_fused(name: str, logits: Tensor, ids: Tensor, tau: float, ret
 
 def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     """-> (loss, logps [B, T] detached, metrics). ``x`` is a validated ``_validate.LossInputs``."""
-    ops = ops_for(name)
     logits, mask = x.logits, x.mask
     B, T, _ = logits.shape
     ids = torch.where(mask, x.ids, 0).reshape(-1).long().contiguous()  # masked ids may be garbage
@@ -198,13 +199,13 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
         adv = adv.reshape(-1).contiguous()
         vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731
         args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv, coef.reshape(-1).contiguous(),
-                LossParams.from_config(cfg).pack())
+                LossParams.from_config(cfg).pack(), name)
         if inplace:
             grad = logits.detach()
-            logp, ent = ops["fused_inplace"](grad, *args)
+            logp, ent = fused_inplace(grad, *args)
         else:
             grad = empty_grad((B, T, logits.shape[-1]), logits.dtype, logits.device)
-            logp, ent = ops["fused"](logits.detach(), *args, grad)
+            logp, ent = fused(logits.detach(), *args, grad)
         logp, ent = logp.view(B, T), ent.view(B, T)
         with torch.no_grad():
             loss, metrics = reference.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
@@ -213,7 +214,7 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
         # Two passes: a token's weight needs every token's log-prob / entropy first (or the entropy bonus
         # needs the entropy's gradient): forward kernel, the loss in torch, then the backward kernel with
         # g_logp (and g_ent).
-        logp, _, ent = ops["fwd"](logits, ids, tau, True, inplace)
+        logp, _, ent = logprobs_fwd(logits, ids, tau, True, inplace, name)
         logp, ent = logp.view(B, T), ent.view(B, T)
         if cfg.entropy_coef == 0.0:
             ent = ent.detach()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import ADVANTAGE_SCALES, GRPOConfig, is_trl_config
+from .config import _FIELD_NAMES, ADVANTAGE_SCALES, GRPOConfig, is_trl_config
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -70,6 +70,20 @@ def loss_config(config, max_completion_length):
     if max_completion_length is None and is_trl_config(config):
         max_completion_length = config.max_completion_length
     return cfg, max_completion_length
+
+
+def resolve_config(config, options: dict, where: str) -> GRPOConfig:
+    """The loss options of an entry point: ``config`` (checked by :func:`check_config`) or the keyword
+    ``options`` (every key a GRPOConfig field, the values validated by GRPOConfig itself); both at once is an
+    error. Every public entry point builds its config here."""
+    if config is not None:
+        if options:
+            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
+        return check_config(config)
+    unknown = [name for name in options if name not in _FIELD_NAMES]
+    if unknown:
+        raise TypeError(f"unknown {where} options {sorted(unknown)}; valid: {_FIELD_NAMES}")
+    return GRPOConfig.from_options(options, partial=True)
 
 
 def check_temperature(temperature) -> float:

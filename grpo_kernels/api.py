@@ -11,8 +11,8 @@ from torch import nn
 from . import _validate, reference
 from ._docs import fill
 from ._ops import grpo_loss_fused, token_logprobs_fused
-from .backends import BACKENDS, resolve_backend
-from .config import ADVANTAGE_SCALES, GRPOConfig
+from .backends import check_backend_name, resolve_backend
+from .config import ADVANTAGE_SCALES, GRPOConfig, takes_config_options
 
 
 class GRPOLossOutput(NamedTuple):
@@ -47,7 +47,7 @@ def token_logprobs(
     logits: torch.Tensor,
     ids: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float = GRPOConfig.temperature,
     return_entropy: bool = False,
     backend: str = "auto",
 ):
@@ -186,6 +186,7 @@ def grpo_loss_with_config(
     return GRPOLossOutput(loss, logps, metrics)
 
 
+@takes_config_options
 @fill
 def grpo_loss(
     logits: torch.Tensor,
@@ -197,24 +198,6 @@ def grpo_loss(
     group_size: Optional[int] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    epsilon: Optional[float] = None,
-    delta: Optional[float] = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    off_policy_mask_threshold: Optional[float] = None,
-    top_entropy_quantile: float = 1.0,
-    entropy_coef: float = 0.0,
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     importance_sampling_ratio: Optional[torch.Tensor] = None,
@@ -222,6 +205,7 @@ def grpo_loss(
     process_group=None,
     inplace: bool = False,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """The GRPO loss of TRL's ``GRPOTrainer`` from logits, without an N x V log-softmax.
 
@@ -262,7 +246,7 @@ def grpo_loss(
     >>> out = grpo_loss(logits, completion_ids, completion_mask=mask, advantages=A, loss_type="grpo")
     >>> out.loss.backward()
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "grpo_loss")
     return grpo_loss_with_config(
         logits, completion_ids, config, completion_mask=completion_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
@@ -283,11 +267,25 @@ def sampler_importance_ratio(
     """The sampler importance-sampling ratio as TRL 1.16 computes it (``vllm_importance_sampling_mode``,
     ``vllm_importance_sampling_clip_min`` / ``_clip_max``; defaults are TRL's), for ``importance_sampling_ratio=``.
 
-    old_logps [B, T]: the trainer's log-probs of the sampled tokens before the update; sampling_logps [B, T]:
-    the sampler's (vLLM's; NaN where it returned none: ratio 1 there). ``d = (old - sampling) * mask``;
-    ``mode``: "token_truncate" / "token_mask" -> ``exp(d)`` [B, T]; "sequence_truncate" / "sequence_mask" ->
-    ``exp(sum_t d)`` [B, 1]. ``*_truncate`` clamps to ``[clip_min, clip_max]``, ``*_mask`` sets ratios outside
-    it to 0; ``None`` leaves that side open. Returns a detached tensor in the dtype of old_logps.
+    Parameters
+    ----------
+    old_logps : Tensor [B, T]
+        The trainer's log-probs of the sampled tokens before the update.
+    sampling_logps : Tensor [B, T]
+        The sampler's (vLLM's) log-probs; NaN where it returned none (ratio 1 there).
+    completion_mask : Tensor [B, T] or None, default None
+        Which tokens count (bool or weights): ``d = nan_to_num((old_logps - sampling_logps) * mask)``.
+    mode : str, default "sequence_mask"
+        "token_truncate" / "token_mask" -> ``exp(d)`` [B, T]; "sequence_truncate" / "sequence_mask" ->
+        ``exp(sum_t d)`` [B, 1].
+    clip_min, clip_max : float or None, default None, 3.0
+        ``*_truncate`` clamps the ratio to ``[clip_min, clip_max]``, ``*_mask`` sets ratios outside it to 0;
+        None leaves that side open.
+
+    Returns
+    -------
+    Tensor [B, T] or [B, 1]
+        The ratio, detached, in the dtype of old_logps: pass it as ``importance_sampling_ratio``.
     """
     _validate.check_tensor("old_logps", old_logps, ndim=2, floating=True)
     _validate.check_tensor("sampling_logps", sampling_logps, ndim=2, floating=True)
@@ -322,10 +320,7 @@ class GRPOLoss(nn.Module):
     inplace : bool, default False
         As in :func:`grpo_loss` (overwrites the logits); may be overridden per call.
     **options
-        The loss options of :func:`grpo_loss` (beta, epsilon_low, epsilon_high, epsilon, delta,
-        temperature, loss_type, importance_sampling_level, use_bias_correction_kl, sapo_temperature_pos,
-        sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-        off_policy_mask_threshold, top_entropy_quantile, entropy_coef), defaults as there.
+        The loss options of :func:`grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
 
     ``forward(logits, completion_ids, **inputs)`` takes the inputs of :func:`grpo_loss`
     (completion_mask, advantages or rewards with group_size, old_logps, ref_logps, max_completion_length,
@@ -335,17 +330,10 @@ class GRPOLoss(nn.Module):
 
     def __init__(self, config: Optional[GRPOConfig] = None, *, backend: str = "auto", inplace: bool = False, **options):
         super().__init__()
-        if config is not None and options:
-            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
-        unknown = set(options) - set(GRPOConfig.field_names())
-        if unknown:
-            raise TypeError(f"unknown GRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}")
-        if config is None:
-            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
-        else:
-            self.config, self.max_completion_length = _validate.loss_config(config, None)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config = _validate.resolve_config(config, options, "GRPOLoss")
+        # a trl.GRPOConfig also supplies max_completion_length (dr_grpo), as TRL's trainer reads it
+        self.max_completion_length = None if config is None else _validate.loss_config(config, None)[1]
+        check_backend_name(backend)
         self.backend, self.inplace = backend, inplace
 
     def forward(self, logits, completion_ids, **inputs) -> GRPOLossOutput:

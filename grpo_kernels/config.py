@@ -1,11 +1,15 @@
 """Loss options, stated once with TRL 1.16's GRPOConfig defaults.
 
 Every layer (reference, kernels, public API, training loop) receives a :class:`GRPOConfig` instead of a
-wide list of keyword arguments, so there is exactly one place where a default lives.
+wide list of keyword arguments, so there is exactly one place where a default lives. The keyword-wide public
+functions take the options as ``**options`` and publish them through :func:`takes_config_options` (their
+signature lists every field with the default written here); ``_validate.resolve_config`` turns the options
+(or a given config) into the one checked :class:`GRPOConfig` at every entry point.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, fields, replace
 
@@ -216,6 +220,23 @@ def _check_epsilon_alias(epsilon, epsilon_low, low_given: bool) -> None:
 
 
 _FIELD_NAMES = GRPOConfig.field_names()  # a constant: torch.compile traces through from_options
+
+
+def takes_config_options(fn):
+    """Publishes ``fn(..., **options)`` as taking every GRPOConfig field as a keyword-only argument: the
+    signature seen by ``inspect.signature`` / ``help()`` lists them with GRPOConfig's defaults, so a default
+    is never written twice. ``fn`` itself passes ``options`` to ``_validate.resolve_config``."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if len(params) == len(sig.parameters):
+        raise TypeError(f"{fn.__qualname__} must take **options")
+    taken = {p.name for p in params} & set(_FIELD_NAMES)
+    if taken:
+        raise TypeError(f"{fn.__qualname__} spells the GRPOConfig fields {sorted(taken)} itself")
+    options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in fields(GRPOConfig)]
+    fn.__signature__ = sig.replace(parameters=params + options)
+    return fn
 
 
 def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> None:

@@ -42,6 +42,7 @@ backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``refer
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +53,9 @@ from . import _validate, reference
 from ._docs import fill
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
-from .backends import BACKENDS, launchers, resolve_backend
+from .backends import check_backend_name, launchers, resolve_backend
 from .backends.base import LossParams
-from .config import GRPOConfig
+from .config import GRPOConfig, takes_config_options
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -74,17 +75,21 @@ CHUNK_FRACTION_OF_LOGITS = 16
 CHUNK_MIN_ROWS = 128
 
 
-def _bytes_per_logit(backend: str, dtype: torch.dtype) -> int:
+def _bytes_per_logit(backend: str, dtype: torch.dtype, transform: bool = False) -> int:
     """Bytes a chunk needs per logit: fused backends write the gradient over the chunk's logits (one
     buffer in the input dtype); the reference also holds an fp32 copy, the log-softmax, its exp and the
-    fp32 gradient (about 4 fp32 buffers) next to the logits and their gradient in the input dtype."""
+    fp32 gradient (about 4 fp32 buffers) next to the logits and their gradient in the input dtype. A head
+    transform (``logit_scale`` / ``final_logit_softcapping``) adds the transformed logits and their
+    derivative in fp32 and the gradient cast back to the input dtype."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return elem if backend != "torch" else 2 * elem + 4 * 4
+    base = elem if backend != "torch" else 2 * elem + 4 * 4
+    return base + (2 * 8 + elem if transform else 0)
 
 
-def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str) -> int:
+def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str,
+                       transform: bool = False) -> int:
     """Rows per chunk from the memory budget explained above (always in [1, n_rows])."""
-    per_row = vocab * _bytes_per_logit(backend, dtype)
+    per_row = vocab * _bytes_per_logit(backend, dtype, transform)
     elem = torch.empty((), dtype=dtype).element_size()
     budget = min(CHUNK_BUDGET_BYTES, n_rows * vocab * elem // CHUNK_FRACTION_OF_LOGITS)
     cap = CHUNK_BUDGET_BYTES
@@ -185,8 +190,30 @@ def _logits_of(rows: _Rows, weight, bias, n0, n1):
     return h_c, F.linear(h_c, weight, bias)  # [n, V] in the input dtype (fp32 accumulation in the GEMM)
 
 
+def _transform(x: Tensor, head: list[float]) -> tuple[Tensor, Tensor | float | None]:
+    """The logits the loss sees from the head's output x [n, V]: y = cap * tanh(s * x / cap) (or s * x
+    without a cap), computed in fp32 (float64 for the oracle) as TRL's chunked head does. Returns y and
+    dy/dx = s * (1 - tanh^2) (the float s without a cap), or (x, None) when the head is plain (s = 1, no cap)."""
+    scale, cap = head
+    if scale == 1.0 and cap == 0.0:
+        return x, None
+    y = x.to(reference.compute_dtype(x)) * scale  # a new buffer: x stays untouched
+    if cap == 0.0:
+        return y, scale
+    t = y.div_(cap).tanh_()
+    dydx = torch.mul(t, t).neg_().add_(1.0).mul_(scale)
+    return t.mul_(cap), dydx
+
+
+def _untransform_grad(dy: Tensor, dydx, x: Tensor) -> Tensor:
+    """dL/dx [n, V] in x's dtype from dL/dy (written over y)."""
+    if dydx is None:
+        return dy
+    return dy.mul_(dydx).to(x.dtype)
+
+
 def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_len, params, loss_type, tau, chunk,
-                 backend, want):
+                 backend, want, head):
     """Token-level weights: logits -> (logp, entropy, dL/dlogits) -> dL/dhidden, dL/dW, dL/db per chunk.
 
     ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
@@ -208,7 +235,8 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     coef_f = flat(coef)
     sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
     for n0, n1 in _chunks(N, chunk):
-        h_c, logits = _logits_of(rows, weight, bias, n0, n1)
+        h_c, x = _logits_of(rows, weight, bias, n0, n1)
+        logits, dydx = _transform(x, head)
         ids_c, lg3 = iflat[n0:n1], None
         if L is None:
             # the reference's log-probs, and g = coef * dloss_tok/dlogp as specified by token_loss_grad
@@ -222,12 +250,12 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
                                       coef_f[n0:n1], params, lg3)
             dlogits = logits
         logp_out[n0:n1], ent_out[n0:n1] = lp, ent
-        acc.add(n0, n1, h_c, dlogits)
-        del logits, dlogits, lg3  # the next chunk's logits must not coexist with this one's
+        acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
+        del x, logits, dlogits, dydx, lg3  # the next chunk's logits must not coexist with this one's
     return logp_out.view(B, T), ent_out.view(B, T), *acc.result(hidden, weight, bias)
 
 
-def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
+def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, want_entropy=True):
     """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
     docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
@@ -239,19 +267,25 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend):
     logp, ent = (torch.zeros(N, dtype=cdt, device=hidden.device) for _ in range(2))
     stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
     for n0, n1 in _chunks(N, chunk):
-        _, logits = _logits_of(rows, weight, bias, n0, n1)
+        _, x = _logits_of(rows, weight, bias, n0, n1)
+        logits, _ = _transform(x, head)
+        del x
         if L is None:
             logp[n0:n1], ent[n0:n1] = reference.token_logprobs(logits, iflat[n0:n1], tau, True)
             m = logits.to(cdt).amax(-1, keepdim=True)
             stats[n0:n1, 0] = m.squeeze(-1)
             stats[n0:n1, 1] = torch.logsumexp((logits.to(cdt) - m) / tau, -1)
         else:
-            logp[n0:n1], stats[n0:n1], ent[n0:n1] = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, True)
+            lp, st, e = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, want_entropy)
+            logp[n0:n1], stats[n0:n1] = lp, st
+            if want_entropy:
+                ent[n0:n1] = e
         del logits
     return logp.view(B, T), ent.view(B, T), stats
 
 
-def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want, ent=None, g_ent=None):
+def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want, head, ent=None,
+                        g_ent=None):
     """Pass 2: given g = dL/dlogp [B, T] (and g_ent = dL/dentropy with the pass-1 entropy ``ent``, or None),
     recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
@@ -264,20 +298,20 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
     if g_ent is not None:
         g_ent = torch.where(mask, g_ent, 0.0).reshape(-1)
         ge_f, ent_f = g_ent.to(torch.float32).contiguous(), ent.reshape(-1).to(torch.float32).contiguous()
-    sl = lambda t, n0, n1: None if t is None else t[n0:n1]  # noqa: E731
     for n0, n1 in _chunks(N, chunk):
-        h_c, logits = _logits_of(rows, weight, bias, n0, n1)
+        h_c, x = _logits_of(rows, weight, bias, n0, n1)
+        logits, dydx = _transform(x, head)
         lg3 = None
         if L is None:
-            dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1], sl(g_ent, n0, n1))
+            dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1], None if g_ent is None else g_ent[n0:n1])
         else:
             lg3 = logits.unsqueeze(0)
             has_ent = g_ent is not None
             L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
                            ge_f[n0:n1] if has_ent else None, tau, lg3)
             dlogits = logits
-        acc.add(n0, n1, h_c, dlogits)
-        del logits, dlogits, lg3
+        acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
+        del x, logits, dlogits, dydx, lg3
     return acc.result(hidden, weight, bias)
 
 
@@ -300,19 +334,20 @@ def _fused_linear_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, advantages: Tensor,
     old_logps: Tensor | None, ref_logps: Tensor | None, num_items_in_batch: Tensor | None,
     max_completion_length: int | None, params: list[float], loss_type: str, tau: float, chunk_size: int,
-    backend: str, want_grads: list[bool],
+    backend: str, want_grads: list[bool], head: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Token-level single pass. -> logp [B, T], entropy [B, T] (fp32; float64 for float64 hidden) and the
     loss's gradients w.r.t. hidden [B, T, H], weight [V, H], bias [V] (an empty tensor where
-    ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions."""
+    ``want_grads`` is False). ``ids`` are 0 and old / ref / [B, T] advantages finite at masked positions.
+    ``head`` = [logit_scale, final_logit_softcapping or 0] (see :func:`_transform`)."""
     return _single_pass(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
                         max_completion_length, LossParams.unpack(params), loss_type, tau, chunk_size, backend,
-                        want_grads)
+                        want_grads, head)
 
 
 @_fused_linear_op.register_fake
 def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_items_in_batch,
-      max_completion_length, params, loss_type, tau, chunk_size, backend, want_grads):
+      max_completion_length, params, loss_type, tau, chunk_size, backend, want_grads, head):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
             *_grad_fakes(hidden, weight, bias, want_grads))
@@ -320,14 +355,14 @@ def _(hidden, weight, bias, ids, mask, advantages, old_logps, ref_logps, num_ite
 
 @custom_op("grpo_kernels::fused_linear_logprobs", mutates_args=())
 def _logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, tau: float,
-                 chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                 chunk_size: int, backend: str, head: list[float], want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 1 -> logp [B, T], entropy [B, T] (compute dtype), row statistics [N, 2] fp32. Differentiable in logp: its
     backward is pass 2 (:func:`_logprobs_bwd_op`) with the upstream g = dL/dlogp."""
-    return _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk_size, backend)
+    return _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk_size, backend, head, want_entropy)
 
 
 @_logprobs_op.register_fake
-def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
+def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend, head, want_entropy):
     B, T = ids.shape
     return (hidden.new_empty((B, T), dtype=_cdt(hidden)), hidden.new_empty((B, T), dtype=_cdt(hidden)),
             hidden.new_empty((B * T, 2), dtype=torch.float32))
@@ -335,23 +370,26 @@ def _(hidden, weight, bias, ids, mask, tau, chunk_size, backend):
 
 @custom_op("grpo_kernels::fused_linear_logprobs_bwd", mutates_args=())
 def _logprobs_bwd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, mask: Tensor, stats: Tensor,
-                     g_logp: Tensor, tau: float, chunk_size: int, backend: str, want_grads: list[bool],
-                     entropy: Tensor | None = None, g_ent: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                     g_logp: Tensor, tau: float, chunk_size: int, backend: str,
+                     want_grads: list[bool], head: list[float], entropy: Tensor | None = None,
+                     g_ent: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 2 -> dL/dhidden, dL/dW, dL/db for dL/dlogp = ``g_logp`` [B, T] and, when given, dL/dentropy =
     ``g_ent`` [B, T] with the pass-1 ``entropy`` (empty where not wanted)."""
     return _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads,
-                               entropy, g_ent)
+                               head, entropy, g_ent)
 
 
 @_logprobs_bwd_op.register_fake
-def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads, entropy=None, g_ent=None):
+def _(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk_size, backend, want_grads, head, entropy=None,
+      g_ent=None):
     return _grad_fakes(hidden, weight, bias, want_grads)
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, ids, mask, tau, chunk_size, backend = inputs
+    hidden, weight, bias, ids, mask, tau, chunk_size, backend, head, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, ids, mask, output[2], output[1])
     ctx.args = (tau, chunk_size, backend)
+    ctx.head = head
     ctx.mark_non_differentiable(output[2])  # the stats are internal
 
 
@@ -360,13 +398,13 @@ def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
     need = ctx.needs_input_grad
     want = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
     if (g_logp is None and g_ent is None) or not any(want):
-        return (None,) * 8
+        return (None,) * 10
     g_logp = torch.zeros_like(ent) if g_logp is None else g_logp.contiguous()
     ge = None if g_ent is None else g_ent.contiguous()
-    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp, *ctx.args, want,
+    gh, gw, gb = _logprobs_bwd_op(hidden, weight, bias, ids, mask, stats, g_logp, *ctx.args, want, ctx.head,
                                   None if ge is None else ent, ge)
     pick = lambda t, w: t if w else None  # noqa: E731
-    return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), None, None, None, None, None
+    return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), *(None,) * 7
 
 
 _logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
@@ -413,6 +451,42 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be None (chosen from a memory budget) or a positive int, got {chunk_size!r}")
 
 
+def _check_head_transform(logit_scale, final_logit_softcapping) -> list[float]:
+    """-> [logit_scale, final_logit_softcapping or 0.0], the ``head`` argument of the ops."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite real number, got {logit_scale!r}")
+    cap = final_logit_softcapping
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
+                            or cap <= 0):
+        raise ValueError(f"final_logit_softcapping must be None or a finite number > 0, got {cap!r}")
+    return [float(logit_scale), 0.0 if cap is None else float(cap)]
+
+
+def _full_tensor(t: Tensor | None) -> Tensor | None:
+    """An FSDP2 / tensor-parallel DTensor head gathered into one plain tensor (differentiable: its backward
+    hands each rank its shard's gradient), as TRL does before its chunked head; plain tensors pass through."""
+    if t is None or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives an ``F.linear`` on ``device`` now (None when autocast is off)."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _cast_for_autocast(dtype: torch.dtype | None, *tensors):
+    """Casts, as autocast casts the inputs of F.linear: floating tensors other than float64 to ``dtype``
+    (differentiable: the gradients reach the original tensors in their dtype)."""
+    if dtype is None:
+        return tensors
+    return tuple(t if t is None or t.dtype in (dtype, torch.float64) else t.to(dtype) for t in tensors)
+
+
 def _check_head(hidden, weight, bias, completion_ids):
     _validate.check_tensor("hidden", hidden, ndim=3, floating=True)
     if hidden.dtype not in HIDDEN_DTYPES:
@@ -436,8 +510,9 @@ def _check_head(hidden, weight, bias, completion_ids):
             raise ValueError(f"lm_head_bias is on {bias.device} but hidden is on {hidden.device}")
     _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
     if tuple(completion_ids.shape) != (B, T):
+        hint = _validate.slice_hint("hidden", T, completion_ids.shape[1]) if completion_ids.shape[0] == B else ""
         raise ValueError(f"completion_ids must have shape [B, T] = {(B, T)} to match hidden, got "
-                         f"{tuple(completion_ids.shape)}")
+                         f"{tuple(completion_ids.shape)}{hint}")
     if completion_ids.device != hidden.device:
         raise ValueError(f"completion_ids is on {completion_ids.device} but hidden is on {hidden.device}")
 
@@ -460,6 +535,8 @@ def fused_linear_grpo_loss_with_config(
     importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None,
     process_group=None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -473,7 +550,8 @@ def fused_linear_grpo_loss_with_config(
         The loss options; a ``trl.GRPOConfig`` is read with :meth:`GRPOConfig.from_trl`, and its
         ``max_completion_length`` is used when the call passes none.
     lm_head_bias, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
-    max_completion_length, num_items_in_batch, chunk_size, backend
+    max_completion_length, num_items_in_batch, importance_sampling_ratio, sampling_logps, process_group,
+    logit_scale, final_logit_softcapping, chunk_size, backend
         As in :func:`fused_linear_grpo_loss`.
 
     Returns
@@ -481,6 +559,19 @@ def fused_linear_grpo_loss_with_config(
     GRPOLossOutput
         As in :func:`fused_linear_grpo_loss`.
     """
+    head = _check_head_transform(logit_scale, final_logit_softcapping)
+    lm_head_weight, lm_head_bias = _full_tensor(lm_head_weight), _full_tensor(lm_head_bias)
+    amp = _autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
+    hidden, lm_head_weight, lm_head_bias = _cast_for_autocast(amp, hidden, lm_head_weight, lm_head_bias)
+    if amp is not None:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_grpo_loss_with_config(
+                hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias,
+                completion_mask=completion_mask, advantages=advantages, rewards=rewards, group_size=group_size,
+                old_logps=old_logps, ref_logps=ref_logps, max_completion_length=max_completion_length,
+                num_items_in_batch=num_items_in_batch, importance_sampling_ratio=importance_sampling_ratio,
+                sampling_logps=sampling_logps, process_group=process_group, logit_scale=logit_scale,
+                final_logit_softcapping=final_logit_softcapping, chunk_size=chunk_size, backend=backend)
     config, max_completion_length = _validate.loss_config(config, max_completion_length)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
@@ -500,7 +591,7 @@ def fused_linear_grpo_loss_with_config(
     if name != "torch" and hidden.dtype == torch.float64:
         raise TypeError(f"hidden of dtype float64 runs only on backend='torch' (the reference), not {name!r}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name)
+        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
 
     mask = x.mask
     zero = torch.zeros((), dtype=x.advantages.dtype, device=hidden.device)
@@ -530,7 +621,7 @@ def fused_linear_grpo_loss_with_config(
         logp, ent, gh, gw, gb = _fused_linear_op(
             hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv_k, old, ref, num_items,
             x.max_completion_length, LossParams.from_config(config).pack(), config.loss_type, config.temperature,
-            int(chunk_size), name, want,
+            int(chunk_size), name, want, head,
         )
         logp = torch.where(mask, logp, 0.0)
         with torch.no_grad():
@@ -543,7 +634,7 @@ def fused_linear_grpo_loss_with_config(
         # every token first (sequence means, VESPO's weight, the off-policy and top-entropy masks); the
         # backward of _logprobs_op recomputes each chunk's logits to turn g into dL/dhidden, dL/dW, dL/db.
         logp, ent, _ = _logprobs_op(hidden, lm_head_weight, lm_head_bias, ids, mask, config.temperature,
-                                    int(chunk_size), name)
+                                    int(chunk_size), name, head, True)
         logp = torch.where(mask, logp, 0.0)
         ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
         loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
@@ -551,6 +642,7 @@ def fused_linear_grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@takes_config_options
 @fill
 def fused_linear_grpo_loss(
     hidden: Tensor,
@@ -564,31 +656,16 @@ def fused_linear_grpo_loss(
     group_size: int | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    epsilon: float | None = None,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    off_policy_mask_threshold: float | None = None,
-    top_entropy_quantile: float = 1.0,
-    entropy_coef: float = 0.0,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
     importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None,
     process_group=None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """``grpo_loss(F.linear(hidden, lm_head_weight, lm_head_bias), completion_ids, ...)`` without the logits.
 
@@ -611,6 +688,12 @@ def fused_linear_grpo_loss(
     {{loss_inputs}}
     {{loss_options}}
     {{reduction}}
+    logit_scale : float, default 1.0
+        Multiplies the head's output x before the loss (Cohere's ``logit_scale``, Granite's
+        ``1 / logits_scaling``).
+    final_logit_softcapping : float or None, default None
+        Caps the scaled logits as Gemma 2/3 do: ``y = cap * tanh(logit_scale * x / cap)``; the temperature then
+        divides y (TRL's order). Computed in fp32 per chunk and differentiated exactly.
     chunk_size : int or None, default None
         Rows per chunk; None chooses it from a memory budget (:func:`default_chunk_size`).
     {{backend}}
@@ -619,15 +702,70 @@ def fused_linear_grpo_loss(
     -------
     {{returns}}
         The loss is differentiable w.r.t. hidden, lm_head_weight and lm_head_bias.
+
+    Notes
+    -----
+    Under ``torch.autocast`` for the device of ``hidden`` the head runs in the autocast dtype, exactly as the
+    model's own ``lm_head`` (an ``F.linear``) would: floating inputs other than float64 are cast to it (the
+    gradients reach the originals in their dtype). An FSDP2 or tensor-parallel ``DTensor`` weight (and bias)
+    is gathered once with ``full_tensor()`` (its backward reduces the gradient back to the shards), as TRL does.
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "fused_linear_grpo_loss")
     return fused_linear_grpo_loss_with_config(
         hidden, lm_head_weight, completion_ids, config, lm_head_bias=lm_head_bias, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
-        process_group=process_group, chunk_size=chunk_size, backend=backend,
+        process_group=process_group, logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping,
+        chunk_size=chunk_size, backend=backend,
     )
+
+
+def fused_linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    ids: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """``token_logprobs(F.linear(hidden, weight, bias), ids, ...)`` chunk by chunk, never all N x V logits.
+
+    The forward pass of an old-policy / reference / sampler log-prob pass: hidden ``[B, T, H]`` (any
+    strides), weight ``[V, H]``, bias ``[V]`` or None, ids ``[B, T]`` in [0, V). Returns logps ``[B, T]`` fp32
+    (float64 for float64 inputs) and, with ``return_entropy``, the entropy ``[B, T]`` of
+    ``softmax(y / temperature)``. ``logit_scale`` and ``final_logit_softcapping`` transform the head's output
+    as in :func:`fused_linear_grpo_loss`; autocast and DTensor heads are handled as there. Forward only: the
+    results carry no gradient (call it under ``torch.no_grad()`` or not, the same). Memory: one chunk of
+    ``chunk_size`` rows of logits (default from the memory budget of :func:`default_chunk_size`).
+    """
+    head = _check_head_transform(logit_scale, final_logit_softcapping)
+    weight, bias = _full_tensor(weight), _full_tensor(bias)
+    amp = _autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
+    hidden, weight, bias = _cast_for_autocast(amp, hidden, weight, bias)
+    _check_head(hidden, weight, bias, ids)
+    tau = _validate.check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    _check_chunk_size(chunk_size)
+    B, T, _ = hidden.shape
+    V = weight.shape[0]
+    _validate.check_ids_in_range(ids, V, None, "ids")
+    name = resolve_backend(backend, hidden.device)
+    if name != "torch" and hidden.dtype == torch.float64:
+        raise TypeError(f"hidden of dtype float64 runs only on backend='torch' (the reference), not {name!r}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
+    mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        logp, ent, _ = _logprobs_op(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                    ids.long(), mask, tau, int(chunk_size), name, head, return_entropy)
+    return (logp, ent) if return_entropy else logp
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -653,10 +791,10 @@ class FusedLinearGRPOLoss(nn.Module):
         As in :func:`fused_linear_grpo_loss`.
     backend : str, default "auto"
         As in :func:`fused_linear_grpo_loss`.
+    logit_scale, final_logit_softcapping : float, float or None
+        The head's output transform, as in :func:`fused_linear_grpo_loss` (defaults 1.0 and None).
     **options
-        The loss options of :func:`fused_linear_grpo_loss` (beta, epsilon_low, epsilon_high, epsilon,
-        delta, temperature, loss_type, importance_sampling_level, use_bias_correction_kl,
-        sapo_temperature_pos, sapo_temperature_neg), defaults as there.
+        The loss options of :func:`fused_linear_grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
 
     ``forward(hidden, completion_ids, **inputs)`` takes the inputs of :func:`fused_linear_grpo_loss`
     and returns its :class:`GRPOLossOutput`.
@@ -664,7 +802,8 @@ class FusedLinearGRPOLoss(nn.Module):
 
     def __init__(self, lm_head: nn.Module | None = None, *, weight: Tensor | None = None,
                  bias: Tensor | None = None, config: GRPOConfig | None = None, chunk_size: int | None = None,
-                 backend: str = "auto", **options):
+                 backend: str = "auto", logit_scale: float = 1.0, final_logit_softcapping: float | None = None,
+                 **options):
         super().__init__()
         if (lm_head is None) == (weight is None):
             raise ValueError("pass exactly one of lm_head (a module with .weight [V, H] and .bias) or weight= [V, H]")
@@ -677,20 +816,13 @@ class FusedLinearGRPOLoss(nn.Module):
                 )
         elif not isinstance(weight, Tensor):
             raise TypeError(f"weight must be a torch.Tensor [V, H], got {type(weight).__name__}")
-        if config is not None and options:
-            raise ValueError(f"pass either config= or keyword options, not both (got {sorted(options)})")
-        unknown = set(options) - set(GRPOConfig.field_names())
-        if unknown:
-            raise TypeError(
-                f"unknown FusedLinearGRPOLoss options {sorted(unknown)}; valid: {GRPOConfig.field_names()}"
-            )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         _check_chunk_size(chunk_size)
-        if config is None:
-            self.config, self.max_completion_length = GRPOConfig.from_options(options, partial=True), None
-        else:
-            self.config, self.max_completion_length = _validate.loss_config(config, None)
+        _check_head_transform(logit_scale, final_logit_softcapping)
+        self.logit_scale, self.final_logit_softcapping = logit_scale, final_logit_softcapping
+        self.config = _validate.resolve_config(config, options, "FusedLinearGRPOLoss")
+        # a trl.GRPOConfig also supplies max_completion_length (dr_grpo), as TRL's trainer reads it
+        self.max_completion_length = None if config is None else _validate.loss_config(config, None)[1]
         self.backend, self.chunk_size = backend, chunk_size
         # A tuple keeps nn.Module from registering the head (or its tensors) as this module's own.
         self._head = (lm_head, weight, bias)
@@ -705,6 +837,8 @@ class FusedLinearGRPOLoss(nn.Module):
         weight, bias = self.head()
         inputs.setdefault("chunk_size", self.chunk_size)
         inputs.setdefault("backend", self.backend)
+        inputs.setdefault("logit_scale", self.logit_scale)
+        inputs.setdefault("final_logit_softcapping", self.final_logit_softcapping)
         if inputs.get("max_completion_length") is None:
             inputs["max_completion_length"] = self.max_completion_length
         return fused_linear_grpo_loss_with_config(hidden, weight, completion_ids, self.config, lm_head_bias=bias,

@@ -208,9 +208,9 @@ def token_terms(
     entropy: Optional[torch.Tensor] = None,
     process_group=None,
 ) -> TokenTerms:
-    """The per-token loss of TRL's GRPOTrainer._compute_loss, differentiable in logp, in TRL's order
-    (``mask``: bool or token weights):
-    loss by type -> * off-policy mask -> * top-entropy mask -> * sampler ratio (not vespo) -> + beta * kl."""
+    """The per-token loss (docs/contract.md#per-token-loss; TRL's GRPOTrainer._compute_loss), differentiable in
+    logp (``mask``: bool or token weights), in TRL's order: loss by type -> * off-policy mask -> * top-entropy
+    mask -> * sampler ratio (not vespo) -> + beta * kl."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     old = logp.detach() if old_logps is None else old_logps
     # Garbage (NaN) at masked positions of old / ref / [B, T] advantages must not reach the gradient: a

@@ -47,7 +47,7 @@ from ._memory import empty_grad
 from ._ops import layout_3d
 from .api import GRPOLossOutput
 from .backends import launchers, resolve_backend
-from .config import GRPOConfig
+from .config import GRPOConfig, takes_config_options
 
 
 def _check_group(group):
@@ -205,19 +205,38 @@ def token_logprobs(
     *,
     group=None,
     vocab_start: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = GRPOConfig.temperature,
     return_entropy: bool = False,
     backend: str = "auto",
 ):
     """Per-token log-probs (and entropy) of ``softmax(logits / temperature)`` over the GLOBAL vocabulary.
 
-    logits_shard ``[..., V_r]`` (stride 1 along V_r; the fused backends take other strides of 1- to 3-dim
-    views without a copy): this rank's columns ``[vocab_start, vocab_start + V_r)`` (default
-    ``vocab_start = rank * V_r``, equal shards in rank order); ids ``[...]`` global vocabulary indices, the
-    same on every rank. Returns logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank,
-    differentiable w.r.t. this rank's shard. An id in no shard raises ``ValueError`` on CPU tensors (every
-    rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``). ``backend`` as in
-    :func:`grpo_kernels.token_logprobs` (every rank must use the same one).
+    A collective: every rank calls it with the same ids.
+
+    Parameters
+    ----------
+    logits_shard : Tensor [..., V_r]
+        This rank's vocabulary columns ``[vocab_start, vocab_start + V_r)`` (stride 1 along V_r; the fused
+        backends take other strides of 1- to 3-dim views without a copy).
+    ids : Tensor [...], integer
+        Global vocabulary ids, the same on every rank. An id in no shard raises ``ValueError`` on CPU tensors
+        (every rank raises); on a GPU its logp is NaN (checked with ``GRPO_KERNELS_DEBUG=1``).
+    group : ProcessGroup or None, default None
+        The group the vocabulary is sharded over; None is the default (world) group.
+    vocab_start : int or None, default None
+        The first global id of this rank's columns; None means ``rank * V_r`` (equal shards in rank order).
+    temperature : float, default 1.0
+        Softmax temperature (> 0).
+    return_entropy : bool, default False
+        Also return the entropy of the global softmax per position.
+    backend : str, default "auto"
+        As in :func:`grpo_kernels.token_logprobs`; every rank must use the same one.
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank, and the entropy if
+        ``return_entropy``; differentiable w.r.t. this rank's shard.
     """
     group = _check_group(group)
     vocab_start = _check_shard(logits_shard, ids, vocab_start, group)
@@ -258,7 +277,7 @@ def grpo_loss_with_config(
         The loss options; a ``trl.GRPOConfig`` is read with ``GRPOConfig.from_trl``, and its
         ``max_completion_length`` is used when the call passes none.
     group, vocab_start, completion_mask, advantages, rewards, group_size, old_logps, ref_logps,
-    max_completion_length, num_items_in_batch, backend
+    max_completion_length, num_items_in_batch, importance_sampling_ratio, sampling_logps, process_group, backend
         As in :func:`grpo_loss`.
 
     Returns
@@ -294,6 +313,7 @@ def grpo_loss_with_config(
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 
+@takes_config_options
 @fill
 def grpo_loss(
     logits_shard: Tensor,
@@ -307,30 +327,13 @@ def grpo_loss(
     group_size: int | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    epsilon: float | None = None,
-    delta: float | None = None,
-    temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = True,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    off_policy_mask_threshold: float | None = None,
-    top_entropy_quantile: float = 1.0,
-    entropy_coef: float = 0.0,
     max_completion_length: int | None = None,
     num_items_in_batch=None,
     importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None,
     process_group=None,
     backend: str = "auto",
+    **options,
 ) -> GRPOLossOutput:
     """``grpo_kernels.grpo_loss`` on logits sharded over the vocabulary across a process group.
 
@@ -358,7 +361,7 @@ def grpo_loss(
     -------
     {{returns}}
     """
-    config = GRPOConfig.from_options(locals())  # the loss options among the arguments above
+    config = _validate.resolve_config(None, options, "vocab_parallel.grpo_loss")
     return grpo_loss_with_config(
         logits_shard, completion_ids, config, group=group, vocab_start=vocab_start, completion_mask=completion_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps,

@@ -98,7 +98,7 @@ def parse_args(argv=None):
                    help="default: longest answer + 1 with the embedded model, 256 with --model")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also applied in the loss")
     g = p.add_argument_group("loss and optimisation")
-    g.add_argument("--backend", default="auto", choices=grpo_kernels.api.BACKENDS,
+    g.add_argument("--backend", default="auto", choices=grpo_kernels.backends.backend_names(),
                    help="grpo_kernels backend ('torch' = the eager reference)")
     g.add_argument("--loss-type", default="dapo", choices=grpo_kernels.config.LOSS_TYPES,
                    help="how the per-token losses are reduced (TRL's loss_type)")

@@ -1,5 +1,5 @@
 """Checks shared by the tests of every fused backend (C++ CPU, CUDA through its CPU emulation, Triton under the
-interpreter): inputs, the tolerance rule, and the comparisons against the float64 eager reference.
+interpreter, CUDA on a GPU): inputs, the tolerance rule, and the comparisons against the float64 eager reference.
 
 Tolerance rule (the FlashAttention rule, per element set): with ``ref64`` the reference on the same
 (dtype-rounded) inputs in float64 and ``same`` the eager reference run on the inputs in their own dtype
@@ -11,9 +11,19 @@ The first term is what the dtype itself costs (a bf16 / fp16 gradient is rounded
 torch's is, so the kernel may be off by the same half-ulp); the second is the slack of fp32 arithmetic at the
 scale of the values: the kernels sum in another order (chunked online log-sum-exp) and use their own exp
 (<= 2 ulp), and ``x * (1/tau)`` differs from ``x / tau`` by <= 1 ulp.
+
+Values computed FROM the log-probs (the loss, the kl metric, the loss's gradient w.r.t. the logits) follow
+the one gradient policy, :func:`assert_via_logps`: the rule, plus what the kernel's own log-prob errors
+(themselves checked by the rule) imply through the float64 loss math. The log-probs, the entropy and the
+gradient of ``token_logprobs`` (whose weights do not depend on the log-probs) follow the rule alone.
+
+Results are named tuples: :class:`LogprobResult` (logp, entropy, grad) and :class:`LossResult` (loss, logps,
+grad, metrics); a loss batch is a :class:`LossBatch`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -53,41 +63,21 @@ def make_logits(B, T, V, dtype, strided=False, scale=3.0):
     return (torch.randn(B, T, V) * scale).to(dtype)
 
 
-def logprob_grads(x, ids, tau, backend, w_logp, w_ent):
-    inp = x.detach().requires_grad_()
-    logp, ent = gk.token_logprobs(inp, ids, temperature=tau, return_entropy=True, backend=backend)
-    ((logp * w_logp).sum() + (ent * w_ent).sum()).backward()
-    return logp.detach(), ent.detach(), inp.grad
+class LossBatch(NamedTuple):
+    x: torch.Tensor  # logits [B, T, V]
+    ids: torch.Tensor  # [B, T]
+    mask: torch.Tensor
+    old: torch.Tensor
+    ref: torch.Tensor
+    adv: torch.Tensor  # [B]
+
+    def inputs(self, cfg, on_policy: bool = False) -> dict:
+        """The keyword tensors of grpo_loss (reference log-probs only where the config has a KL term)."""
+        return dict(completion_mask=self.mask, advantages=self.adv, old_logps=None if on_policy else self.old,
+                    ref_logps=self.ref if cfg.beta != 0 else None)
 
 
-def check_logprobs(x, ids, tau, backend):
-    """log-probs, entropy and dL/dlogits of ``backend`` against the float64 reference (tolerance rule)."""
-    B, T = ids.shape
-    w_logp, w_ent = torch.randn(B, T), torch.randn(B, T)
-    k = logprob_grads(x, ids, tau, backend, w_logp, w_ent)
-    r = logprob_grads(x.double(), ids, tau, "torch", w_logp, w_ent)
-    s = logprob_grads(x, ids, tau, "torch", w_logp, w_ent)
-    assert k[2].dtype == x.dtype and k[2].shape == x.shape
-    for name, kv, rv, sv in zip(("logp", "entropy", "dL/dlogits"), k, r, s, strict=True):
-        assert_rule(kv, rv, sv, f"{name} {x.dtype}")
-    return k
-
-
-def check_logprobs_no_entropy(x, ids, tau, backend):
-    """The other forward / backward instantiation (no entropy output, no entropy gradient)."""
-    w = torch.randn(ids.shape)
-    xi, xr, xs = (x.detach().clone().requires_grad_(), x.double().requires_grad_(), x.detach().clone().requires_grad_())
-    logp = gk.token_logprobs(xi, ids, temperature=tau, backend=backend)
-    (logp * w).sum().backward()
-    r_logp = reference.token_logprobs(xr, ids, tau)
-    (r_logp * w).sum().backward()
-    s_logp = reference.token_logprobs(xs, ids, tau)
-    (s_logp * w).sum().backward()
-    assert_rule(logp.detach(), r_logp.detach(), s_logp.detach(), f"logp (no entropy) {x.dtype}")
-    assert_rule(xi.grad, xr.grad, xs.grad, f"dL/dlogits (no entropy) {x.dtype}")
-
-
-def loss_inputs(B, T, V, dtype, strided=False):
+def loss_inputs(B, T, V, dtype, strided=False) -> LossBatch:
     """A batch with a fully masked row of NaN logits and out-of-range ids, ratios that cross both clip bounds
     and the delta, and reference log-probs for the KL."""
     x = make_logits(B, T, V, dtype, strided)
@@ -102,49 +92,27 @@ def loss_inputs(B, T, V, dtype, strided=False):
     old = lp + 0.25 * torch.randn(B, T)  # ratios over ~[0.6, 1.6]: both clip bounds and the delta are crossed
     ref = lp + 0.3 * torch.randn(B, T)
     adv = torch.randn(B)
-    return x, ids, mask, old, ref, adv
+    return LossBatch(x, ids, mask, old, ref, adv)
 
 
-def run_loss(x, ids, mask, old, ref, adv, cfg, backend, inplace=False, on_policy=False):
-    leaf = x.detach().clone().requires_grad_() if inplace else x.detach().requires_grad_()
-    inp = leaf * 1 if inplace else leaf  # inplace needs a non-leaf whose storage may be overwritten
-    out = gk.grpo_loss_with_config(
-        inp, ids, cfg, completion_mask=mask, advantages=adv, old_logps=None if on_policy else old,
-        ref_logps=ref if cfg.beta != 0 else None, inplace=inplace, backend=backend,
-    )
-    out.loss.backward()
-    return out.loss.detach(), out.logps, leaf.grad
-
-
-def check_loss(args, cfg, backend, **kw):
-    """loss, logps and dL/dlogits of ``backend`` against the float64 reference; the masked row's gradient is 0."""
-    k = run_loss(*args, cfg, backend, **kw)
-    r = run_loss(args[0].double(), *args[1:], cfg, "torch", **kw)
-    s = run_loss(*args, cfg, "torch", **kw)
-    for name, kv, rv, sv in zip(("loss", "logps", "grad"), k, r, s, strict=True):
-        assert_rule(kv, rv, sv, f"{name} {args[0].dtype}")
-    assert torch.all(k[2][1] == 0), "a fully masked row must get an exact zero gradient"
-    return k
-
-
-def check_inplace(args, cfg, backend):
+def check_inplace(batch: LossBatch, cfg, backend):
     """inplace=True writes the gradient into the logits' storage: the same values as out of place."""
-    k = run_loss(*args, cfg, backend)
-    leaf = args[0].detach().clone().requires_grad_()
+    k = loss_outputs(batch.x, batch.ids, cfg, backend, batch.inputs(cfg))
+    leaf = batch.x.detach().clone().requires_grad_()
     inp = leaf * 1
     storage = inp.data_ptr()
-    out = gk.grpo_loss_with_config(inp, args[1], cfg, completion_mask=args[2], advantages=args[5],
-                                   old_logps=args[3], ref_logps=args[4], inplace=True, backend=backend)
+    out = gk.grpo_loss_with_config(inp, batch.ids, cfg, inplace=True, backend=backend, **batch.inputs(cfg))
     out.loss.backward()
-    assert torch.equal(out.loss.detach(), k[0]) and torch.equal(out.logps, k[1])
-    assert torch.equal(leaf.grad, k[2])
-    assert torch.equal(inp.detach(), k[2]), "the gradient must be written into the logits' storage"
+    assert torch.equal(out.loss.detach(), k.loss) and torch.equal(out.logps, k.logps)
+    assert torch.equal(leaf.grad, k.grad)
+    assert torch.equal(inp.detach(), k.grad), "the gradient must be written into the logits' storage"
     assert inp.data_ptr() == storage
 
 
-def check_fused_launcher(launchers, params_from_config, B=2, T=3, V=211):
+def check_fused_launcher(launchers, B=2, T=3, V=211):
     """The single-pass launcher's per-row weight is coef * token_loss_grad (at the launcher level, including
     ties of torch.min: the on-policy ratio 1 sits exactly on both clip bounds +- 0)."""
+    from grpo_kernels.backends.base import LossParams
     from grpo_kernels.config import GRPOConfig
 
     x = torch.randn(B, T, V)
@@ -158,7 +126,7 @@ def check_fused_launcher(launchers, params_from_config, B=2, T=3, V=211):
             adv, coef = torch.randn(B * T), torch.rand(B * T)
             coef[3] = 0.0
             out = torch.empty_like(x)
-            launchers.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, params_from_config(cfg), out)
+            launchers.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, LossParams.from_config(cfg), out)
             g = coef.double() * reference.token_loss_grad(lp64, cfg, adv.double(),
                                                           None if old is None else old.double(), ref.double())
             xr = x.double().requires_grad_()
@@ -216,18 +184,15 @@ def backend_for_test(name: str, request):
     """(backend name, device) of a fused backend for a test, or a skip saying why it cannot run here.
 
     ``name``: "cpu", "triton" (the interpreter on CPU tensors, the GPU where there is one), "cuda" (a GPU),
-    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block; the requesting module must
-    import the ``emu`` fixture of tests/test_cuda_emu.py)."""
+    or "cuda_emu" (the CUDA kernels on the CPU emulator, 64 threads per block, the emulated sm_90's choice of
+    fused kernel: the 2-pass cluster kernel) / "cuda_emu_3pass" (the same with the 3-pass fused kernel): the
+    ``emu`` fixture of conftest.py."""
     import pytest
 
     from grpo_kernels.backends import unavailable_reason
 
-    if name == "cuda_emu":
-        from test_cuda_emu import CXX, emu_backend
-
-        if CXX is None:
-            pytest.skip("g++ is needed to build the CUDA emulation module")
-        return emu_backend(request.getfixturevalue("emu"), 64), "cpu"
+    if name in ("cuda_emu", "cuda_emu_3pass"):
+        return emu_backend(request.getfixturevalue("emu"), 64, 1 if name == "cuda_emu_3pass" else 0), "cpu"
     device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
     reason = unavailable_reason(name, device)
     if reason is not None:
@@ -235,12 +200,43 @@ def backend_for_test(name: str, request):
     return name, device
 
 
+def emu_backend(emu, block: int, cluster: int = 0) -> str:
+    """Registers (once) the test backend running the emulated CUDA kernels (the ``emu`` fixture) with ``block``
+    threads per block (0: the kernels' default); ``cluster``: the fused kernel (``CudaLaunchers``: 0 = the
+    extension's choice, 1 = 3-pass, 2 / 4 / 8); returns its name."""
+    from grpo_kernels import backends
+    from grpo_kernels.backends.base import BackendInfo
+    from grpo_kernels.backends.cuda_backend import CudaLaunchers
+
+    name = f"cuda_emu{block}" + (f"_c{cluster}" if cluster else "")
+    if name not in backends.REGISTRY:
+        backends.register_backend(BackendInfo(
+            name, ("cpu",), lambda d: None if d == "cpu" else "emulated kernels take cpu tensors",
+            lambda: CudaLaunchers(emu, device_type="cpu", block=block, cluster=cluster),
+            "test only: CUDA kernels on the CPU emulator",
+        ))
+    return name
+
+
 def _on(t, device):
     return t.to(device) if isinstance(t, torch.Tensor) else t
 
 
-def loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu"):
-    """-> (loss, logps, dL/dlogits, metrics) of ``grpo_loss_with_config`` on CPU, computed on ``device``.
+class LossResult(NamedTuple):
+    loss: torch.Tensor
+    logps: torch.Tensor
+    grad: torch.Tensor  # dL/dlogits
+    metrics: dict
+
+
+class LogprobResult(NamedTuple):
+    logp: torch.Tensor
+    entropy: Optional[torch.Tensor]  # None when the entropy was not asked for
+    grad: torch.Tensor  # dL/dlogits
+
+
+def loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu") -> LossResult:
+    """The outputs of ``grpo_loss_with_config`` on CPU, computed on ``device``.
 
     ``inputs``: the keyword tensors of grpo_loss (completion_mask, advantages or rewards + group_size,
     old_logps, ref_logps, max_completion_length, num_items_in_batch). A loss that does not depend on the
@@ -260,8 +256,8 @@ def _loss_outputs(x, ids, cfg, backend, inputs, inplace, device):
     if out.loss.requires_grad:
         out.loss.backward()
     grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-    return (out.loss.detach().cpu(), out.logps.cpu(), grad.cpu(),
-            {k: v.cpu() for k, v in out.metrics.items()})
+    metrics = {k: v.cpu() for k, v in out.metrics.items()}
+    return LossResult(out.loss.detach().cpu(), out.logps.cpu(), grad.cpu(), metrics)
 
 
 def clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
@@ -363,13 +359,13 @@ def rule_bound(ref64, same):
     return 2 * (same - ref64)[fin].abs().max().item() + 8 * EPS32 * max(1.0, ref64[fin].abs().max().item())
 
 
-def check_loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu", kernel_outputs=None):
+def check_loss(x, ids, cfg, backend, inputs, inplace=False, device="cpu", kernel_outputs=None) -> LossResult:
     """``backend`` against the float64 reference: the logps by the tolerance rule; the loss, the kl metric and
     the gradient by the rule plus what the logps' errors imply (:func:`assert_via_logps`); the entropy metric
     as a mean of per-token values under the rule; clip ratios, which jump at the clip bounds, within
     :func:`clip_metric_bounds`; every masked position gets an exact zero gradient.
-    Returns the backend's (loss, logps, grad, metrics); ``kernel_outputs``: those, computed by the caller (on
-    logits laid out in a way loss_outputs does not reproduce), instead of running them here."""
+    Returns the backend's :class:`LossResult`; ``kernel_outputs``: that result, computed by the caller (on
+    logits laid out in a way loss_outputs does not reproduce), instead of running it here."""
     k = loss_outputs(x, ids, cfg, backend, inputs, inplace, device) if kernel_outputs is None else kernel_outputs
     r = loss_outputs(x.double(), ids, cfg, "torch", inputs)
     s = loss_outputs(x, ids, cfg, "torch", inputs)
@@ -411,8 +407,8 @@ def check_loss_outputs(x, ids, cfg, backend, inputs, inplace=False, device="cpu"
     return k
 
 
-def logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device="cpu", entropy=True):
-    """-> (logp, entropy or None, dL/dlogits) of token_logprobs for L = w_logp . logp (+ w_ent . entropy)."""
+def logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device="cpu", entropy=True) -> LogprobResult:
+    """token_logprobs and its gradient for L = w_logp . logp (+ w_ent . entropy), on CPU."""
     if backend == "torch":
         with one_thread():
             return _logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy)
@@ -426,14 +422,15 @@ def _logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy):
     if entropy:
         logp, ent = gk.token_logprobs(inp, idd, temperature=tau, return_entropy=True, backend=backend)
         ((logp * _on(w_logp, device)).sum() + (ent * _on(w_ent, device)).sum()).backward()
-        return logp.detach().cpu(), ent.detach().cpu(), inp.grad.cpu()
+        return LogprobResult(logp.detach().cpu(), ent.detach().cpu(), inp.grad.cpu())
     logp = gk.token_logprobs(inp, idd, temperature=tau, backend=backend)
     (logp * _on(w_logp, device)).sum().backward()
-    return logp.detach().cpu(), None, inp.grad.cpu()
+    return LogprobResult(logp.detach().cpu(), None, inp.grad.cpu())
 
 
-def check_logprob_outputs(x, ids, tau, backend, device="cpu", entropy=True):
-    """:func:`check_logprobs` on any device, with or without the entropy output."""
+def check_logprobs(x, ids, tau, backend, device="cpu", entropy=True) -> LogprobResult:
+    """log-probs, entropy (``entropy=False``: the kernels' other instantiation, no entropy output or gradient)
+    and dL/dlogits of ``backend`` on ``device`` against the float64 reference, by the tolerance rule."""
     w_logp, w_ent = torch.randn(ids.shape), torch.randn(ids.shape)
     k = logprob_outputs(x, ids, tau, backend, w_logp, w_ent, device, entropy)
     r = logprob_outputs(x.double(), ids, tau, "torch", w_logp, w_ent, entropy=entropy)
@@ -473,30 +470,31 @@ def check_masked_rows_and_bad_ids(launchers, dtype):
 
 
 def check_opcheck(backend):
-    """torch.library.opcheck of the backend's custom ops (fakes, autograd registration, schema)."""
-    from grpo_kernels._ops import ops_for
+    """torch.library.opcheck of the custom ops on ``backend`` (fakes, autograd registration, schema)."""
+    from grpo_kernels import _ops
+    from grpo_kernels.backends.base import LossParams
 
-    ops = ops_for(backend)
     B, T, V = 2, 3, 37
     x = torch.randn(B, T, V, requires_grad=True)
     ids = torch.randint(0, V, (B * T,))
-    torch.library.opcheck(ops["fwd"], (x, ids, 0.8, True, False))
-    torch.library.opcheck(ops["fwd"], (x, ids, 1.0, False, False))
-    params = [float(v) for v in (0, 0.2, 0.28, 1, 1.5, 0.04, 1, 1.0, 1.05)]
+    torch.library.opcheck(_ops.logprobs_fwd, (x, ids, 0.8, True, False, backend))
+    torch.library.opcheck(_ops.logprobs_fwd, (x, ids, 1.0, False, False, backend))
+    params = LossParams(loss_code=0, epsilon_low=0.2, epsilon_high=0.28, has_delta=True, delta=1.5, beta=0.04,
+                        use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)
     vec = lambda: torch.randn(B * T)  # noqa: E731
-    torch.library.opcheck(ops["fused"], (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params,
-                                         torch.empty(B, T, V)))
-    on_policy = [float(v) for v in (2, 0.2, 0.28, 0, 0.0, 0.0, 1, 1.0, 1.05)]  # sapo, no KL: old, ref = None
-    torch.library.opcheck(ops["fused_inplace"], (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
-                                                 on_policy))
+    torch.library.opcheck(_ops.fused, (x.detach(), ids, 1.0, vec(), vec(), vec(), torch.rand(B * T), params.pack(),
+                                       backend, torch.empty(B, T, V)))
+    on_policy = LossParams(loss_code=2, epsilon_low=0.2, epsilon_high=0.28, has_delta=False, delta=0.0, beta=0.0,
+                           use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)
+    torch.library.opcheck(_ops.fused_inplace, (x.detach().clone(), ids, 1.0, None, None, vec(), torch.rand(B * T),
+                                               on_policy.pack(), backend))  # sapo, no KL: old, ref = None
 
 
 def check_saved_bytes_per_token(backend):
     """The log-prob op keeps per token only the row statistics (m, log s) (8 B), the entropy (4 B) and the id (8 B)
     for its backward; the logits are saved by reference (no copy), so they are not counted; nothing of size N x V.
     The loss math on [B, T] that runs in torch on top of it saves its own O(N) tensors; those are not the
-    kernel's. (Until 2026-12 one fp32 lse took the place of (m, log s): 16 B, but p = exp(z - fl(lse)) lost
-    |lse| eps / 2 of p where |lse| is large.)"""
+    kernel's (why a pair and not one lse: "Row statistics" in csrc/include/grpo_boundary.h)."""
     B, T, V = 2, 8, 1000
     x = torch.randn(B, T, V, requires_grad=True)
     ids = torch.randint(0, V, (B, T))

@@ -415,3 +415,303 @@ def test_logps_output_is_reusable_as_old_logps():
     again = call(x, old_logps=first.logps)  # ratio 1 up to fp32 rounding of the stored logps
     assert again.metrics["clip_ratio/region_mean"].item() == 0.0
     torch.testing.assert_close(again.loss, first.loss, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# what a TRL user passes: [B, 1] advantages, unsliced logits, epsilon=, trl.GRPOConfig
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_advantages_b1_equal_advantages_b(backend, level):
+    """TRL keeps its advantages as [B, 1] internally; they mean one advantage per sequence, as [B]."""
+    x = inputs()
+    a = call(x, advantages=x["adv"].unsqueeze(-1), backend=backend, importance_sampling_level=level)
+    b = call(x, backend=backend, importance_sampling_level=level)
+    assert a.loss.item() == b.loss.item()
+    assert {k: v.item() for k, v in a.metrics.items()} == {k: v.item() for k, v in b.metrics.items()}
+
+
+def test_logits_one_position_longer_than_the_ids_show_the_slice():
+    x = inputs()
+    unsliced = torch.randn(B, T + 1, V)
+    with pytest.raises(ValueError, match=re.escape("logits has one position more than completion_ids") + ".*"
+                       + re.escape("pass logits[:, :-1] (or logits[:, P-1:-1]")):
+        call(x, logits=unsliced)
+    call(x, logits=unsliced[:, :-1])  # the slice the message gives is accepted
+    with pytest.raises(ValueError, match=re.escape("if logits covers the prompt too, pass logits[:, P-1:-1]")
+                       + ".*" + re.escape("logits[:, 3:-1]")):
+        call(x, logits=torch.randn(B, T + 4, V))
+    with pytest.raises(ValueError, match=re.escape("hidden has one position more than completion_ids") + ".*"
+                       + re.escape("pass hidden[:, :-1]")):
+        gk.fused_linear_grpo_loss(torch.randn(B, T + 1, 5), torch.randn(V, 5), x["ids"], advantages=x["adv"])
+
+
+def test_out_of_range_id_without_a_mask_does_not_speak_of_the_mask():
+    x = inputs()
+    ids = x["ids"].clone()
+    ids[0, 1] = V
+    with pytest.raises(ValueError, match=r"holds 7 at index \(0, 1\), outside the vocabulary \[0, 7\) of logits$"):
+        call(x, completion_ids=ids, completion_mask=None)
+    with pytest.raises(ValueError, match="at a position the completion_mask keeps"):
+        call(x, completion_ids=ids)
+
+
+@pytest.mark.parametrize("entry", ["grpo_loss", "GRPOLoss", "GRPOConfig", "fused_linear"])
+def test_epsilon_is_an_alias_of_epsilon_low(entry):
+    x = inputs(torch.float64)
+    kw = dict(completion_mask=x["mask"], advantages=x["adv"], old_logps=x["old"])
+
+    def loss(**opts):
+        if entry == "grpo_loss":
+            return gk.grpo_loss(x["logits"], x["ids"], backend="torch", **opts, **kw).loss.item()
+        if entry == "GRPOLoss":
+            return gk.GRPOLoss(backend="torch", **opts)(x["logits"], x["ids"], **kw).loss.item()
+        if entry == "GRPOConfig":
+            return gk.grpo_loss_with_config(x["logits"], x["ids"], GRPOConfig(**opts), backend="torch", **kw).loss.item()
+        head = torch.eye(V, dtype=torch.float64)  # hidden = logits through an identity head
+        return gk.fused_linear_grpo_loss(x["logits"], head, x["ids"], backend="torch", **opts, **kw).loss.item()
+
+    assert loss(epsilon=0.05) == loss(epsilon_low=0.05) != loss()
+    with pytest.raises(ValueError, match="epsilon is TRL's name for epsilon_low: pass one of them, not both"):
+        loss(epsilon=0.05, epsilon_low=0.1)
+
+
+def test_epsilon_alias_both_given_by_name():
+    """Where the options are a dict (the modules), giving both names is an error whatever the values."""
+    with pytest.raises(ValueError, match="pass one of them, not both"):
+        gk.GRPOLoss(epsilon=0.2, epsilon_low=0.2)
+    with pytest.raises(ValueError, match="pass one of them, not both"):
+        gk.FusedLinearGRPOLoss(weight=torch.randn(V, 5), epsilon=0.3, epsilon_low=0.3)
+    assert GRPOConfig(epsilon=0.3) == GRPOConfig(epsilon_low=0.3) and GRPOConfig(epsilon=0.3).epsilon is None
+    assert "epsilon=" not in repr(GRPOConfig(epsilon=0.3)).replace("epsilon_low=", "")
+
+
+def test_every_keyword_wide_function_takes_epsilon():
+    import inspect
+
+    for fn in (gk.grpo_loss, gk.fused_linear_grpo_loss, gk.vocab_parallel.grpo_loss):
+        assert inspect.signature(fn).parameters["epsilon"].default is None, fn.__name__
+
+
+@pytest.fixture(scope="module")
+def trl_config():
+    trl = pytest.importorskip("trl")
+
+    def make(**kw):
+        return trl.GRPOConfig(output_dir="/tmp/grpo_kernels_test", report_to=[], bf16=False, **kw)
+
+    return make
+
+
+def test_trl_grpo_config_is_accepted_everywhere(trl_config):
+    x = inputs(torch.float64)
+    cfg = trl_config(epsilon=0.1, epsilon_high=0.28, beta=0.04, loss_type="dr_grpo", temperature=0.9,
+                     importance_sampling_level="sequence", delta=1.5, max_completion_length=16)
+    ours = GRPOConfig(epsilon_low=0.1, epsilon_high=0.28, beta=0.04, loss_type="dr_grpo", temperature=0.9,
+                      importance_sampling_level="sequence", delta=1.5)
+    assert GRPOConfig.from_trl(cfg) == ours
+    kw = dict(completion_mask=x["mask"], advantages=x["adv"], old_logps=x["old"], ref_logps=x["ref"])
+    want = gk.grpo_loss_with_config(x["logits"], x["ids"], ours, max_completion_length=16, backend="torch", **kw)
+    got = [
+        gk.grpo_loss_with_config(x["logits"], x["ids"], cfg, backend="torch", **kw),
+        gk.GRPOLoss(config=cfg, backend="torch")(x["logits"], x["ids"], **kw),
+        gk.fused_linear_grpo_loss_with_config(x["logits"], torch.eye(V, dtype=torch.float64), x["ids"], cfg,
+                                              backend="torch", **kw),
+        gk.FusedLinearGRPOLoss(weight=torch.eye(V, dtype=torch.float64), config=cfg, backend="torch")(
+            x["logits"], x["ids"], **kw),
+    ]
+    for out in got:  # TRL's max_completion_length (16, not T = 3) is the dr_grpo normaliser
+        assert out.loss.item() == pytest.approx(want.loss.item(), rel=1e-12)
+    # a call's own max_completion_length wins over the config's
+    short = gk.grpo_loss_with_config(x["logits"], x["ids"], cfg, max_completion_length=T, backend="torch", **kw)
+    assert short.loss.item() == pytest.approx(want.loss.item() * 16 / T, rel=1e-12)
+
+
+def test_trl_grpo_config_defaults_are_ours(trl_config):
+    assert GRPOConfig.from_trl(trl_config()) == GRPOConfig()
+
+
+@pytest.mark.parametrize("option,value", [("top_entropy_quantile", 0.2), ("off_policy_mask_threshold", 0.5),
+                                          ("entropy_coef", 0.01)])
+def test_trl_grpo_config_with_an_option_we_lack_is_rejected(trl_config, option, value):
+    if option in GRPOConfig.field_names():
+        pytest.skip(f"{option} is a loss option here")
+    with pytest.raises(ValueError, match=f"trl.GRPOConfig option {option}={value} has no counterpart"):
+        gk.GRPOLoss(config=trl_config(**{option: value}))
+
+
+def test_config_of_another_type_names_both_classes():
+    class GRPOConfigLike:
+        pass
+
+    with pytest.raises(TypeError, match=r"config must be a grpo_kernels.GRPOConfig or a trl.GRPOConfig, got "
+                                        r".*GRPOConfigLike"):
+        gk.GRPOLoss(config=GRPOConfigLike())
+
+
+# --------------------------------------------------------------------------------------------------
+# inplace=True: what the version counter detects
+# --------------------------------------------------------------------------------------------------
+FUSED_CPU = [b for b in CPU_BACKENDS if b != "torch"]
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_inplace_with_logits_saved_by_an_earlier_node_raises_at_backward(backend, level):
+    x = inputs()
+    leaf = x["logits"].clone().requires_grad_()
+    logits = leaf * 1
+    other = (logits ** 2).mean()  # saves the logits for its backward
+    out = call(x, logits=logits, ref_logps=None, beta=0.0, backend=backend, inplace=True,
+               importance_sampling_level=level)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.loss + other).backward()
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_inplace_logits_written_before_backward_raise(backend):
+    """The gradient lives in the logits' storage between the call and backward: a write there is caught."""
+    x = inputs()
+    logits = x["logits"].clone().requires_grad_() * 1
+    out = call(x, logits=logits, ref_logps=None, beta=0.0, backend=backend, inplace=True)
+    with torch.no_grad():
+        logits.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_inplace_overwrites_the_callers_logits_as_documented(backend):
+    """Token level: after the call the logits hold dL/dlogits (what the docstring warns about)."""
+    x = inputs()
+    leaf = x["logits"].clone().requires_grad_()
+    logits = leaf * 1
+    out = call(x, logits=logits, ref_logps=None, beta=0.0, backend=backend, inplace=True)
+    assert not torch.equal(logits.detach(), x["logits"])
+    out.loss.backward()
+    assert torch.equal(leaf.grad, logits.detach())
+    assert "overwritten" in gk.grpo_loss.__doc__ and "inplace" in gk.GRPOLoss.__doc__
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_inplace_on_a_leaf_that_requires_grad_is_rejected(backend):
+    x = inputs()
+    leaf = x["logits"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace=True overwrites logits with their gradient, but logits is a leaf"):
+        call(x, logits=leaf, backend=backend, inplace=True)
+    assert torch.equal(leaf.detach(), x["logits"])
+    with torch.no_grad():  # no gradient, nothing written: accepted
+        call(x, logits=leaf, backend=backend, inplace=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO_KERNELS_CPU_ISA
+# --------------------------------------------------------------------------------------------------
+ISA_SCRIPT = """
+import torch, grpo_kernels as gk
+from grpo_kernels import _C
+print("isa", _C.isa())
+try:
+    gk.grpo_loss(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), advantages=torch.ones(2), backend="cpu")
+    print("ok")
+except ValueError as e:
+    print("ValueError", e)
+"""
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("value", ["avx9", "AVX2", "Baseline"])
+def test_cpu_isa_env(value):
+    import os
+    import subprocess
+    import sys
+
+    from grpo_kernels import _C
+
+    env = {**os.environ, "GRPO_KERNELS_CPU_ISA": value}
+    proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    if value.lower() not in _C.ISAS:  # imports fine; the first use of the cpu backend names the valid values
+        assert lines[1] == f"ValueError GRPO_KERNELS_CPU_ISA must be one of baseline, avx2, avx512 (any case), got '{value}'"
+        return
+    assert lines[1] == "ok"
+    # the cap holds in any case: the widest build the CPU runs, no wider than the one named
+    runs = [name for name in _C.ISAS if _C.set_isa(name)]
+    _C.set_isa(runs[-1])
+    cap = _C.ISAS.index(value.lower())
+    assert lines[0] == f"isa {[n for n in runs if _C.ISAS.index(n) <= cap][-1]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# docstrings: help() shows every parameter
+# --------------------------------------------------------------------------------------------------
+def _public_objects():
+    objs = [(n, getattr(gk, n)) for n in gk.__all__ if not n.startswith("__") and n != "vocab_parallel"]
+    objs += [(f"vocab_parallel.{n}", getattr(gk.vocab_parallel, n))
+             for n in ("token_logprobs", "grpo_loss", "grpo_loss_with_config")]
+    return objs
+
+
+@pytest.mark.parametrize("name,obj", _public_objects(), ids=[n for n, _ in _public_objects()])
+def test_docstrings_document_every_parameter(name, obj):
+    import inspect
+    import pydoc
+
+    doc = inspect.getdoc(obj)
+    assert doc and "{{" not in doc, name  # every placeholder filled
+    text = pydoc.render_doc(obj)  # what help() prints
+    assert doc.splitlines()[0] in text
+    target = obj.__init__ if inspect.isclass(obj) and obj.__init__ is not object.__init__ else obj
+    if inspect.isclass(obj) and issubclass(obj, (tuple, Exception)):
+        return  # GRPOLossOutput documents its fields, BackendUnavailableError takes a message
+    for p in inspect.signature(target).parameters.values():
+        if p.name == "self" or p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        assert re.search(rf"\b{p.name}\b", doc), f"{name}: parameter {p.name} is not documented"
+
+
+def test_loss_docstrings_give_defaults_shapes_and_outputs():
+    doc = gk.grpo_loss.__doc__
+    for needle in ("epsilon_low : float, default 0.2", "loss_type : str, default \"dapo\"", "[B, T, V]",
+                   "GRPOLossOutput", "clip_ratio/region_mean", "None means T", "512", "logits[:, P-1:-1]"):
+        assert needle in doc, needle
+    for field in gk.GRPOLossOutput._fields:
+        assert f"{field} :" in gk.GRPOLossOutput.__doc__
+
+
+def test_registering_a_backend_makes_it_valid_everywhere():
+    """BACKENDS is derived from the registry: a backend registered after import is accepted by every entry point
+    (and dispatched through the same statically named ops); a second registration of a name is refused."""
+    from grpo_kernels.backends.base import BackendInfo
+    from grpo_kernels.fused_linear import FusedLinearGRPOLoss
+
+    name = "cpu_again_for_test"
+    assert name not in backends.BACKENDS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gk.GRPOLoss(backend=name)
+    info = backends.REGISTRY["torch"]
+    try:
+        assert backends.register_backend(BackendInfo(name, ("cpu",), lambda d: None,
+                                                     lambda: backends.launchers(CPU_BACKENDS[0]), "test only")) == name
+        assert name in backends.BACKENDS and name in backends.backend_names()
+        gk.GRPOLoss(backend=name)
+        FusedLinearGRPOLoss(weight=torch.zeros(3, 2), backend=name)
+        with pytest.raises(ValueError, match="already registered"):
+            backends.register_backend(info)
+        with pytest.raises(ValueError, match="identifier other than 'auto'"):
+            backends.register_backend(BackendInfo("auto", ("cpu",), lambda d: None, lambda: None, ""))
+        if CPU_BACKENDS[0] != "torch":  # the fused ops run the registered launchers under the new name
+            x, ids = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+            torch.testing.assert_close(gk.token_logprobs(x, ids, backend=name),
+                                       gk.token_logprobs(x, ids, backend=CPU_BACKENDS[0]), rtol=0, atol=0)
+    finally:
+        backends.REGISTRY.pop(name, None)
+
+
+def test_the_custom_ops_have_static_names():
+    import grpo_kernels._ops  # noqa: F401  (imported by grpo_kernels already)
+
+    for op in ("logprobs_fwd", "logprobs_bwd", "logprobs_bwd_inplace", "fused", "fused_inplace", "attach_grad"):
+        assert hasattr(torch.ops.grpo_kernels, op), op
+        assert "str backend" in str(getattr(torch.ops.grpo_kernels, op).default._schema) or op == "attach_grad"

@@ -74,6 +74,28 @@ def ids_at(value, pos=(0, 1)):
     return ids
 
 
+def mask_at(value, pos=(1, 1)):
+    mask = X["mask"].float()
+    mask[pos] = value
+    return mask
+
+
+def trl_config(**options):
+    """A trl.GRPOConfig (trl is imported only by the rows that need it)."""
+    trl = pytest.importorskip("trl")
+    return trl.GRPOConfig(output_dir=tempfile.gettempdir(), report_to=[], bf16=False, **options)
+
+
+def cpu_isa_env(mp, value):
+    """The check the cpu backend runs when it is first used (its module is imported then)."""
+    mp.setenv("GRPO_KERNELS_CPU_ISA", value)
+    if FUSED_CPU != "cpu":
+        pytest.skip("the C++ CPU backend is not built")
+    from grpo_kernels.backends import cpu_backend
+
+    return cpu_backend.check_isa_env()
+
+
 def env_backend(mp, value, call):
     mp.setenv(backends.ENV_VAR, value)
     return call()
@@ -143,7 +165,8 @@ CASES = {
     # ---- completion_ids / ids ----
     "completion_ids-float": lambda mp: loss(completion_ids=X["ids"].float()),
     "completion_ids-1d": lambda mp: loss(completion_ids=X["ids"][0]),
-    "completion_ids-shape": lambda mp: loss(completion_ids=X["ids"][:, :2]),
+    "completion_ids-shape": lambda mp: loss(completion_ids=X["ids"][:2]),
+    "logits-one-position-more": lambda mp: loss(logits=torch.randn(B, T + 1, V)),
     "completion_ids-device": lambda mp: loss(completion_ids=meta(X["ids"])),
     "completion_ids-out-of-range": lambda mp: loss(completion_ids=ids_at(V)),
     "completion_ids-negative": lambda mp: loss(completion_ids=ids_at(-100, (3, 2))),
@@ -155,6 +178,9 @@ CASES = {
     "completion_mask-1d": lambda mp: loss(completion_mask=X["mask"][0]),
     "completion_mask-shape": lambda mp: loss(completion_mask=X["mask"][:2]),
     "completion_mask-device": lambda mp: loss(completion_mask=meta(X["mask"])),
+    "completion_mask-negative": lambda mp: loss(completion_mask=mask_at(-1.0)),
+    "completion_mask-not-finite": lambda mp: loss(completion_mask=mask_at(float("nan"))),
+    "completion_mask-complex": lambda mp: loss(completion_mask=X["mask"].to(torch.complex64)),
     # ---- advantages / rewards / group_size ----
     "advantages-and-rewards": lambda mp: loss(rewards=torch.zeros(B), group_size=G),
     "advantages-nor-rewards": lambda mp: loss(advantages=None),
@@ -211,6 +237,9 @@ CASES = {
     "off_policy_mask_threshold-not-finite": lambda mp: loss(off_policy_mask_threshold=float("inf")),
     "inplace-not-bool": lambda mp: loss(inplace=1),
     "inplace-on-the-reference": lambda mp: loss(inplace=True),
+    "inplace-leaf-requires-grad": lambda mp: loss(logits=X["logits"].clone().requires_grad_(), inplace=True,
+                                                  backend=FUSED_CPU or "cpu"),
+    "epsilon-and-epsilon_low": lambda mp: loss(epsilon=0.3, epsilon_low=0.25),
     # ---- token_logprobs options ----
     "temperature-not-a-number": lambda mp: logprobs(temperature="1"),
     "temperature-not-finite-or-positive": lambda mp: logprobs(temperature=float("-inf")),
@@ -222,7 +251,8 @@ CASES = {
     "group_advantages-eps": lambda mp: advantages(eps=-1e-4),
     # ---- GRPOLoss ----
     "GRPOLoss-config-and-options": lambda mp: gk.GRPOLoss(GRPOConfig(), beta=0.1),
-    "GRPOLoss-unknown-option": lambda mp: gk.GRPOLoss(epsilon=0.2),
+    "GRPOLoss-unknown-option": lambda mp: gk.GRPOLoss(epsilon_lo=0.2),
+    "GRPOLoss-epsilon-and-epsilon_low": lambda mp: gk.GRPOLoss(epsilon=0.2, epsilon_low=0.2),
     "GRPOLoss-backend": lambda mp: gk.GRPOLoss(backend="gpu"),
     # ---- fused_linear_grpo_loss / FusedLinearGRPOLoss (the loss inputs as grpo_loss's rows) ----
     "hidden-not-3d": lambda mp: linear(hidden=HIDDEN[0]),
@@ -235,6 +265,8 @@ CASES = {
     "lm_head_bias-dtype": lambda mp: linear(lm_head_bias=torch.zeros(V).half()),
     "fused_linear-completion_ids-shape": lambda mp: linear(completion_ids=X["ids"][:, :-1]),
     "chunk_size-invalid": lambda mp: linear(chunk_size=0),
+    "logit_scale-invalid": lambda mp: linear(logit_scale=float("inf")),
+    "final_logit_softcapping-invalid": lambda mp: linear(final_logit_softcapping=0.0),
     "FusedLinearGRPOLoss-head-and-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.Linear(H, V), weight=WEIGHT),
     "FusedLinearGRPOLoss-no-head": lambda mp: gk.FusedLinearGRPOLoss(),
     "FusedLinearGRPOLoss-head-without-weight": lambda mp: gk.FusedLinearGRPOLoss(torch.nn.ReLU()),
@@ -252,6 +284,7 @@ CASES = {
     "vocab_parallel-id-in-no-shard": lambda mp: vp_loss(completion_ids=ids_at(V)),
     "config-not-a-GRPOConfig": lambda mp: gk.grpo_loss_with_config(X["logits"], X["ids"], {"beta": 0.04},
                                                                    advantages=X["adv"]),
+    "config-trl-option-without-counterpart": lambda mp: gk.GRPOLoss(config=trl_config(top_entropy_quantile=0.2)),
     # ---- backend selection ----
     "backend-unknown": lambda mp: loss(backend="gpu"),
     "backend-env-unknown": lambda mp: env_backend(mp, "bogus", lambda: loss(backend="auto")),
@@ -262,6 +295,7 @@ CASES = {
     "backend-triton-without-interpreter": lambda mp: (mp.setenv("TRITON_INTERPRET", "0"),
                                                       backends.resolve_backend("triton", torch.device("cpu"))),
     "backend-extension-missing": lambda mp: no_module(mp, lambda: backends.resolve_backend("cpu", torch.device("cpu"))),
+    "cpu-isa-env-unknown": lambda mp: cpu_isa_env(mp, "avx9"),
 }
 
 

@@ -26,7 +26,6 @@ from kernel_checks import (
     check_inplace,
     check_large_magnitude_entropy,
     check_logprobs,
-    check_logprobs_no_entropy,
     check_loss,
     check_masked_rows_and_bad_ids,
     check_opcheck,
@@ -37,7 +36,6 @@ from kernel_checks import (
 
 import grpo_kernels as gk
 from grpo_kernels import _C
-from grpo_kernels.backends.base import LossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
@@ -69,7 +67,7 @@ def test_token_logprobs_values_and_grads(isa, dtype, B, T, V, tau, strided):
         x[0, 0, :3] = float("-inf")  # banned tokens
     ids = torch.randint(0, V, (B, T))
     check_logprobs(x, ids, tau, "cpu")
-    check_logprobs_no_entropy(x, ids, tau, "cpu")  # the other forward / backward instantiation
+    check_logprobs(x, ids, tau, "cpu", entropy=False)  # the other forward / backward instantiation
 
 
 def test_large_magnitude_entropy(isa):
@@ -85,7 +83,8 @@ def test_large_magnitude_entropy(isa):
 def test_loss_matrix_fp32(isa, loss_type, level, beta, bias, delta):
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, use_bias_correction_kl=bias,
                      delta=delta, epsilon_high=4.0 if loss_type == "cispo" else 0.28, temperature=0.9)
-    check_loss(loss_inputs(4, 9, 301, torch.float32), cfg, "cpu")
+    b = loss_inputs(4, 9, 301, torch.float32)
+    check_loss(b.x, b.ids, cfg, "cpu", b.inputs(cfg))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -95,8 +94,8 @@ def test_loss_matrix_fp32(isa, loss_type, level, beta, bias, delta):
 def test_loss_half_dtypes(isa, dtype, loss_type, level, strided):
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                      delta=1.5 if loss_type == "grpo" else None)
-    k = check_loss(loss_inputs(4, 6, 1007, dtype, strided), cfg, "cpu")
-    assert k[2].dtype == dtype
+    b = loss_inputs(4, 6, 1007, dtype, strided)
+    assert check_loss(b.x, b.ids, cfg, "cpu", b.inputs(cfg)).grad.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -109,11 +108,12 @@ def test_inplace_matches_out_of_place(isa, dtype, level):
 
 def test_on_policy_and_grad_in_forward_path(isa):
     """old_logps=None (ratio 1, d(logp-old)/dlogp = 1) through the single pass, against the reference."""
-    check_loss(loss_inputs(4, 7, 513, torch.float32), GRPOConfig(loss_type="dapo", beta=0.04), "cpu", on_policy=True)
+    b, cfg = loss_inputs(4, 7, 513, torch.float32), GRPOConfig(loss_type="dapo", beta=0.04)
+    check_loss(b.x, b.ids, cfg, "cpu", b.inputs(cfg, on_policy=True))
 
 
 def test_fused_launcher_matches_token_loss_grad(isa):
-    check_fused_launcher(LAUNCHERS, LossParams.from_config, B=3, T=5)
+    check_fused_launcher(LAUNCHERS, B=3, T=5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The CUDA module without a GPU: it compiles, the compiler made the fast kind of code, the installed
 extension has the right architectures and links, and asking for it without a GPU fails cleanly.
 
-- nvcc compiles csrc/cuda/grpo_cuda.cu to cubins for sm_80 and sm_90; ptxas (-Xptxas -v) must report every
-  kernel instantiation (forward x {fp32, bf16, fp16} x {entropy, none}, backward likewise, fused x dtype)
-  with 0 bytes of spill stores / loads and no stack frame;
+- nvcc compiles csrc/cuda/grpo_cuda.cu to cubins for sm_80, sm_90 and sm_100; ptxas (-Xptxas -v) must report
+  every kernel instantiation (forward x {fp32, bf16, fp16} x {entropy, none}, backward likewise, fused and
+  fused cluster x dtype) with 0 bytes of spill stores / loads and no stack frame;
 - the SASS (cuobjdump --dump-sass, PyPI nvidia-cuda-cuobjdump; nvdisasm from PyPI or Triton's copy) of every
-  kernel: no local-memory access (LDL / STL), and the vocabulary loops found in the SASS (backward branches
+  kernel but the cluster one (below): no local-memory access (LDL / STL), and the vocabulary loops found in the SASS (backward branches
   of the kernel body, the out-of-line divergent-shuffle / call stubs excluded) load 128 bits (LDG.E.128):
   one main loop with 4 LDG.E.128 per iteration per pass over the row (forward 1, backward 1, fused 2), only
   128-bit loads in it, and it is the loop that moves the most bytes per iteration (the scalar head / tail
@@ -15,6 +15,16 @@ extension has the right architectures and links, and asking for it without a GPU
   32-bit stores);
 - negative controls: a deliberately scalar-load row loop and a kernel with a run-time indexed local array,
   compiled with nvcc here, are flagged by the same checkers (so the checks can fail);
+- the 2-pass cluster kernel (fused_cluster_kernel, sm_90 and sm_100; an empty stub on sm_80): the cluster
+  barrier (UCGABAR_ARV / UCGABAR_WAIT, twice: the sync after the block reduction and the arrive / wait that
+  keeps a block's shared memory alive until its peers have read it), distributed-shared-memory loads of the
+  peers' statistics (generic LD.E through the shared::cluster window, the address built from SR_CgaCtaId /
+  SR_SWINHI by a PRMT: nvcc 13 emits no MAPA instruction for mapa; the 3-pass kernels have no LD.E at all),
+  between the first cluster wait and the next arrive, ONE loop reading the row from global memory (4 LDG.E.128 + 4 STS.128 per
+  iteration: HBM once, into shared memory), a gradient loop reading shared memory (4 LDS.128) and storing
+  4 STG.E.128 with no global load, the masked-row zero loop of STG.E.128, no LDL / STL, no spills; negative
+  controls: a cluster kernel without the cluster barrier and one reading only its own shared memory are
+  flagged;
 - the installed grpo_kernels._cuda: cuobjdump --list-elf shows sm_80 and sm_90 code (and PTX for newer
   GPUs), ldd shows no libtorch / libc10 / shared libcudart (cudart is static);
 - without a GPU, backend="cuda" raises BackendUnavailableError saying "no CUDA device" (no crash).
@@ -39,10 +49,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("80", "90")
-# 3 dtypes x (forward with/without entropy, backward with/without entropy, fused)
+CLUSTER_ARCHS = ("90", "100")  # the cluster kernel's targets (an empty stub on sm_80)
+# 3 dtypes x (forward with/without entropy, backward with/without entropy, fused 3-pass, fused cluster)
 KERNELS = {f"{k}<{dt}{flag}>" for dt in (0, 1, 2) for k, flag in
            (("fwd_kernel", ", true"), ("fwd_kernel", ", false"), ("bwd_kernel", ", true"), ("bwd_kernel", ", false"),
-            ("fused_kernel", ""))}
+            ("fused_kernel", ""), ("fused_cluster_kernel", ""))}
 
 
 def _nvcc() -> str | None:
@@ -97,7 +108,7 @@ def compiled(tmp_path_factory):
         pytest.skip("nvcc not found")
     d = tmp_path_factory.mktemp("cubin")
     res = {}
-    for arch in ARCHS:
+    for arch in dict.fromkeys(ARCHS + CLUSTER_ARCHS):
         cubin = d / f"grpo_cuda.sm_{arch}.cubin"
         cmd = [NVCC, "-O3", "-std=c++17", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cuda'}",
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-Xptxas", "-v",
@@ -132,7 +143,7 @@ def _parse_ptxas(log: str) -> dict[str, dict[str, int]]:
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ("100",))
 def test_every_kernel_compiles_without_spills(compiled, arch):
     _, stats = compiled[arch]
     assert set(stats) == KERNELS, f"sm_{arch}: kernels {sorted(stats)}"
@@ -166,6 +177,7 @@ def _sass_by_kernel(cubin: Path) -> dict[str, str]:
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA(\.\w+)*\s+(?:~?\w+,\s*)?0x([0-9a-f]+)")  # BRA 0x600, BRA.DIV UR4, 0x67a0
 _MEM = re.compile(r"\b(LDG|STG)\.E((?:\.\w+)*)\s")
+_SMEM = re.compile(r"\b(LDS|STS)((?:\.\w+)*)\s")
 
 
 def _insns(body: str) -> list[tuple[int, str]]:
@@ -183,7 +195,7 @@ def _width(mods: str) -> int:
 
 def sass_loops(body: str) -> list[dict]:
     """The loops of a kernel's SASS: [target, branch] of every backward branch in the kernel body, with the
-    bit widths of the global loads / stores inside ({width: count}). The body ends at the last EXIT: the
+    bit widths of the global loads / stores inside ({width: count}; "sloads" / "sstores": shared memory). The body ends at the last EXIT: the
     out-of-line stubs after it (the divergent paths of the warp shuffles, BRA.DIV targets, which branch back
     into the body, and the CALL.REL subroutines) are not loops and are left out."""
     ins = _insns(body)
@@ -199,14 +211,18 @@ def sass_loops(body: str) -> list[dict]:
             continue
         loads: dict[int, int] = {}
         stores: dict[int, int] = {}
+        sloads: dict[int, int] = {}
+        sstores: dict[int, int] = {}
         for a, t in ins:
             if target <= a <= addr:
-                mm = _MEM.search(t + " ")
-                if mm:
-                    d = loads if mm.group(1) == "LDG" else stores
-                    w = _width(mm.group(2))
-                    d[w] = d.get(w, 0) + 1
-        out.append({"start": target, "end": addr, "loads": loads, "stores": stores})
+                for rx, ld, (dl, ds) in ((_MEM, "LDG", (loads, stores)), (_SMEM, "LDS", (sloads, sstores))):
+                    mm = rx.search(t + " ")
+                    if mm:
+                        d = dl if mm.group(1) == ld else ds
+                        w = _width(mm.group(2))
+                        d[w] = d.get(w, 0) + 1
+        out.append({"start": target, "end": addr, "loads": loads, "stores": stores, "sloads": sloads,
+                    "sstores": sstores})
     return out
 
 
@@ -245,8 +261,8 @@ def _passes(name: str) -> int:
                     reason="cuobjdump / nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sass_has_128bit_loads_in_vocab_loops_and_no_local_memory(compiled, arch):
-    sass = _sass_by_kernel(compiled[arch][0])
-    assert set(sass) == KERNELS
+    sass = {k: v for k, v in _sass_by_kernel(compiled[arch][0]).items() if not k.startswith("fused_cluster")}
+    assert set(sass) == {k for k in KERNELS if not k.startswith("fused_cluster")}
     bad = {name: p for name, body in sorted(sass.items()) if (p := sass_problems(body, _passes(name)))}
     assert not bad, f"sm_{arch}: {bad}"
     for name, body in sass.items():
@@ -262,12 +278,119 @@ def test_gradient_loops_store_128bit(compiled, arch):
     sass = _sass_by_kernel(compiled[arch][0])
     bad = []
     for name, body in sorted(sass.items()):
-        if name.startswith("fwd_kernel"):
+        if name.startswith(("fwd_kernel", "fused_cluster")):  # the cluster kernel: test_cluster_kernel_sass
             continue
         main = [lp for lp in sass_loops(body) if lp["loads"].get(128, 0) >= 4]
         if not main or not main[-1]["stores"].get(128, 0) >= 4:  # the last pass writes the gradient
             bad.append((name, main[-1]["stores"] if main else None))
     assert not bad, f"sm_{arch}: gradient loops without 4 STG.E.128 per iteration: {bad}"
+
+
+# ---- the cluster kernel -----------------------------------------------------------------------------
+# a generic load (not LDG / LDS / LDC): in these kernels only the loads through the shared::cluster window
+_DSMEM_LD = re.compile(r"\bLD\.E\b")
+
+
+def cluster_sass_problems(body: str) -> list[str]:
+    """What is wrong with the SASS of a 2-pass cluster kernel ([] = nothing); see the module docstring."""
+    problems = []
+    ins = _insns(body)
+    if re.search(r"\b(LDL|STL)(\.\w+)*\b", body):
+        problems.append("local memory traffic (LDL / STL)")
+    arv = [a for a, t in ins if re.search(r"\bUCGABAR_ARV\b", t)]
+    wait = [a for a, t in ins if re.search(r"\bUCGABAR_WAIT\b", t)]
+    if len(arv) < 2 or len(wait) < 2:
+        problems.append(f"cluster barrier: {len(arv)} UCGABAR_ARV / {len(wait)} UCGABAR_WAIT, expected >= 2 each")
+    remote = [a for a, t in ins if _DSMEM_LD.search(t + ";")]
+    if not re.search(r"\bSR_(CgaCtaId|SWINHI)\b", body) or not remote:
+        problems.append("no distributed-shared-memory load (LD.E through the shared::cluster window)")
+    elif wait and arv:
+        w0 = min(wait)
+        later = [a for a in arv if a > w0]
+        if not later or not any(w0 < a < min(later) for a in remote):
+            problems.append("the distributed-shared-memory loads are not between the first cluster wait and the "
+                            "next arrive")
+    loops = sass_loops(body)
+    reads = [lp for lp in loops if lp["loads"].get(128, 0) >= 4]
+    if len(reads) != 1:
+        problems.append(f"{len(reads)} loop(s) with >= 4 LDG.E.128 per iteration, expected 1 (the row read "
+                        f"once; loops: {[lp['loads'] for lp in loops if lp['loads']]})")
+    for lp in reads:
+        if set(lp["loads"]) != {128} or lp["sstores"].get(128, 0) < 4:
+            problems.append(f"the read loop at {lp['start']:#x} loads {lp['loads']} and stores {lp['sstores']} "
+                            "to shared memory, expected only LDG.E.128 and >= 4 STS.128")
+    grads = [lp for lp in loops if lp["sloads"].get(128, 0) >= 4 and not lp["loads"]]
+    if not any(lp["stores"].get(128, 0) >= 4 for lp in grads):
+        problems.append("no gradient loop with >= 4 LDS.128 and >= 4 STG.E.128 and no global load "
+                        f"(loops: {[(lp['sloads'], lp['stores']) for lp in loops]})")
+    if not [lp for lp in loops if not lp["loads"] and not lp["sloads"] and lp["stores"].get(128)]:
+        problems.append("no 128-bit store loop for masked rows")
+    return problems
+
+
+@needs_nvcc
+@pytest.mark.skipif(CUOBJDUMP is None or NVDISASM is None, reason="cuobjdump / nvdisasm not found")
+@pytest.mark.parametrize("arch", CLUSTER_ARCHS)
+def test_cluster_kernel_sass(compiled, arch):
+    cubin, stats = compiled[arch]
+    sass = {k: v for k, v in _sass_by_kernel(cubin).items() if k.startswith("fused_cluster_kernel")}
+    assert set(sass) == {f"fused_cluster_kernel<{dt}>" for dt in (0, 1, 2)}
+    bad = {name: p for name, body in sorted(sass.items()) if (p := cluster_sass_problems(body))}
+    assert not bad, f"sm_{arch}: {bad}"
+    for name in sass:
+        s = stats[name]
+        assert s["spill_stores"] == s["spill_loads"] == s["stack"] == 0, f"sm_{arch} {name}: {s}"
+        assert s["smem"] <= 1024, f"sm_{arch} {name}: {s['smem']} bytes of static shared memory (the row is dynamic)"
+
+
+@needs_nvcc
+@pytest.mark.skipif(CUOBJDUMP is None or NVDISASM is None, reason="cuobjdump / nvdisasm not found")
+def test_cluster_kernel_is_a_stub_on_sm80(compiled):
+    """sm_80 has no clusters: the kernel compiles to an empty body there (fused_cluster_size never picks it)."""
+    body = _sass_by_kernel(compiled["80"][0])["fused_cluster_kernel<1>"]
+    assert not re.search(r"\b(LDG|STG|UCGABAR_\w+)\b", body), "sm_80: the cluster kernel must be empty"
+
+
+_CLUSTER_CONTROL_SRC = r"""
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+// reads a peer's shared memory with no cluster barrier
+extern "C" __global__ void __cluster_dims__(2, 1, 1) no_barrier(const float* x, float* out) {
+  __shared__ float sh[256];
+  cg::cluster_group cluster = cg::this_cluster();
+  sh[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = *cluster.map_shared_rank(sh + threadIdx.x, cluster.block_rank() ^ 1);
+}
+// a cluster barrier, but every shared-memory read is local
+extern "C" __global__ void __cluster_dims__(2, 1, 1) local_only(const float* x, float* out) {
+  __shared__ float sh[256];
+  cg::cluster_group cluster = cg::this_cluster();
+  sh[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+  cluster.sync();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = sh[(threadIdx.x + 1) % blockDim.x];
+  cluster.sync();
+}
+"""
+
+
+@needs_nvcc
+@pytest.mark.skipif(CUOBJDUMP is None or NVDISASM is None, reason="cuobjdump / nvdisasm not found")
+def test_cluster_negative_controls_are_flagged(tmp_path):
+    src = tmp_path / "cluster_control.cu"
+    src.write_text(_CLUSTER_CONTROL_SRC)
+    cubin = tmp_path / "cluster_control.sm_90.cubin"
+    p = subprocess.run([NVCC, "-O3", "-gencode=arch=compute_90,code=sm_90", "-cubin", str(src), "-o", str(cubin)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sass = _sass_by_kernel(cubin)
+    nb = cluster_sass_problems(sass["no_barrier"])
+    assert any("cluster barrier" in m for m in nb), nb
+    assert not any("no distributed-shared-memory load" in m for m in nb), nb  # it does read a peer
+    lo = cluster_sass_problems(sass["local_only"])
+    assert any("no distributed-shared-memory load" in m for m in lo), lo
+    assert not any("cluster barrier" in m for m in lo), lo
+    assert any("LDG.E.128" in m for m in lo) and any("gradient loop" in m for m in lo), lo
 
 
 # ---- negative controls: the checkers do fail -------------------------------------------------------
@@ -375,7 +498,7 @@ def test_cuda_backend_without_gpu_raises_cleanly():
 @pytest.mark.parametrize("V", [7, 1007, 32007, 151936])
 def test_gpu_matches_reference(dtype, V):
     _installed_module()
-    from test_cuda_emu import assert_rule, check_loss, loss_inputs
+    from kernel_checks import assert_rule, check_loss, loss_inputs
 
     import grpo_kernels as gk
     from grpo_kernels.config import GRPOConfig
@@ -396,5 +519,5 @@ def test_gpu_matches_reference(dtype, V):
     if V == 1007:
         for level in ("token", "sequence"):
             cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04, delta=1.5)
-            args = [a.cuda() for a in loss_inputs(3, 4, V, dtype, strided=True)]
-            check_loss(args, cfg, "cuda")
+            b = loss_inputs(3, 4, V, dtype, strided=True)
+            check_loss(b.x, b.ids, cfg, "cuda", b.inputs(cfg), device="cuda")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_checks import DTYPES, backend_for_test, loss_outputs, make_logits
-from test_cuda_emu import emu  # noqa: F401  (the fixture behind backend "cuda_emu")
 
 import grpo_kernels as gk
 from grpo_kernels import reference

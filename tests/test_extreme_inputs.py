@@ -22,12 +22,11 @@ from kernel_checks import (
     DTYPES,
     LOSS_TYPES,
     backend_for_test,
-    check_logprob_outputs,
-    check_loss_outputs,
+    check_logprobs,
+    check_loss,
     loss_outputs,
     one_thread,
 )
-from test_cuda_emu import emu  # noqa: F401  (the fixture behind backend "cuda_emu")
 
 import grpo_kernels as gk
 from grpo_kernels import reference
@@ -80,12 +79,12 @@ def check_everything(x, tau, be, *, B, T):
     against the float64 reference."""
     backend, device = be
     ids = torch.randint(0, x.shape[-1], (B, T))
-    check_logprob_outputs(x, ids, tau, backend, device, entropy=True)
-    check_logprob_outputs(x, ids, tau, backend, device, entropy=False)
+    check_logprobs(x, ids, tau, backend, device, entropy=True)
+    check_logprobs(x, ids, tau, backend, device, entropy=False)
     ids, inputs = on_policy_inputs(x, tau, B=B, T=T)
     for level in LEVELS:
         cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04, delta=2.0, temperature=tau)
-        check_loss_outputs(x, ids, cfg, backend, inputs, device=device)
+        check_loss(x, ids, cfg, backend, inputs, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,8 +138,8 @@ def test_banned_tokens_and_rows_banned_but_the_target(be, dtype):
     x[2, 2] = -INF  # everything banned but the target and one other token
     x[2, 2, ids[2, 2]] = -2.0
     x[2, 2, (ids[2, 2] + 1) % V] = 3.0
-    check_logprob_outputs(x, ids, 0.8, backend, device, entropy=True)
-    check_logprob_outputs(x, ids, 0.8, backend, device, entropy=False)
+    check_logprobs(x, ids, 0.8, backend, device, entropy=True)
+    check_logprobs(x, ids, 0.8, backend, device, entropy=False)
     xi = x.detach().clone().to(device).requires_grad_()
     logp, ent = gk.token_logprobs(xi, ids.to(device), temperature=0.8, return_entropy=True, backend=backend)
     (logp.sum() + ent.sum()).backward()
@@ -152,7 +151,7 @@ def test_banned_tokens_and_rows_banned_but_the_target(be, dtype):
                   ref_logps=(lp + 0.3 * torch.randn(B, T)).float())
     for level in LEVELS:
         cfg = GRPOConfig(loss_type="dapo", importance_sampling_level=level, beta=0.04, temperature=0.8)
-        check_loss_outputs(x, ids, cfg, backend, inputs, device=device)
+        check_loss(x, ids, cfg, backend, inputs, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,8 +190,8 @@ def test_importance_ratio_exp_pm_80(be, dtype, sign):
                   ref_logps=(lp + 0.3 * torch.randn(B, T)).float())
     for kw in thin(ratio_configs(dtype, sign), backend, 2 * DTYPES.index(dtype) + (sign > 0), fast=2):
         cfg = GRPOConfig(**kw)
-        k = check_loss_outputs(x, ids, cfg, backend, inputs, device=device)
-        assert torch.isfinite(k[0]) and torch.isfinite(k[2]).all(), f"{cfg}: non-finite loss or gradient"
+        k = check_loss(x, ids, cfg, backend, inputs, device=device)
+        assert torch.isfinite(k.loss) and torch.isfinite(k.grad).all(), f"{cfg}: non-finite loss or gradient"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,12 +213,12 @@ def test_all_rewards_equal_in_a_group(be, loss_type):
         cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta,
                          epsilon_high=4.0 if loss_type == "cispo" else None)
         inputs = dict(rewards=rewards, group_size=G, old_logps=old, ref_logps=(lp + 0.2).float())
-        k = check_loss_outputs(x, ids, cfg, backend, inputs, device=device)
+        k = check_loss(x, ids, cfg, backend, inputs, device=device)
         if beta == 0.0:
-            assert torch.all(k[2][:G] == 0), "A = 0: the tied group's gradient must be exactly 0"
+            assert torch.all(k.grad[:G] == 0), "A = 0: the tied group's gradient must be exactly 0"
             inputs = dict(inputs, rewards=torch.full((B,), 0.25))
-            k = check_loss_outputs(x, ids, cfg, backend, inputs, device=device)
-            assert k[0].item() == 0.0 and torch.all(k[2] == 0), "every group tied: loss 0, zero gradient"
+            k = check_loss(x, ids, cfg, backend, inputs, device=device)
+            assert k.loss.item() == 0.0 and torch.all(k.grad == 0), "every group tied: loss 0, zero gradient"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -277,12 +276,15 @@ def test_garbage_at_masked_positions_does_not_leak(be, dtype, level):
                          epsilon_high=4.0 if loss_type == "cispo" else None)
         a = loss_outputs(x, ids, cfg, backend, clean, inplace=inplace, device=device)
         g = loss_outputs(xg, idg, cfg, backend, garbage, inplace=inplace, device=device)
-        assert torch.isfinite(g[0]) and torch.isfinite(g[1]).all() and torch.isfinite(g[2]).all(), loss_type
-        assert torch.equal(a[0], g[0]) and torch.equal(a[1], g[1]), f"{loss_type}: garbage changed the loss / logps"
-        assert torch.equal(a[2], g[2]) and torch.all(g[2][~mask] == 0), f"{loss_type}: garbage reached the gradient"
-        assert a[3].keys() == g[3].keys() and all(torch.equal(a[3][n], g[3][n]) for n in a[3]), loss_type
+        assert torch.isfinite(g.loss) and torch.isfinite(g.logps).all() and torch.isfinite(g.grad).all(), loss_type
+        assert torch.equal(a.loss, g.loss) and torch.equal(a.logps, g.logps), \
+            f"{loss_type}: garbage changed the loss / logps"
+        assert torch.equal(a.grad, g.grad) and torch.all(g.grad[~mask] == 0), \
+            f"{loss_type}: garbage reached the gradient"
+        assert a.metrics.keys() == g.metrics.keys(), loss_type
+        assert all(torch.equal(a.metrics[n], g.metrics[n]) for n in a.metrics), loss_type
         if loss_type == todo[0]:  # and against the reference, once (the values are tested elsewhere too)
-            check_loss_outputs(xg, idg, cfg, backend, garbage, inplace=inplace, device=device)
+            check_loss(xg, idg, cfg, backend, garbage, inplace=inplace, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,12 +299,11 @@ def large_lse_cases():
 
 @pytest.mark.parametrize("case", list(large_lse_cases()))
 def test_fp32_logprob_gradient_at_large_lse(be, case):
-    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large: within the rule from the pair
-    (m, log s); p = exp(z - fl(lse)) from one rounded fp32 lse would miss it by 8x-340x here (e.g. logits
-    +-1e4: 4.4e-5 against a bound of 1.6e-6; temperature 1e-3: 0.5 against 1.9e-3)."""
+    """fp32 dL/dlogits of L = w . logp (no entropy) where |lse| is large, within the rule (p from the pair
+    (m, log s); p from one rounded lse misses the rule by 8x-340x on these cases)."""
     backend, device = be
     x, tau = large_lse_cases()[case]
-    check_logprob_outputs(x, torch.randint(0, 257, (8, 4)), tau, backend, device, entropy=False)
+    check_logprobs(x, torch.randint(0, 257, (8, 4)), tau, backend, device, entropy=False)
 
 
 def check_single_token_and_peaked_rows(backend, device):
@@ -325,9 +326,8 @@ def test_single_token_vocabulary_and_peaked_rows(be):
 
 
 def test_single_token_vocabulary_cpu_every_isa():
-    """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them). An FMA of
-    x * (1/tau) against a rounded m / tau would give logp = -2.4e-7, +1.6e-7, +8.8e-5, +7.6e-6 at V = 1 for the x
-    above (tau = 0.109), entropy down to -4.4e-8, and +8.8e-5 for the top token of [300, 0]."""
+    """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them): the cases
+    above in each, so that no build forms d as x * (1/tau) - m / tau (grpo_boundary.h, "Shifted logits")."""
     from grpo_kernels import _C
 
     isa = _C.isa()

@@ -437,7 +437,7 @@ def test_the_chunk_op_traces_fullgraph():
     def step(h, W, b, ids, mask, adv, old, ref):
         logp, ent, gh, gw, gb = _fused_linear_op(h.detach(), W.detach(), b.detach(), ids, mask, adv, old, ref, None,
                                                  None, LossParams.from_config(cfg).pack(), "dapo", 1.0, 7, "torch",
-                                                 [True, True, True])
+                                                 [True, True, True], [1.0, 0.0])
         loss, _ = reference.loss_from_logps(logp, cfg, adv, mask, old, ref, ent)
         return _attach(loss.detach(), h, W, b, gh, gw, gb)
 
@@ -458,13 +458,13 @@ def test_opcheck_of_the_custom_ops():
     params = LossParams.from_config(GRPOConfig(beta=0.04)).pack()
     h, W, b = (t.detach() for t in leaves(x))
     args = (h, W, b, x["ids"], x["mask"], x["adv"], x["old"], x["ref"], torch.tensor(17.0), None, params, "dapo",
-            1.0, 7, "torch", [True, True, True])
+            1.0, 7, "torch", [True, True, True], [1.5, 3.0])
     torch.library.opcheck(_fused_linear_op, args, test_utils=("test_schema", "test_faketensor"))
     logp, ent, gh, gw, gb = _fused_linear_op(*args)
     hh, WW, bb = leaves(x)
     torch.library.opcheck(_attach, (logp.sum(), hh, WW, bb, gh.clone(), gw.clone(), gb.clone()),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(_logprobs_op, (hh, WW, bb, x["ids"], x["mask"], 0.9, 7, "torch"),
+    torch.library.opcheck(_logprobs_op, (hh, WW, bb, x["ids"], x["mask"], 0.9, 7, "torch", [1.5, 3.0], True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -7,7 +7,7 @@
   so the test needs one N x V buffer (peak ~4.5 GB). Sampled rows (both sides of the 2^31 boundary, the last
   row, random ones) are checked against the float64 reference computed on those rows only.
 - ``test_row_offsets_past_2_32_without_the_memory``: the C++ CPU kernels and the CUDA kernels (csrc/cuda, run by
-  the CPU emulation) on 6 bf16 rows laid out with a batch stride of 2^31 + 5 and a time stride of 2^30 + 3
+  the CPU emulation, with the 2-pass cluster and the 3-pass fused kernel) on 6 bf16 rows laid out with a batch stride of 2^31 + 5 and a time stride of 2^30 + 3
   elements (row starts up to 2^32 + 2^30 + 13: each stride alone overflows int32, their products with a row
   index even uint32), and 6 fp32 rows past 2^31. The buffer is one real allocation (10.7 GB, 8.6 GB) that is
   never touched but at those rows:
@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_rule, backend_for_test, check_logprob_outputs, check_loss_outputs, one_thread
-from test_cuda_emu import emu  # noqa: F401  (the fixture behind backend "cuda_emu")
+from kernel_checks import assert_rule, backend_for_test, check_logprobs, check_loss, one_thread
 
 import grpo_kernels as gk
 from grpo_kernels import reference
@@ -166,7 +165,7 @@ def test_cpu_backend_more_than_2_31_elements():
 SPARSE = [(torch.bfloat16, 3, 2, (2**31 + 5, 2**30 + 3)), (torch.float32, 2, 3, (2**31 + 5, 67))]
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda_emu"])
+@pytest.mark.parametrize("name", ["cpu", "cuda_emu", "cuda_emu_3pass"])  # cuda_emu: the 2-pass cluster kernel
 @pytest.mark.parametrize("dtype,B,T,strides", SPARSE, ids=["bf16 past 2^32", "fp32 past 2^31"])
 def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, request):
     backend, device = backend_for_test(name, request)
@@ -188,7 +187,7 @@ def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, re
     small = x.clone()  # the same rows, contiguous (what the reference sees)
 
     # forward + backward kernels (the gradient goes to a fresh small buffer)
-    check_logprob_outputs(x, ids, 0.8, backend, device, entropy=True)
+    check_logprobs(x, ids, 0.8, backend, device, entropy=True)
     # single-pass kernel, inplace (the output rows are at the same far offsets) and forward + backward, inplace
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 1] = False
@@ -206,6 +205,6 @@ def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, re
         (grad,) = torch.autograd.grad(out.loss, inp)
         assert grad.data_ptr() == big.data_ptr() and grad.stride() == (sb, st, 1), "written in place, far rows"
         k = (out.loss.detach(), out.logps, grad.detach().clone(), out.metrics)
-        check_loss_outputs(small, ids, cfg, backend, inputs, kernel_outputs=k)
+        check_loss(small, ids, cfg, backend, inputs, kernel_outputs=k)
     assert status_mib("VmRSS") - rss0 < 512, "something walked the reserved buffer"
 

@@ -29,7 +29,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import EPS32, assert_rule, assert_via_logps, backend_for_test, loss_inputs, one_thread
-from test_cuda_emu import emu  # noqa: F401  (the fixture behind backend "cuda_emu")
 
 import grpo_kernels as gk
 from grpo_kernels import _validate, reference

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from kernel_checks import check_loss_outputs
+from kernel_checks import check_loss
 
 import grpo_kernels as gk
 from grpo_kernels import vocab_parallel as vp
@@ -50,13 +50,13 @@ def batch(dtype=torch.float32, seed=0, garbage=True):
 def test_fused_backends_match_the_reference_with_weights(backend, loss_type, level):
     x, ids, inputs = batch()
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04, epsilon_high=0.28)
-    check_loss_outputs(x, ids, cfg, backend, inputs)
+    check_loss(x, ids, cfg, backend, inputs)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_backends_with_weights_bf16_and_inplace(backend):
     x, ids, inputs = batch(torch.bfloat16)
-    check_loss_outputs(x, ids, GRPOConfig(loss_type="grpo", beta=0.04), backend, inputs, inplace=True)
+    check_loss(x, ids, GRPOConfig(loss_type="grpo", beta=0.04), backend, inputs, inplace=True)
 
 
 def _loss(x, ids, inputs, **opts):

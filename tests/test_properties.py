@@ -6,7 +6,7 @@ row, nothing kept) with garbage (NaN / inf logits, out-of-range ids, NaN old / r
 at the masked positions, banned (-inf) tokens, advantages [B] / [B, T] or rewards with group size G (tied
 groups included), on- or off-policy ratios, and the loss options: every loss type, importance level, beta,
 KL bias correction, epsilon_low / epsilon_high, delta, max_completion_length, num_items_in_batch, inplace.
-The loss, log-probs, gradient and metrics are checked by ``kernel_checks.check_loss_outputs``: the tolerance
+The loss, log-probs, gradient and metrics are checked by ``kernel_checks.check_loss``: the tolerance
 rule of kernel_checks.py (derived from the dtype) on the log-probs; on the loss, the kl metric and the
 gradient the same rule plus what the kernel's own log-prob errors imply (the float64 loss math applied to the
 kernel's log-probs: a row's loss weight is one function of its log-prob, so without that term the rule on a
@@ -16,9 +16,8 @@ A second property checks ``token_logprobs`` (log-probs, entropy, gradient) on 1-
 
 Logits are drawn as z * temperature with z ~ N(0, zstd^2), zstd <= 3 (|z| <~ 15, the range of LLM logits at
 temperature 1); the token_logprobs property adds a common offset to every logit (0, or 100, -2000, 1e4 in raw
-units): the kernels must not lose precision where |lse| is large (they keep the row statistics as the pair
-(max, log-sum), not as one rounded lse, which lost |lse| eps / 2 of p; tests/test_extreme_inputs.py tests logits
-of +-1e4 and temperature 1e-3 besides).
+units): the kernels must not lose precision where |lse| is large (docs/contract.md#row-statistics;
+tests/test_extreme_inputs.py tests logits of +-1e4 and temperature 1e-3 besides).
 
 Off-policy log-ratios are moved at least 1e-3 away from the clip bounds (1 - eps_low, 1 + eps_high, delta,
 the cispo bound): at a bound the gradient jumps, and which side an fp32 kernel lands on is a measure-zero
@@ -39,8 +38,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_checks import DTYPES, backend_for_test, check_logprob_outputs, check_loss_outputs, one_thread
-from test_cuda_emu import emu  # noqa: F401  (the fixture behind backend "cuda_emu")
+from kernel_checks import DTYPES, backend_for_test, check_logprobs, check_loss, one_thread
 
 from grpo_kernels import reference
 from grpo_kernels.config import CLIP_LOSS_TYPES, LEVELS, LOSS_TYPES, GRPOConfig
@@ -227,7 +225,7 @@ def test_loss_agrees_with_reference(name, request):
     def prop(case):
         with one_thread():
             x, ids, cfg, inputs, inplace = build_loss_case(case)
-        check_loss_outputs(x, ids, cfg, backend, inputs, inplace=inplace, device=device)
+        check_loss(x, ids, cfg, backend, inputs, inplace=inplace, device=device)
 
     prop()
 
@@ -241,6 +239,6 @@ def test_logprobs_agree_with_reference(name, request):
     @given(case=logprob_cases(max_rows, max_v))
     def prop(case):
         x, ids = build_logprob_case(case)
-        check_logprob_outputs(x, ids, case["tau"], backend, device, entropy=case["entropy"])
+        check_logprobs(x, ids, case["tau"], backend, device, entropy=case["entropy"])
 
     prop()

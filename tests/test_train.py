@@ -197,3 +197,63 @@ def test_local_model_directory(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "model")
     rows = run(tmp_path / "out", "--model", tmp_path / "model", steps=2)
     assert len(rows) == 2 and f"model: {tmp_path / 'model'}" in capsys.readouterr().out
+
+
+def test_help_shows_every_default(capsys):
+    """--help gives each option's default (the value, or a sentence saying what the default is)."""
+    with pytest.raises(SystemExit):
+        train_grpo.parse_args(["--help"])
+    text = capsys.readouterr().out
+    blocks = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--"):
+            name = stripped.split()[0].rstrip(",")
+            blocks[name] = stripped
+        elif blocks and line.startswith(" " * 10):
+            blocks[name] += " " + stripped
+    for name in ("--group-size", "--lr", "--beta", "--mu", "--steps", "--micro-batch", "--seed", "--loss-type",
+                 "--weight-decay", "--max-grad-norm", "--epsilon"):
+        assert "default" in blocks[name], (name, blocks[name])
+    assert "(default: 16)" in blocks["--group-size"] and "(default: 0.001)" in blocks["--lr"]
+    missing = [n for n, b in blocks.items() if n not in ("--help",) and "default" not in b]
+    assert not missing, missing
+
+
+TRL_STYLE_REWARD = '''
+def first_digit(completions, answer, prompts=None, completion_ids=None, source=None, **kwargs):
+    """Written for trl.GRPOTrainer: data columns arrive as keyword lists."""
+    assert len(prompts) == len(completions) == len(answer) == len(completion_ids) == len(source)
+    assert all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in completion_ids)
+    assert set(source) == {"file"}
+    return [float(c.split()[:1] == a.split()[:1]) for c, a in zip(completions, answer)]
+'''
+
+
+def test_trl_style_reward_function(tmp_path):
+    """A reward file written TRL's way (prompts, completions, **kwargs; columns such as answer= as keywords)."""
+    rows = [{"prompt": "1 2 3 =", "answer": "1 2 3", "source": "file"},
+            {"prompt": "4 5 6 =", "answer": "4 5 6", "source": "file"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rew = tmp_path / "trl_reward.py"
+    rew.write_text(TRL_STYLE_REWARD)
+    out = run(tmp_path / "out", "--prompts", data, "--reward", f"{rew}:first_digit", steps=1)
+    assert len(out) == 1 and out[0]["reward"] in [i / 16 for i in range(17)]
+
+
+def test_reward_conventions():
+    """The built-in rewards take TRL's keywords and the positional (prompts, completions, answers) call alike."""
+    import tasks
+
+    prompts, completions, answers = ["1 2 ="] * 3, ["1 2", "1 3", ""], ["1 2"] * 3
+    positional = tasks.partial_credit(prompts, completions, answers)
+    assert positional == [1.0, 2 / 3, 0.0]
+    assert tasks.partial_credit(prompts=prompts, completions=completions, answer=answers, completion_ids=[[]] * 3,
+                                trainer_state=None) == positional
+    assert train_grpo.takes_trl_keywords(tasks.partial_credit)
+    legacy = lambda prompts, completions, answers: [len(a) for a in answers]  # noqa: E731
+    assert not train_grpo.takes_trl_keywords(legacy)
+    columns = {"answer": answers}
+    assert train_grpo.call_reward(legacy, prompts, completions, [[]] * 3, columns) == [3, 3, 3]
+    assert train_grpo.call_reward(tasks.partial_credit, prompts, completions, [[]] * 3, columns) == positional

@@ -25,7 +25,6 @@ from kernel_checks import (
     check_inplace,
     check_large_magnitude_entropy,
     check_logprobs,
-    check_logprobs_no_entropy,
     check_loss,
     check_masked_rows_and_bad_ids,
     check_opcheck,
@@ -76,7 +75,7 @@ def test_logprobs_values_and_grads(dtype, B, T, V, strided):
     ids = torch.randint(0, V, (B, T))
     tau = 0.7 if V != 7 else 1.0
     check_logprobs(x, ids, tau, "triton")
-    check_logprobs_no_entropy(x, ids, tau, "triton")
+    check_logprobs(x, ids, tau, "triton", entropy=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -108,7 +107,8 @@ def test_loss_matrix_fp32(loss_type, level, beta, bias, delta):
     """token level: the single-pass kernel (gradient in the forward); sequence level: forward + backward."""
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, use_bias_correction_kl=bias,
                      delta=delta, epsilon_high=4.0 if loss_type == "cispo" else 0.28, temperature=0.9)
-    check_loss(loss_inputs(3, 4, 301, torch.float32, strided=True), cfg, "triton")
+    b = loss_inputs(3, 4, 301, torch.float32, strided=True)
+    check_loss(b.x, b.ids, cfg, "triton", b.inputs(cfg))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -118,8 +118,8 @@ def test_loss_matrix_fp32(loss_type, level, beta, bias, delta):
 def test_loss_half_dtypes(dtype, loss_type, level, strided):
     cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                      delta=1.5 if loss_type == "grpo" else None)
-    k = check_loss(loss_inputs(3, 4, 1007, dtype, strided), cfg, "triton")
-    assert k[2].dtype == dtype
+    b = loss_inputs(3, 4, 1007, dtype, strided)
+    assert check_loss(b.x, b.ids, cfg, "triton", b.inputs(cfg)).grad.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,12 +131,12 @@ def test_inplace_matches_out_of_place(dtype, level):
 
 def test_on_policy_and_temperature():
     """old_logps=None (ratio 1, d(logp-old)/dlogp = 1) through the single pass, temperature != 1."""
-    check_loss(loss_inputs(3, 4, 513, torch.float32), GRPOConfig(loss_type="dapo", beta=0.04, temperature=0.7),
-               "triton", on_policy=True)
+    b, cfg = loss_inputs(3, 4, 513, torch.float32), GRPOConfig(loss_type="dapo", beta=0.04, temperature=0.7)
+    check_loss(b.x, b.ids, cfg, "triton", b.inputs(cfg, on_policy=True))
 
 
 def test_fused_launcher_matches_token_loss_grad():
-    check_fused_launcher(tb.LAUNCHERS, LossParams.from_config)
+    check_fused_launcher(tb.LAUNCHERS)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,20 +102,50 @@ PYBIND11_MODULE(GK_CUDA_PYMODULE, m) {
   m.def(
       "fused_fwd_bwd",
       [](const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p, const gk::Outputs& out,
-         uintptr_t stream, int block) {
+         uintptr_t stream, int block, int cluster) {
         check_rows(x);
         check_block(block);
         gk_py::check_loss_params(p);
+        if (cluster != 0 && cluster != 1 && cluster != 2 && cluster != 4 && cluster != 8)
+          throw std::invalid_argument("cluster must be 0 (choose), 1 (3-pass kernel), 2, 4 or 8, got " +
+                                      std::to_string(cluster));
+        if (cluster >= 2 && gkcuda::cluster_smem_bytes(x.V, x.dtype, cluster) > gkcuda::kClusterSmemMax)
+          throw std::invalid_argument("cluster=" + std::to_string(cluster) + ": a row of V=" + std::to_string(x.V) +
+                                      " does not fit the shared memory of that cluster");
         if (x.B * x.T > 0 && (in.advantages == nullptr || in.coef == nullptr || out.logp == nullptr ||
                               out.entropy == nullptr || out.grad == nullptr))
           throw std::invalid_argument("inputs.advantages, inputs.coef, out.logp, out.entropy and out.grad must be non-null");
         cudaError_t e;
         {
           py::gil_scoped_release nogil;
-          e = gkcuda::fused_fwd_bwd(x, in, p, out, block, stream_of(stream));
+          e = gkcuda::fused_fwd_bwd(x, in, p, out, block, stream_of(stream), cluster);
         }
         check(e, "fused_fwd_bwd");
       },
       py::arg("rows"), py::arg("inputs"), py::arg("params"), py::arg("out"), py::arg("stream"), py::arg("block") = 0,
-      "out.logp, out.entropy and the loss gradient w.r.t. the logits (out.grad) in one launch");
+      py::arg("cluster") = 0,
+      "out.logp, out.entropy and the loss gradient w.r.t. the logits (out.grad) in one launch (cluster: 0 = "
+      "choose, 1 = the 3-pass kernel, 2 / 4 / 8 = the 2-pass cluster kernel with that many blocks per row)");
+
+  m.def(
+      "fused_cluster_size",
+      [](int64_t V, int dtype, int cc_major, uintptr_t x) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
+        gk::Rows r{};
+        r.logits = reinterpret_cast<const void*>(x);
+        r.dtype = dtype;
+        r.B = r.T = 1;
+        r.V = V;
+        return gkcuda::fused_cluster_size(r, cc_major);
+      },
+      py::arg("V"), py::arg("dtype"), py::arg("cc_major"), py::arg("x") = 16,
+      "blocks per row of the 2-pass cluster kernel that fused_fwd_bwd picks for rows of V elements of dtype on a "
+      "GPU of compute capability cc_major (x: the logits pointer), 0 = the 3-pass kernel");
+  m.def("cluster_smem_bytes", &gkcuda::cluster_smem_bytes, py::arg("V"), py::arg("dtype"), py::arg("C"),
+        "dynamic shared memory per block of the cluster kernel");
+  m.attr("CLUSTER_SMEM_PREFERRED") = gkcuda::kClusterSmemPreferred;
+  m.attr("CLUSTER_SMEM_MAX") = gkcuda::kClusterSmemMax;
+#ifdef GK_CUDA_EMU_EXTRA
+  GK_CUDA_EMU_EXTRA(m);
+#endif
 }

@@ -34,8 +34,22 @@ cudaError_t logprobs_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk:
                          cudaStream_t stream);
 
 // out.logp, out.entropy [N] and out.grad = d(sum_n coef_n loss_tok_n)/dx in one launch (token-level
-// importance weights).
+// importance weights). cluster: 0 = choose (fused_cluster_size for the current device), 1 = the 3-pass
+// fused_kernel, 2 / 4 / 8 = the 2-pass cluster kernel with that many blocks per row (cudaErrorInvalidValue
+// where it cannot run); block: threads per block of either kernel (0 = default_block of the V each block covers).
 cudaError_t fused_fwd_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::LossParams& p,
-                          const gk::Outputs& out, int block, cudaStream_t stream);
+                          const gk::Outputs& out, int block, cudaStream_t stream, int cluster = 0);
+
+// The kernel choice of fused_fwd_bwd, in one place: the number of blocks per row of the 2-pass cluster kernel
+// (csrc/cuda/grpo_cuda_cluster.cuh) for rows of x on a GPU of compute capability cc_major, or 0 for the
+// 3-pass fused_kernel. Clusters need sm_90+ and an element-aligned logits pointer; C is the smallest of
+// 2, 4, 8 whose per-block share of the row fits kClusterSmemPreferred (two blocks per SM), else 8 if it
+// fits kClusterSmemMax, else 0 (the row is too long to be held on chip).
+constexpr int64_t kClusterSmemPreferred = 96 * 1024;
+constexpr int64_t kClusterSmemMax = 200 * 1024;
+int fused_cluster_size(const gk::Rows& x, int cc_major);
+// Dynamic shared memory per block of the cluster kernel with C blocks per row (the row's 16-byte vectors,
+// ceil(nvec / C) of them at most, for any row alignment).
+int64_t cluster_smem_bytes(int64_t V, int dtype, int C);
 
 }  // namespace gkcuda

@@ -23,6 +23,22 @@
 //   a block get the same addresses. The arena is filled with 0xFF bytes (NaN for floats) before every
 //   block, so a value read before a thread of THIS block wrote it is garbage, as on a GPU. A plain
 //   `__shared__` in a kernel does not compile under the emulator (on purpose).
+// - Dynamic shared memory (`extern __shared__`): kernels declare it with GK_DYN_SHARED(name, T), a pointer to
+//   the launch's dynamic bytes (after the 48 KiB static arena, also 0xFF-filled). More than 48 KiB needs
+//   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first, at most
+//   227 KiB (static + dynamic) per block, as on sm_90.
+// - Thread-block clusters (cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension, at most 8 blocks,
+//   the grid a multiple of the cluster): the blocks of ONE cluster run concurrently (cluster size x blockDim
+//   std::threads), clusters one after another. cooperative_groups::this_cluster() gives block_rank(),
+//   num_blocks(), dim_blocks(), sync(), barrier_arrive() / barrier_wait() (a split barrier over every
+//   thread of the cluster, checked like __syncthreads: same call site, deadlock timeout) and
+//   map_shared_rank(p, r): p (a pointer into this block's shared memory) moved to block r's shared memory,
+//   at the same offset. When a block of a cluster ends, its shared memory is refilled with 0xFF before the
+//   cluster ends: a block that reads a peer's shared memory after the peer exited (a missing cluster
+//   barrier before exit) reads garbage here and races with that write under ThreadSanitizer.
+// - The device: cudaGetDevice() is 0, cudaDeviceGetAttribute gives compute capability 9.0 (set another with
+//   gk_emu::set_device_cc(major, minor), e.g. 8.0 to exercise an sm_80 dispatch), 132 SMs, 227 KiB of
+//   opt-in shared memory per block; gk_emu::last_launch() is the configuration of the last launch.
 // - threadIdx / blockIdx / blockDim / gridDim are thread_local; dim3, uint3, float2/4, uint2/4 and the
 //   bit-cast and math intrinsics the kernels use are defined here; device math maps to <math.h>.
 //
@@ -30,7 +46,7 @@
 // - the CUDA memory model beyond barriers: global / shared memory accesses are plain C++ accesses, so
 //   races that a barrier does not order are only found by the ThreadSanitizer build, and only when the
 //   schedule exercises them; weak ordering between blocks, fences, atomics' scopes are not modelled
-//   (blocks never run concurrently here, so inter-block races are invisible);
+//   (blocks outside one cluster never run concurrently here, so races between them are invisible);
 // - independent thread scheduling and warp divergence semantics: lanes are free-running threads that
 //   meet only at shuffles / barriers; a shuffle inside a divergent branch deadlocks (reported) instead of
 //   executing with a partial warp; lock-step assumptions without __syncwarp() are not checked;
@@ -40,7 +56,10 @@
 // - the GPU's arithmetic: expf / exp2f / logf come from glibc (correctly rounded or <= 1 ulp) where the
 //   GPU uses ex2.approx (<= 2 ulp); fp16 conversions use the header's software path, not cvt.rn;
 // - out-of-bounds accesses fault only if they leave mapped memory (use ASan/TSan builds to see more);
-// - launch limits beyond blockDim <= 1024 and the 48 KiB static shared memory; dynamic shared memory.
+// - launch limits beyond blockDim <= 1024, the cluster size, and the shared-memory sizes above; whether a
+//   cluster of that size and shared memory can be resident on the GPU (cudaOccupancyMaxActiveClusters);
+// - TMA, mbarriers, asynchronous copies, the distributed-shared-memory memory model beyond the cluster
+//   barrier (a release / acquire pair here, the default of barrier.cluster.arrive / wait).
 #pragma once
 
 #define GK_CUDA_EMU 1
@@ -55,6 +74,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <source_location>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -99,6 +119,19 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9,
                    cudaErrorLaunchFailure = 719 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75,
+                      cudaDevAttrComputeCapabilityMinor = 76, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
 
 namespace gk_emu {
 
@@ -138,6 +171,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulator)";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulator: see gk_emu::last_error_message)";
+    default: break;
   }
   return "unknown error";
 }
@@ -165,15 +199,23 @@ inline thread_local dim3 gridDim;
 
 namespace gk_emu {
 
-constexpr size_t kSharedBytes = 48 * 1024;
+constexpr size_t kSharedBytes = 48 * 1024;          // static shared memory (GK_SHARED) per block
+constexpr size_t kMaxSharedPerBlock = 227 * 1024;   // static + dynamic, sm_90 opt-in limit
+constexpr unsigned kMaxCluster = 8;                 // portable cluster size
 struct Launch;
 
-// A reusable barrier that checks that every participant arrived from the same call site.
+// A reusable barrier that checks that every participant arrived from the same call site. wait() is
+// arrive() + wait_phase(); a split barrier (cluster barrier_arrive / barrier_wait) uses the two halves.
 class Barrier {
  public:
   Barrier(int n, Launch* l) : n_(n), launch_(l) {}
   // false when the launch is broken (an error was reported): the caller just goes on.
-  bool wait(const char* file, int line, const char* what);
+  bool wait(const char* file, int line, const char* what) {
+    uint64_t g;
+    return arrive(file, line, what, &g) && wait_phase(g, file, line, what);
+  }
+  bool arrive(const char* file, int line, const char* what, uint64_t* phase);
+  bool wait_phase(uint64_t phase, const char* file, int line, const char* what);
   // Wakes every waiter (they re-check whether the launch is broken).
   void release() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -198,10 +240,26 @@ struct Warp {
   uint64_t slot[32];  // lane i's outgoing value during a shuffle
 };
 
-struct Launch {
-  explicit Launch(int nthreads) : nthreads(nthreads), block_bar(nthreads, this) {
+// One block of the running cluster: its barrier, warps and shared memory (static arena + dynamic bytes).
+struct Cta {
+  Cta(int nthreads, size_t dyn, Launch* l) : block_bar(nthreads, l), arena(kSharedBytes + dyn + 64) {
     for (int w = 0; w * 32 < nthreads; ++w)
-      warps.emplace_back(new Warp(nthreads - w * 32 < 32 ? nthreads - w * 32 : 32, this));
+      warps.emplace_back(new Warp(nthreads - w * 32 < 32 ? nthreads - w * 32 : 32, l));
+  }
+  unsigned char* base() {  // 64-byte aligned start of the arena
+    return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(arena.data()) + 63) & ~uintptr_t(63));
+  }
+  size_t bytes() const { return arena.size() - 64; }
+  Barrier block_bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> arena;
+};
+
+struct Launch {
+  Launch(int nthreads, dim3 cluster, size_t dyn)
+      : nthreads(nthreads), cluster(cluster), ncta(int(cluster.x * cluster.y * cluster.z)), dyn(dyn),
+        cluster_bar(nthreads * ncta, this) {
+    for (int c = 0; c < ncta; ++c) ctas.emplace_back(new Cta(nthreads, dyn, this));
   }
   // The first error wins; every barrier is released so that all threads run to the end of the launch.
   void fail(const std::string& msg) {
@@ -210,18 +268,23 @@ struct Launch {
       if (!broken) message = msg;
       broken = true;
     }
-    block_bar.release();
-    for (auto& w : warps) w->bar.release();
+    cluster_bar.release();
+    for (auto& c : ctas) {
+      c->block_bar.release();
+      for (auto& w : c->warps) w->bar.release();
+    }
   }
   bool is_broken() {
     std::lock_guard<std::mutex> lk(mu);
     return broken;
   }
 
-  const int nthreads;
-  Barrier block_bar;
-  std::vector<std::unique_ptr<Warp>> warps;
-  alignas(64) unsigned char arena[kSharedBytes];
+  const int nthreads;  // per block
+  const dim3 cluster;
+  const int ncta;      // blocks per cluster
+  const size_t dyn;    // dynamic shared memory bytes per block
+  Barrier cluster_bar;
+  std::vector<std::unique_ptr<Cta>> ctas;
   std::mutex mu;
   bool broken = false;
   std::string message;
@@ -229,6 +292,8 @@ struct Launch {
 
 struct ThreadState {
   Launch* launch = nullptr;
+  Cta* cta = nullptr;
+  int rank = 0;              // block rank in the cluster
   int linear = 0;            // linear thread id in the block
   size_t shared_offset = 0;  // next free arena byte for this thread's GK_SHARED declarations
 };
@@ -239,8 +304,9 @@ inline double timeout_s() {
   return e ? atof(e) : 60.0;
 }
 
-inline bool Barrier::wait(const char* file, int line, const char* what) {
+inline bool Barrier::arrive(const char* file, int line, const char* what, uint64_t* phase) {
   std::unique_lock<std::mutex> lk(mu_);
+  *phase = gen_;
   if (launch_->is_broken()) return false;
   if (count_ == 0) {
     file_ = file;
@@ -258,9 +324,12 @@ inline bool Barrier::wait(const char* file, int line, const char* what) {
     count_ = 0;
     ++gen_;
     cv_.notify_all();
-    return true;
   }
-  const uint64_t g = gen_;
+  return true;
+}
+
+inline bool Barrier::wait_phase(uint64_t g, const char* file, int line, const char* what) {
+  std::unique_lock<std::mutex> lk(mu_);
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                             std::chrono::duration<double>(timeout_s()));
@@ -268,7 +337,7 @@ inline bool Barrier::wait(const char* file, int line, const char* what) {
     if (launch_->is_broken()) return false;
     if (cv_.wait_until(lk, deadline) == std::cv_status::timeout && gen_ == g) {
       const std::string msg = std::string("deadlock: ") + what + " at " + file + ":" + std::to_string(line) +
-                              " not reached by every thread of the block/warp within " +
+                              " not reached by every thread of the block/warp/cluster within " +
                               std::to_string(timeout_s()) + " s";
       lk.unlock();
       launch_->fail(msg);
@@ -279,11 +348,9 @@ inline bool Barrier::wait(const char* file, int line, const char* what) {
 }
 
 // ---- __syncthreads, __syncwarp, shuffles ---------------------------------------------------------------
-inline void syncthreads(const char* file, int line) {
-  tstate.launch->block_bar.wait(file, line, "__syncthreads()");
-}
+inline void syncthreads(const char* file, int line) { tstate.cta->block_bar.wait(file, line, "__syncthreads()"); }
 
-inline Warp& my_warp() { return *tstate.launch->warps[tstate.linear / 32]; }
+inline Warp& my_warp() { return *tstate.cta->warps[tstate.linear / 32]; }
 
 inline bool check_mask(unsigned mask, const char* file, int line, const char* what) {
   const Warp& w = my_warp();
@@ -332,7 +399,78 @@ T* shared_array(size_t n, const char* file, int line) {
     off = 0;
   }
   tstate.shared_offset = off + n * sizeof(T);
-  return reinterpret_cast<T*>(tstate.launch->arena + off);
+  return reinterpret_cast<T*>(tstate.cta->base() + off);
+}
+
+template <class T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(tstate.cta->base() + kSharedBytes);
+}
+
+// ---- clusters ----------------------------------------------------------------------------------------
+inline void cluster_arrive(const char* file, int line, uint64_t* phase) {
+  tstate.launch->cluster_bar.arrive(file, line, "cluster barrier (arrive)", phase);
+}
+inline void cluster_wait(uint64_t phase, const char* file, int line) {
+  tstate.launch->cluster_bar.wait_phase(phase, file, line, "cluster barrier (wait)");
+}
+
+template <class T>
+T* map_shared_rank(T* p, int rank, const char* file, int line) {
+  Launch& L = *tstate.launch;
+  unsigned char* const mine = tstate.cta->base();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(mine);
+  if (a < b || a >= b + tstate.cta->bytes() || rank < 0 || rank >= L.ncta) {
+    L.fail(std::string("map_shared_rank at ") + file + ":" + std::to_string(line) + ": " +
+           (rank < 0 || rank >= L.ncta ? "rank " + std::to_string(rank) + " outside the cluster of " +
+                                             std::to_string(L.ncta)
+                                       : std::string("the pointer is not in this block's shared memory")));
+    return p;
+  }
+  return reinterpret_cast<T*>(L.ctas[rank]->base() + (a - b));
+}
+
+// ---- device and launch configuration -------------------------------------------------------------------
+struct DeviceCC {
+  int major = 9, minor = 0;
+};
+inline DeviceCC& device_cc() {
+  static DeviceCC cc;
+  return cc;
+}
+// The compute capability cudaDeviceGetAttribute reports (tests set 8.0 to check an sm_80 dispatch).
+inline void set_device_cc(int major, int minor) {
+  device_cc().major = major;
+  device_cc().minor = minor;
+}
+
+struct LaunchRecord {
+  dim3 grid, block, cluster;
+  size_t dyn_smem = 0;
+  uint64_t count = 0;  // launches so far (successful or not)
+};
+inline LaunchRecord& launch_record() {
+  static LaunchRecord r;
+  return r;
+}
+inline LaunchRecord last_launch() {
+  std::lock_guard<std::mutex> lk(error_mutex());
+  return launch_record();
+}
+
+inline std::mutex& func_attr_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline std::vector<std::pair<const void*, size_t>>& max_dyn_smem() {
+  static std::vector<std::pair<const void*, size_t>> v;
+  return v;
+}
+inline size_t max_dyn_smem_of(const void* k) {
+  std::lock_guard<std::mutex> lk(func_attr_mutex());
+  for (auto& e : max_dyn_smem())
+    if (e.first == k) return e.second;
+  return kSharedBytes;
 }
 
 // ---- launch ----------------------------------------------------------------------------------------
@@ -349,15 +487,34 @@ inline void set_error(cudaError_t e, const std::string& msg) {
   }
 }
 
-// Runs kernel(args...) over grid x block, as described at the top of this file. Arguments are converted to
-// the kernel's parameter types once (as the CUDA runtime copies them) and shared read-only by all threads.
+// Runs kernel(args...) over grid x block in clusters of `cluster` blocks, as described at the top of this
+// file. Arguments are converted to the kernel's parameter types once (as the CUDA runtime copies them) and
+// shared read-only by all threads.
 template <class... P, class... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dyn_smem, cudaStream_t, A&&... args) {
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, dim3 cluster, size_t dyn_smem, cudaStream_t,
+                    A&&... args) {
+  {
+    std::lock_guard<std::mutex> lk(error_mutex());
+    LaunchRecord& r = launch_record();
+    r.grid = grid;
+    r.block = block;
+    r.cluster = cluster;
+    r.dyn_smem = dyn_smem;
+    ++r.count;
+  }
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
-  if (nthreads == 0 || nthreads > 1024 || block.z > 64 || dyn_smem != 0 || grid.y > 65535 || grid.z > 65535 ||
-      grid.x > 0x7fffffffu) {
-    set_error(cudaErrorInvalidConfiguration, "invalid launch configuration (or dynamic shared memory)");
+  const uint64_t ncta = uint64_t(cluster.x) * cluster.y * cluster.z;
+  if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
+    set_error(cudaErrorInvalidConfiguration, "invalid launch configuration");
+    return;
+  }
+  if (ncta == 0 || ncta > kMaxCluster || grid.x % cluster.x || grid.y % cluster.y || grid.z % cluster.z) {
+    set_error(cudaErrorInvalidConfiguration, "invalid cluster: at most 8 blocks, the grid a multiple of it");
+    return;
+  }
+  if (dyn_smem > max_dyn_smem_of(reinterpret_cast<const void*>(kernel)) || dyn_smem > kMaxSharedPerBlock) {
+    set_error(cudaErrorInvalidValue, "dynamic shared memory above the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize");
     return;
   }
   if (nblocks == 0) {
@@ -366,33 +523,136 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dyn_smem, cudaSt
   }
   const std::tuple<P...> params(std::forward<A>(args)...);
   std::lock_guard<std::mutex> serial(launch_mutex());
-  std::unique_ptr<Launch> L(new Launch(int(nthreads)));
-  auto body = [&](int linear) {
+  std::unique_ptr<Launch> L(new Launch(int(nthreads), cluster, dyn_smem));
+  const dim3 ngrid(grid.x / cluster.x, grid.y / cluster.y, grid.z / cluster.z);  // clusters per dimension
+  const uint64_t nclusters = nblocks / ncta;
+  auto body = [&](int rank, int linear) {
+    Cta* const cta = L->ctas[rank].get();
     tstate.launch = L.get();
+    tstate.cta = cta;
+    tstate.rank = rank;
     tstate.linear = linear;
     threadIdx = uint3{unsigned(linear % block.x), unsigned(linear / block.x % block.y),
                       unsigned(linear / (block.x * block.y))};
     blockDim = block;
     gridDim = grid;
-    for (uint64_t b = 0; b < nblocks; ++b) {
-      if (linear == 0) memset(L->arena, 0xff, kSharedBytes);  // fresh, garbage shared memory per block
-      L->block_bar.wait(__FILE__, __LINE__, "start of block");
+    const unsigned ri = rank % cluster.x, rj = rank / cluster.x % cluster.y, rk = rank / (cluster.x * cluster.y);
+    for (uint64_t c = 0; c < nclusters; ++c) {
+      if (linear == 0) memset(cta->base(), 0xff, cta->bytes());  // fresh, garbage shared memory per block
+      L->cluster_bar.wait(__FILE__, __LINE__, "start of cluster");
       if (L->is_broken()) break;
-      blockIdx = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
+      const unsigned cx = unsigned(c % ngrid.x), cy = unsigned(c / ngrid.x % ngrid.y),
+                     cz = unsigned(c / (uint64_t(ngrid.x) * ngrid.y));
+      blockIdx = uint3{cx * cluster.x + ri, cy * cluster.y + rj, cz * cluster.z + rk};
       tstate.shared_offset = 0;
       std::apply(kernel, params);
-      L->block_bar.wait(__FILE__, __LINE__, "end of block (a thread returned while others wait at a barrier?)");
+      cta->block_bar.wait(__FILE__, __LINE__, "end of block (a thread returned while others wait at a barrier?)");
+      // the block has exited: its shared memory is gone (a peer still reading it raced with this write)
+      if (ncta > 1 && linear == 0) memset(cta->base(), 0xff, cta->bytes());
+      L->cluster_bar.wait(__FILE__, __LINE__, "end of cluster (a block returned while others wait at a barrier?)");
     }
     tstate.launch = nullptr;
+    tstate.cta = nullptr;
   };
   std::vector<std::thread> threads;
-  threads.reserve(nthreads);
-  for (int t = 0; t < int(nthreads); ++t) threads.emplace_back(body, t);
+  threads.reserve(nthreads * ncta);
+  for (int r = 0; r < int(ncta); ++r)
+    for (int t = 0; t < int(nthreads); ++t) threads.emplace_back(body, r, t);
   for (auto& t : threads) t.join();
   if (L->broken) set_error(cudaErrorLaunchFailure, L->message);
 }
 
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dyn_smem, cudaStream_t s, A&&... args) {
+  launch_cluster(kernel, grid, block, dim3(1, 1, 1), dyn_smem, s, std::forward<A>(args)...);
+}
+
 }  // namespace gk_emu
+
+// ---- runtime API: device attributes, kernel attributes, cudaLaunchKernelEx -------------------------------
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (a) {
+    case cudaDevAttrComputeCapabilityMajor: *v = gk_emu::device_cc().major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = gk_emu::device_cc().minor; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(gk_emu::kMaxSharedPerBlock); return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+template <class... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > gk_emu::kMaxSharedPerBlock)
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(gk_emu::func_attr_mutex());
+  const void* k = reinterpret_cast<const void*>(kernel);
+  for (auto& e : gk_emu::max_dyn_smem())
+    if (e.first == k) {
+      e.second = size_t(value);
+      return cudaSuccess;
+    }
+  gk_emu::max_dyn_smem().emplace_back(k, size_t(value));
+  return cudaSuccess;
+}
+
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+
+// Launches like the runtime's (runs to completion here); the launch error is also returned, as the
+// runtime returns configuration errors from cudaLaunchKernelEx itself.
+template <class... P, class... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A&&... args) {
+  dim3 cluster(1, 1, 1);
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    if (cfg->attrs[i].id != cudaLaunchAttributeClusterDimension) return cudaErrorInvalidValue;
+    cluster = dim3(cfg->attrs[i].val.clusterDim.x, cfg->attrs[i].val.clusterDim.y, cfg->attrs[i].val.clusterDim.z);
+  }
+  gk_emu::launch_cluster(kernel, cfg->gridDim, cfg->blockDim, cluster, cfg->dynamicSmemBytes, cfg->stream,
+                         std::forward<A>(args)...);
+  return cudaPeekAtLastError();
+}
+
+// ---- cooperative_groups::this_cluster() ----------------------------------------------------------------
+namespace cooperative_groups {
+struct cluster_group {
+  static unsigned block_rank() { return unsigned(gk_emu::tstate.rank); }
+  static unsigned num_blocks() { return unsigned(gk_emu::tstate.launch->ncta); }
+  static dim3 dim_blocks() { return gk_emu::tstate.launch->cluster; }
+  // The call site identifies the barrier (as __FILE__ / __LINE__ do for __syncthreads).
+  static void sync(std::source_location w = std::source_location::current()) {
+    uint64_t g;
+    gk_emu::cluster_arrive(w.file_name(), int(w.line()), &g);
+    gk_emu::cluster_wait(g, w.file_name(), int(w.line()));
+  }
+  // barrier.cluster.arrive (release): the phase is kept per thread for the matching barrier_wait()
+  static void barrier_arrive(std::source_location w = std::source_location::current()) {
+    gk_emu::cluster_arrive(w.file_name(), int(w.line()), &phase());
+  }
+  static void barrier_wait(std::source_location w = std::source_location::current()) {
+    gk_emu::cluster_wait(phase(), w.file_name(), int(w.line()));
+  }
+  template <class T>
+  static T* map_shared_rank(T* p, int rank, std::source_location w = std::source_location::current()) {
+    return gk_emu::map_shared_rank(p, rank, w.file_name(), int(w.line()));
+  }
+
+ private:
+  static uint64_t& phase() {
+    static thread_local uint64_t g = 0;
+    return g;
+  }
+};
+inline cluster_group this_cluster() { return cluster_group(); }
+}  // namespace cooperative_groups
 
 #define __syncthreads() ::gk_emu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::gk_emu::syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
@@ -409,5 +669,7 @@ inline int gk_emu_width(int w = 32) { return w; }
 
 // GK_SHARED(name, T, N): `__shared__ T name[N]` on the GPU; here a pointer into the block's arena.
 #define GK_SHARED(name, T, N) T* const name = ::gk_emu::shared_array<T>((N), __FILE__, __LINE__)
+// GK_DYN_SHARED(name, T): `extern __shared__ T name[]` (the launch's dynamic shared memory).
+#define GK_DYN_SHARED(name, T) T* const name = ::gk_emu::dynamic_shared<T>()
 #define GK_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::gk_emu::launch(kernel, dim3(grid), dim3(block), (smem), (stream), __VA_ARGS__)

@@ -8,6 +8,12 @@
 //   emu_selftest race      a kernel with a deliberately missing __syncthreads(): under ThreadSanitizer
 //                          (halt_on_error=1) it must be reported (the test asserts that it is), which shows
 //                          the sanitizer build sees the races that a missing barrier creates.
+//   emu_selftest cluster_race       a cluster kernel that reads a peer block's shared memory with no
+//                                   cluster barrier after the peer's write: must be reported likewise.
+//   emu_selftest cluster_exit_race  a cluster kernel that reads a peer's shared memory while the peer may
+//                                   have exited (no cluster barrier before exit): must be reported likewise.
+// The kernels mode also runs the fused kernel with every cluster size (1 = the 3-pass kernel, 2, 4, 8) and
+// checks the emulated clusters (ranks, map_shared_rank, barriers, divergent / missing cluster barriers).
 #include "cuda_emu.h"
 
 #include "../cuda/grpo_cuda.cu"
@@ -67,6 +73,150 @@ __global__ void fresh_shared_kernel(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = sh[0];
 }
 
+// ---- clusters ----------------------------------------------------------------------------------------
+__global__ void cluster_kernel(int* out) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  GK_SHARED(sh, int, 64);
+  GK_DYN_SHARED(dyn, int);
+  const int r = int(cluster.block_rank()), C = int(cluster.num_blocks());
+  sh[threadIdx.x] = 1000 * int(blockIdx.x) + int(threadIdx.x);
+  dyn[threadIdx.x] = r;
+  cluster.sync();
+  const int* peer = cluster.map_shared_rank(sh, (r + 1) % C);
+  const int* peer_dyn = cluster.map_shared_rank(dyn, (r + C - 1) % C);
+  const int v = peer[(threadIdx.x + 1) % blockDim.x], w = peer_dyn[threadIdx.x];
+  cluster.barrier_arrive();
+  out[3 * (blockIdx.x * blockDim.x + threadIdx.x)] = v;
+  out[3 * (blockIdx.x * blockDim.x + threadIdx.x) + 1] = w;
+  out[3 * (blockIdx.x * blockDim.x + threadIdx.x) + 2] = r + 100 * C;
+  cluster.barrier_wait();
+}
+
+__global__ void cluster_divergent_kernel(int* out) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  if (cluster.block_rank() == 0) cluster.sync();  // block 1 never arrives
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
+
+__global__ void big_dyn_kernel(int* out) {
+  GK_DYN_SHARED(dyn, int);
+  dyn[threadIdx.x] = int(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = dyn[(threadIdx.x + 1) % blockDim.x];
+}
+
+void check_clusters() {
+  const int C = 4, bs = 64, nb = 8;
+  std::vector<int> out(3 * nb * bs, -1);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(nb);
+  cfg.blockDim = dim3(bs);
+  cfg.dynamicSmemBytes = bs * sizeof(int);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  expect(cudaLaunchKernelEx(&cfg, cluster_kernel, out.data()) == cudaSuccess, "cluster launch");
+  expect(cudaGetLastError() == cudaSuccess, "cluster launch error");
+  for (int b = 0; b < nb; ++b)
+    for (int t = 0; t < bs; ++t) {
+      const int r = b % C, base = b - r, i = 3 * (b * bs + t);
+      const int peer = base + (r + 1) % C;
+      expect(out[i] == 1000 * peer + (t + 1) % bs, "map_shared_rank reads the peer's static shared memory",
+             out[i], 1000 * peer + (t + 1) % bs);
+      expect(out[i + 1] == (r + C - 1) % C, "map_shared_rank reads the peer's dynamic shared memory", out[i + 1]);
+      expect(out[i + 2] == r + 100 * C, "block_rank / num_blocks", out[i + 2], r + 100 * C);
+    }
+  gk_emu::LaunchRecord rec = gk_emu::last_launch();
+  expect(rec.cluster.x == unsigned(C) && rec.grid.x == unsigned(nb), "last_launch records the cluster");
+
+  cfg.gridDim = dim3(6);  // not a multiple of the cluster
+  expect(cudaLaunchKernelEx(&cfg, cluster_kernel, out.data()) == cudaErrorInvalidConfiguration,
+         "a grid that is not a multiple of the cluster is rejected");
+  (void)cudaGetLastError();
+  attr[0].val.clusterDim.x = 2;
+  cfg.gridDim = dim3(2);
+  expect(cudaLaunchKernelEx(&cfg, cluster_divergent_kernel, out.data()) == cudaErrorLaunchFailure,
+         "a cluster barrier not reached by every block fails the launch");
+  expect(gk_emu::last_error_message().find("divergent") != std::string::npos, "divergent cluster barrier message");
+  (void)cudaGetLastError();
+
+  std::vector<int> o2(64, -1);
+  GK_LAUNCH(big_dyn_kernel, 1, 64, 64 * 1024, nullptr, o2.data());
+  expect(cudaGetLastError() == cudaErrorInvalidValue, "more than 48 KiB of dynamic shared memory needs the attribute");
+  expect(cudaFuncSetAttribute(big_dyn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024) == cudaSuccess,
+         "cudaFuncSetAttribute");
+  GK_LAUNCH(big_dyn_kernel, 1, 64, 64 * 1024, nullptr, o2.data());
+  expect(cudaGetLastError() == cudaSuccess && o2[5] == 6, "64 KiB of dynamic shared memory after the attribute");
+}
+
+// ---- deliberate cluster races (see racy_kernel below for the handshake) ----------------------------------
+int cl_started = 0, cl_written = 0;
+
+__global__ void cluster_racy_kernel(float* out) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  GK_SHARED(sh, float, 64);
+  if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+    __atomic_store_n(&cl_started, 1, __ATOMIC_RELAXED);
+    while (!__atomic_load_n(&cl_written, __ATOMIC_RELAXED)) {
+    }
+    out[0] = *cluster.map_shared_rank(sh + 1, 1);  // missing cluster.sync() between the peer's write and this
+  } else if (cluster.block_rank() == 1 && threadIdx.x == 0) {
+    while (!__atomic_load_n(&cl_started, __ATOMIC_RELAXED)) {
+    }
+    sh[1] = 1.f;
+    __atomic_store_n(&cl_written, 1, __ATOMIC_RELAXED);
+  }
+  cluster.sync();  // the exit is safe: only the read above is unordered
+}
+
+// The reader signals that it has left the cluster barrier before the peer exits: otherwise the peer could
+// exit, refill its shared memory and arrive at the end-of-cluster barrier while the reader is still taking
+// the barrier's mutex on its way out of cluster.sync(), which orders the refill before the read.
+int ex_ready = 0, ex_done = 0;
+
+__global__ void cluster_exit_racy_kernel(float* out) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  GK_SHARED(sh, float, 64);
+  sh[threadIdx.x] = 2.f;
+  cluster.sync();
+  if (cluster.block_rank() == 1) {
+    if (threadIdx.x == 0) {
+      while (!__atomic_load_n(&ex_ready, __ATOMIC_RELAXED)) {
+      }
+      __atomic_store_n(&ex_done, 1, __ATOMIC_RELAXED);
+    }
+    return;  // missing cluster barrier before exit: block 0 still reads this block's shared memory
+  }
+  if (threadIdx.x == 0) {
+    __atomic_store_n(&ex_ready, 1, __ATOMIC_RELAXED);
+    while (!__atomic_load_n(&ex_done, __ATOMIC_RELAXED)) {
+    }
+    for (int k = 0; k < 1000; ++k)
+      for (int i = 0; i < 64; ++i) out[i] = *cluster.map_shared_rank(sh + i, 1);
+  }
+}
+
+int run_cluster_race(bool exit_race) {
+  std::vector<float> out(64);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(2);
+  cfg.blockDim = dim3(64);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, exit_race ? cluster_exit_racy_kernel : cluster_racy_kernel, out.data());
+  printf("cluster race kernel ran\n");
+  return 0;
+}
+
 void check_emulator() {
   std::vector<int> out(2 * 256, -1);
   GK_LAUNCH(shuffle_kernel, 2, 64, 0, nullptr, out.data());
@@ -93,6 +243,7 @@ void check_emulator() {
   GK_LAUNCH(fresh_shared_kernel, 2, 32, 0, nullptr, f.data());
   expect(cudaGetLastError() == cudaSuccess, "fresh shared launch");
   expect(f[0] == 1.f && isnan(f[1]), "shared memory is garbage (NaN) at the start of each block", f[1]);
+  check_clusters();
 }
 
 // ---- a deliberate race: thread 0 reads what thread 1 writes, with no barrier in between ---------------
@@ -196,7 +347,6 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
     old[n] = float(logp_r[n]) + 0.1f * nd(rng) / 3.f;
     ref[n] = float(logp_r[n]) + 0.1f * nd(rng) / 3.f;
   }
-  std::vector<ET> out(size_t(N * V));
   gk::TokenInputs tok{};
   tok.old_logps = old.data();
   tok.ref_logps = ref.data();
@@ -210,18 +360,27 @@ void run_kernels(int64_t B, int64_t T, int64_t V, int64_t pad, int block, std::m
   lp.use_bias_correction_kl = true;
   lp.sapo_temperature_pos = 1.f;
   lp.sapo_temperature_neg = 1.05f;
-  expect(gkcuda::fused_fwd_bwd(rows, tok, lp, gk::Outputs{logp2.data(), nullptr, ent2.data(), out.data(), T * V, V},
-                               block, nullptr) == cudaSuccess,
-         "fused launch");
-  for (int64_t n = 0; n < N; ++n) {
-    expect(logp2[n] == logp[n] && ent2[n] == ent[n], "fused forward equals the forward kernel", logp2[n], logp[n]);
-    const double g = coef[n] * gk::dloss_dlogp(float(logp_r[n]), 1, old[n], 1, ref[n], adv[n], lp);
-    const int64_t off = (n / T) * sb + (n % T) * st;
-    for (int64_t v = 0; v < V; ++v) {
-      const double z = double(gk::Elem<DT>::load(x[off + v])) / tau, p = exp(z - lse_r[n]);
-      const double want = g * ((v == ids[n]) - p) / tau;
-      const double got = gk::Elem<DT>::load(out[n * V + v]);
-      expect(fabs(got - want) <= rel * fabs(want) + 1e-5 * fabs(g), "fused gradient", got, want);
+  // 1: the 3-pass fused_kernel; 2, 4, 8: the cluster kernel with that many blocks per row
+  for (int cluster : {1, 2, 4, 8}) {
+    std::vector<ET> out(size_t(N * V));
+    expect(gkcuda::fused_fwd_bwd(rows, tok, lp, gk::Outputs{logp2.data(), nullptr, ent2.data(), out.data(), T * V, V},
+                                 block, nullptr, cluster) == cudaSuccess,
+           "fused launch");
+    expect(gk_emu::last_launch().cluster.x == unsigned(cluster), "the fused launch ran the asked kernel");
+    for (int64_t n = 0; n < N; ++n) {
+      // the 3-pass kernel's forward sums in the forward kernel's order; the cluster kernel in its own
+      if (cluster == 1)
+        expect(logp2[n] == logp[n] && ent2[n] == ent[n], "fused forward equals the forward kernel", logp2[n], logp[n]);
+      expect(fabs(logp2[n] - logp_r[n]) < 1e-5 * fmax(1.0, fabs(logp_r[n])), "fused logp", logp2[n], logp_r[n]);
+      expect(fabs(ent2[n] - ent_r[n]) < 1e-5 * fmax(1.0, fabs(ent_r[n])), "fused entropy", ent2[n], ent_r[n]);
+      const double g = coef[n] * gk::dloss_dlogp(float(logp_r[n]), 1, old[n], 1, ref[n], adv[n], lp);
+      const int64_t off = (n / T) * sb + (n % T) * st;
+      for (int64_t v = 0; v < V; ++v) {
+        const double z = double(gk::Elem<DT>::load(x[off + v])) / tau, p = exp(z - lse_r[n]);
+        const double want = g * ((v == ids[n]) - p) / tau;
+        const double got = gk::Elem<DT>::load(out[n * V + v]);
+        expect(fabs(got - want) <= rel * fabs(want) + 1e-5 * fabs(g), "fused gradient", got, want);
+      }
     }
   }
 }
@@ -236,6 +395,7 @@ int main(int argc, char** argv) {
     printf("race kernel ran\n");
     return 0;
   }
+  if (mode == "cluster_race" || mode == "cluster_exit_race") return run_cluster_race(mode == "cluster_exit_race");
   check_emulator();
   std::mt19937 rng(1234);
   run_kernels<gk::DT_F32>(2, 2, 1003, 5, 96, rng);  // 3 warps, ragged V, unaligned rows

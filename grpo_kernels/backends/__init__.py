@@ -1,5 +1,10 @@
 """Backend registry: which implementation runs for ``backend=`` and ``GRPO_KERNELS_BACKEND``.
 
+``REGISTRY`` is the one list of backends: the valid ``backend=`` values are ``"auto"`` and its keys
+(:func:`backend_names`; ``BACKENDS`` is the same tuple, computed when read). :func:`register_backend` adds
+one (the tests register the CUDA kernels running on a CPU emulation this way); the custom ops of
+``grpo_kernels._ops`` take the backend's name and look it up here when they run.
+
 ``"torch"`` is the eager reference (any device). The fused backends are loaded lazily, so importing
 grpo_kernels never compiles or imports Triton or an extension module that is not used.
 """
@@ -15,7 +20,6 @@ import torch
 
 from .base import BackendInfo, Launchers
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 ENV_VAR = "GRPO_KERNELS_BACKEND"
 # "auto" tries these in order for a tensor's device type.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -71,24 +75,56 @@ def _loader(module: str):
     return lambda: importlib.import_module(module).LAUNCHERS
 
 
-REGISTRY: dict[str, BackendInfo] = {
-    "torch": BackendInfo(
-        "torch", ("cpu", "cuda"), lambda d: None, lambda: None,
-        "eager float64-capable reference (full log-softmax, TRL-style); any device; the oracle of every test",
-    ),
-    "triton": BackendInfo(
-        "triton", ("cuda", "cpu"), _triton_unavailable, _loader("grpo_kernels.backends.triton_backend"),
-        "fused Triton kernels; CUDA GPUs (CPU tensors only under TRITON_INTERPRET=1, for tests)",
-    ),
-    "cpu": BackendInfo(
-        "cpu", ("cpu",), _cpu_unavailable, _loader("grpo_kernels.backends.cpu_backend"),
-        "fused C++ kernels (OpenMP over rows, vectorised inner loop); CPU tensors",
-    ),
-    "cuda": BackendInfo(
-        "cuda", ("cuda",), _cuda_unavailable, _loader("grpo_kernels.backends.cuda_backend"),
-        "fused CUDA C++ kernels (pybind11, no libtorch link); sm_80 / sm_90 / sm_100 + PTX",
-    ),
-}
+REGISTRY: dict[str, BackendInfo] = {}
+_LOADED: dict[str, Launchers] = {}
+
+
+def register_backend(info: BackendInfo) -> str:
+    """Adds ``info`` to the registry under ``info.name`` (a new name) and returns the name."""
+    if not isinstance(info, BackendInfo):
+        raise TypeError(f"info must be a BackendInfo, got {type(info).__name__}")
+    if not isinstance(info.name, str) or not info.name.isidentifier() or info.name == "auto":
+        raise ValueError(f"a backend name must be an identifier other than 'auto', got {info.name!r}")
+    if info.name in REGISTRY:
+        raise ValueError(f"a backend named {info.name!r} is already registered")
+    REGISTRY[info.name] = info
+    _LOADED.pop(info.name, None)
+    return info.name
+
+
+def backend_names() -> tuple[str, ...]:
+    """The valid values of ``backend=``: "auto", then every registered backend."""
+    return ("auto", *REGISTRY)
+
+
+def __getattr__(name: str):
+    if name == "BACKENDS":  # computed from the registry at every read, never a stale copy
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_backend_name(backend, what: str = "backend") -> str:
+    if not isinstance(backend, str) or backend not in REGISTRY and backend != "auto":
+        raise ValueError(f"{what} must be one of {backend_names()}, got {backend!r}")
+    return backend
+
+
+register_backend(BackendInfo(
+    "cuda", ("cuda",), _cuda_unavailable, _loader("grpo_kernels.backends.cuda_backend"),
+    "fused CUDA C++ kernels (pybind11, no libtorch link); sm_80 / sm_90 / sm_100 + PTX",
+))
+register_backend(BackendInfo(
+    "triton", ("cuda", "cpu"), _triton_unavailable, _loader("grpo_kernels.backends.triton_backend"),
+    "fused Triton kernels; CUDA GPUs (CPU tensors only under TRITON_INTERPRET=1, for tests)",
+))
+register_backend(BackendInfo(
+    "cpu", ("cpu",), _cpu_unavailable, _loader("grpo_kernels.backends.cpu_backend"),
+    "fused C++ kernels (OpenMP over rows, vectorised inner loop); CPU tensors",
+))
+register_backend(BackendInfo(
+    "torch", ("cpu", "cuda"), lambda d: None, lambda: None,
+    "eager float64-capable reference (full log-softmax, TRL-style); any device; the oracle of every test",
+))
 
 
 def unavailable_reason(name: str, device_type: str) -> Optional[str]:
@@ -124,12 +160,10 @@ def available_backends(device: "str | torch.device | None" = None) -> list[str]:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name for ``backend`` on tensors of ``device``; raises if it cannot run."""
     source = "backend"
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     if backend == "auto" and os.environ.get(ENV_VAR):
         backend, source = os.environ[ENV_VAR], f"the environment variable {ENV_VAR}"
-        if backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend, ENV_VAR)
     dt = device.type
     if backend == "auto":
         for name in AUTO_ORDER.get(dt, ("torch",)):
@@ -140,9 +174,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"{source}={backend!r} cannot run on {dt} tensors: {reason}")
     return backend
-
-
-_LOADED: dict[str, Launchers] = {}
 
 
 def launchers(name: str) -> Launchers:

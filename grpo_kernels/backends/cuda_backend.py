@@ -27,11 +27,16 @@ class CudaLaunchers:
 
     ``module``: the extension module, or a callable returning it (imported on first use); ``device_type``:
     where the tensors live ("cuda"; "cpu" for the emulated module); ``block``: threads per block, 0 = the
-    kernels' default for V (tests set it to exercise several warp counts).
+    kernels' default for V (tests set it to exercise several warp counts); ``cluster``: the fused kernel,
+    0 = the extension's choice (the 2-pass cluster kernel on sm_90+ where a row fits the shared memory of a
+    cluster, else the 3-pass kernel), 1 = always the 3-pass kernel, 2 / 4 / 8 = the cluster kernel with that
+    many blocks per row (tests and bench.gpu use these to run both kernels).
     """
 
-    def __init__(self, module, device_type: str = "cuda", block: int = 0):
-        self._module, self.device_type, self.block = module, device_type, int(block)
+    def __init__(self, module, device_type: str = "cuda", block: int = 0, cluster: int = 0):
+        if cluster not in (0, 1, 2, 4, 8):
+            raise ValueError(f"cluster must be 0 (choose), 1 (3-pass kernel), 2, 4 or 8, got {cluster!r}")
+        self._module, self.device_type, self.block, self.cluster = module, device_type, int(block), int(cluster)
 
     @property
     def module(self):
@@ -126,7 +131,8 @@ class CudaLaunchers:
                          **self._grad(out, logits))
         ctx, stream = self._launch_ctx(logits)
         with ctx:
-            self.module.fused_fwd_bwd(rows, inputs, params.to_native(self.module), outputs, stream, self.block)
+            self.module.fused_fwd_bwd(rows, inputs, params.to_native(self.module), outputs, stream, self.block,
+                                      self.cluster)
         return logp, ent
 
 

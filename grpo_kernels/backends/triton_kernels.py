@@ -1,13 +1,13 @@
 """Triton kernels of the fused GRPO loss: one program per row of logits, online log-sum-exp over V.
 
-Math (SPEC section 1; the same as ``csrc/include/grpo_math.h``), per row with ``z = x / tau``:
+Math (docs/contract.md; the same as ``csrc/include/grpo_math.h``), per row with ``z = x / tau``:
   ``lse = m / tau + log s``, ``s = sum_v e^{(x_v - m) / tau}``, ``t = sum_v e^{(x_v - m) / tau} (x_v - m) / tau``
   for the running max m of the raw logits; ``logp = (x[id] - m) / tau - log s``; entropy ``H = log s - t / s``
   (no cancellation when |z| ~ 1e4, unlike ``lse - sum p z``);
   ``dL/dx_v = ( g (onehot_v - p_v) - g_H p_v (d_v + H) ) / tau`` with ``p_v = e^{d_v}``,
-  ``d_v = z_v - lse = (x_v - m) / tau - log s``. A row is summarised by the PAIR (m, log s) (the forward's
-  ``stats`` output, the backward's input), never by lse as one fp32 value: ``z_v - fl(lse)`` would lose
-  ``|lse| eps / 2`` of p_v where |lse| is large (logits ~1e4, or tau = 1e-3; 5e-4 relative at |lse| = 1e4).
+  ``d_v = z_v - lse = (x_v - m) / tau - log s``. A row is summarised by the pair (m, log s) (the forward's
+  ``stats`` output, the backward's input), never by one fp32 lse: see "Row statistics" in
+  ``csrc/include/grpo_boundary.h``.
 
 Three kernels share the helpers below; their variants are constexpr flags:
 - ``logprobs_fwd_kernel``: logp, (m, log s) (and entropy) of each row; one read of the logits.
@@ -29,7 +29,7 @@ V * elsize is a multiple of 16).
 
 A row of the backward whose weights g and g_H are both exactly 0 (masked tokens) is written as zeros with
 its loads predicated off: garbage (NaN) logits there are never read. An id outside [0, V) gives logp NaN
-and no target term (the API rejects such ids before launching on the CPU; see SPEC section 4).
+and no target term (the API rejects such ids before launching on the CPU; see docs/contract.md#bad-input).
 """
 
 from __future__ import annotations
@@ -79,9 +79,7 @@ def _lse_update(x, m, s, t, inv_tau):
     dm = (m - m') / tau: s' = s e^{dm} + sum e^{d}, t' = e^{dm} (t + dm s) + sum e^{d} d. -inf entries add 0
     (never 0 * -inf); NaN propagates.
 
-    Why d = (x - m) / tau and not x / tau - m / tau: the compiler may contract the latter into an FMA against
-    the ROUNDED m / tau, which gives the top logit d = (rounding error) instead of 0 (a log-prob above 0 with
-    V = 1, seen in the C++ AVX2 build); x - m is exact for the top logits (Sterbenz)."""
+    d = (x - m) / tau, never x / tau - m / tau: see "Shifted logits" in ``csrc/include/grpo_boundary.h``."""
     m_new = tl.maximum(m, tl.max(x, 0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference
     d = (x - m_ref) * inv_tau

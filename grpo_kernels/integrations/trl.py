@@ -1,111 +1,349 @@
-"""TRL drop-in: ``GRPOKernelsTrainer`` is TRL's ``GRPOTrainer`` with its loss computed by grpo_kernels.
+"""TRL drop-in: ``GRPOKernelsTrainer`` is TRL's ``GRPOTrainer`` with its LM head and loss computed by grpo_kernels.
 
     from grpo_kernels.integrations.trl import GRPOKernelsTrainer
     trainer = GRPOKernelsTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=..., backend="auto")
     trainer.train()
 
-Everything but the loss is TRL's own code: generation, rewards, advantages, the old and reference
-log-probs, gradient accumulation, logging. One method is overridden, ``_compute_loss(model, inputs)``,
-the hook TRL's ``compute_loss`` calls for every micro-batch: it runs the model to get the completion logits
-(``logits_to_keep = T + 1``, a view, no copy) and gives them to :func:`grpo_kernels.grpo_loss_with_config`,
-with the loss options read from the trainer's ``GRPOConfig`` and TRL's normalisers:
+Generation, rewards, advantages, gradient accumulation and logging stay TRL's own code. What changes:
 
-- dapo / cispo: ``num_items_in_batch`` = the completion tokens of the whole generation batch over all
-  processes (TRL's ``inputs["num_items_in_batch"]``), divided by the number of processes (the gradients
-  are averaged over processes) and, in training, rescaled from the generation batch to one accumulation
-  window (``* gradient_accumulation_steps / steps_per_generation``), exactly as TRL does;
-- grpo / bnpo / dr_grpo / sapo: per-micro-batch means divided by the gradient-accumulation steps.
+- The LM head. TRL patches the model so that ``model(..., labels=..., fused_lm_head=True)`` returns per-token
+  log-probs from its chunked head; every log-prob pass of TRL (old policy, reference model, sampler
+  correction) goes through that call inside ``_get_per_token_logps_and_entropies``. This trainer patches the
+  same forward once more: with ``fused_lm_head=True`` it runs the model's backbone, takes the last hidden
+  states of the completion positions only, and scores them with :func:`grpo_kernels.fused_linear_token_logprobs`
+  (chunked: never the [B, T, V] logits). The forward is still entered through the wrapped model (DDP, FSDP2,
+  PEFT), so their hooks run as for TRL; inputs of vision-language models reach the backbone exactly as TRL
+  passes them; the head's ``logit_scale`` / ``final_logit_softcapping`` are read from the model config as TRL
+  reads them; FSDP2 DTensor heads are gathered as TRL gathers them; ``cast_lm_head_to_fp32`` runs the head in
+  fp32 outside autocast, as TRL does.
+- The loss. ``_compute_loss`` calls TRL's own ``_get_per_token_logps_and_entropies`` for the training forward
+  (so multimodal inputs and MoE router logits are handled by TRL's code); inside the forward the hidden
+  states go straight to :func:`grpo_kernels.fused_linear_grpo_loss_with_config`, which streams the head and
+  computes the loss and its gradients chunk by chunk.
+- The options are read from the trainer at every call (``self.beta``, ``self.epsilon_low``, ``self.args.delta``,
+  ``self.entropy_coef``...), so callbacks that change them, and TRL's adaptive entropy coefficient, act as in
+  TRL. The normalisers are TRL's: dapo / cispo / vespo divide by ``num_items_in_batch`` rescaled from the
+  generation batch to one accumulation window; the others divide per-micro-batch means by the accumulation
+  steps (not in eval).
 
-TRL options with no counterpart in grpo_kernels (vespo and luspo losses, the top-entropy token mask,
-off-policy sequence masking, the entropy bonus, vLLM importance-sampling correction, MoE aux loss,
-multimodal inputs) raise ``ValueError`` at construction or on the first batch; nothing falls back silently.
+TRL options that the installed grpo_kernels cannot compute raise ``ValueError`` in ``__init__`` before the model
+is loaded (see :data:`unsupported_options`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
+import weakref
+from contextlib import nullcontext
+
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
-from ..api import grpo_loss_with_config
-from ..backends import BACKENDS
+from ..backends import check_backend_name
 from ..config import LOSS_TYPES
 from ..config import GRPOConfig as LossConfig
+from ..fused_linear import fused_linear_grpo_loss_with_config, fused_linear_token_logprobs
 
-# Inputs of vision-language models; the adapter handles text-only causal LMs.
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
-                    "mm_token_type_ids", "image_position_ids", "spatial_shapes", "num_tiles")
+_LOSS_FIELDS = set(LossConfig.field_names())
+_LOSS_INPUTS = set(inspect.signature(fused_linear_grpo_loss_with_config).parameters)
+_DAPO_LIKE = ("dapo", "cispo", "vespo")  # normalised by num_items_in_batch
+
+
+def unsupported_options(args) -> list[str]:
+    """The TRL ``GRPOConfig`` options in ``args`` that this grpo_kernels cannot compute, each with its reason
+    (empty when the trainer supports the configuration)."""
+    bad = []
+    if args.loss_type not in LOSS_TYPES:
+        bad.append(f"loss_type = {args.loss_type!r} (this grpo_kernels computes {LOSS_TYPES})")
+    if args.loss_type == "vespo" and not {"vespo_k_pos", "vespo_lambda_pos"} <= _LOSS_FIELDS:
+        bad.append("loss_type = 'vespo' (the vespo parameters are not options of this grpo_kernels)")
+    if args.top_entropy_quantile < 1.0 and "top_entropy_quantile" not in _LOSS_FIELDS:
+        bad.append(f"top_entropy_quantile = {args.top_entropy_quantile} (this grpo_kernels has no top-entropy mask)")
+    if args.off_policy_mask_threshold is not None and "off_policy_mask_threshold" not in _LOSS_FIELDS:
+        bad.append("off_policy_mask_threshold set (this grpo_kernels has no off-policy sequence mask)")
+    entropy_bonus = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+    if entropy_bonus and "entropy_coef" not in _LOSS_FIELDS:
+        bad.append("entropy_coef / use_adaptive_entropy (this grpo_kernels has no entropy bonus)")
+    if entropy_bonus and args.top_entropy_quantile < 1.0:
+        # TRL's policy_loss metric and adaptive controller need the entropy mean over the top-entropy tokens,
+        # which the loss does not return.
+        bad.append("an entropy bonus together with top_entropy_quantile < 1 (the entropy over the masked tokens "
+                   "is not an output of the loss)")
+    sampler_ratio = (args.use_vllm and args.vllm_importance_sampling_correction) or args.loss_type == "vespo"
+    if sampler_ratio and "importance_sampling_ratio" not in _LOSS_INPUTS:
+        bad.append("use_vllm with vllm_importance_sampling_correction (this grpo_kernels takes no sampler "
+                   "importance ratio)")
+    return bad
+
+
+def _head_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) of a model config, looked up under the names TRL 1.16's fused
+    head reads (Cohere's logit_scale, Granite's logits_scaling divisor, Falcon-H1's lm_head_multiplier...)."""
+    text = config.get_text_config()
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), (None if cap is None else float(cap))
+
+
+class _Pass:
+    """What the patched forward computes on its next ``fused_lm_head=True`` call: the log-probs (and entropy)
+    of the last ``keep`` positions, or, when ``loss_fn`` is set, the loss of those positions."""
+
+    def __init__(self, keep: int, entropy: bool, loss_fn=None):
+        self.keep, self.entropy, self.loss_fn = keep, entropy, loss_fn
 
 
 class GRPOKernelsTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` whose loss is ``grpo_kernels.grpo_loss`` (``backend``: "auto", "cuda", ...)."""
+    """``trl.GRPOTrainer`` whose LM head and loss are grpo_kernels' streamed ones.
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        super().__init__(*args, **kwargs)
-        self.grpo_kernels_backend = backend
-        a = self.args
-        unsupported = {
-            "loss_type": (self.loss_type not in LOSS_TYPES, f"{self.loss_type!r} (supported: {LOSS_TYPES})"),
-            "top_entropy_quantile": (self.top_entropy_quantile < 1.0, f"{self.top_entropy_quantile} (only 1.0)"),
-            "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "set (only None)"),
-            "entropy bonus": (self._entropy_bonus_enabled, "enabled (entropy_coef must be 0, no adaptive entropy)"),
-            "vllm_importance_sampling_correction": (
-                self.use_vllm and self.vllm_importance_sampling_correction, "on with use_vllm (not supported)"),
-            "router_aux_loss_coef": (self.aux_loss_enabled, "MoE aux loss enabled (not supported)"),
-        }
-        for name, (bad, what) in unsupported.items():
+    ``backend``: the grpo_kernels backend ("auto", "cuda", "triton", "cpu", "torch"); ``chunk_size``: rows of
+    logits per chunk (None: from the memory budget of ``grpo_kernels.fused_linear.default_chunk_size``).
+    """
+
+    def __init__(self, *args, backend: str = "auto", chunk_size: int | None = None, **kwargs):
+        check_backend_name(backend)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None:  # None: TRL's defaults, all supported
+            bad = unsupported_options(config)
             if bad:
-                raise ValueError(f"GRPOKernelsTrainer: TRL option {name} = {what}; use trl.GRPOTrainer for it")
-        # The loss options, read once from TRL's config (the same defaults: grpo_kernels follows TRL).
-        self.loss_config = LossConfig(
+                raise ValueError("GRPOKernelsTrainer cannot run these TRL options: " + "; ".join(bad)
+                                 + ". Use trl.GRPOTrainer for them.")
+        self.grpo_kernels_backend, self.grpo_kernels_chunk_size = backend, chunk_size
+        self._gk_pass = None
+        super().__init__(*args, **kwargs)
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _patch_forward(base, self)
+        if self.ref_model is not None:
+            _patch_forward(self.ref_model, self)
+
+    # -- the log-prob passes --------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
+        """TRL's method as shipped; the patched forward scores only the last ``logits_to_keep`` positions."""
+        compute_entropy = kw.get("compute_entropy", a[1] if len(a) > 1 else False)
+        outer = self._gk_pass
+        if outer is None or outer.loss_fn is None:
+            self._gk_pass = _Pass(logits_to_keep, bool(compute_entropy))
+        try:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                               *a, **kw)
+        finally:
+            self._gk_pass = outer
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def _loss_config(self, entropy_coef: float) -> LossConfig:
+        a = self.args
+        options = dict(
             beta=float(self.beta), epsilon_low=float(self.epsilon_low), epsilon_high=float(self.epsilon_high),
-            delta=a.delta, temperature=float(self.temperature), loss_type=self.loss_type,
-            importance_sampling_level=self.importance_sampling_level, use_bias_correction_kl=a.use_bias_correction_kl,
-            sapo_temperature_pos=float(a.sapo_temperature_pos), sapo_temperature_neg=float(a.sapo_temperature_neg),
+            delta=None if a.delta is None else float(a.delta), temperature=float(self.temperature),
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            use_bias_correction_kl=bool(a.use_bias_correction_kl), sapo_temperature_pos=float(a.sapo_temperature_pos),
+            sapo_temperature_neg=float(a.sapo_temperature_neg),
         )
+        optional = dict(
+            vespo_k_pos=float(a.vespo_k_pos), vespo_lambda_pos=float(a.vespo_lambda_pos),
+            vespo_k_neg=float(a.vespo_k_neg), vespo_lambda_neg=float(a.vespo_lambda_neg),
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            top_entropy_quantile=float(self.top_entropy_quantile), entropy_coef=float(entropy_coef),
+        )
+        options.update({k: v for k, v in optional.items() if k in _LOSS_FIELDS})
+        return LossConfig(**options)
 
     def _compute_loss(self, model, inputs):
-        for key in _MULTIMODAL_KEYS:
-            if inputs.get(key) is not None:
-                raise ValueError(f"GRPOKernelsTrainer handles text-only models; the batch has {key!r}")
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         T = completion_ids.size(1)
-        with self.accelerator.autocast():
-            # Without fused_lm_head=True TRL's patched forward is the model's own: logits of the last T+1
-            # positions [B, T+1, V]; position t predicts completion token t.
-            logits = model(
-                input_ids=torch.cat([prompt_ids, completion_ids], 1),
-                attention_mask=torch.cat([prompt_mask, completion_mask], 1),
-                logits_to_keep=T + 1,
-            ).logits[:, :-1]
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
 
-        training = self.model.training
-        accumulation = self.current_gradient_accumulation_steps if training else 1
+        bad = unsupported_options(self.args)  # an option a callback switched on mid-run
+        if bad:
+            raise ValueError("GRPOKernelsTrainer cannot run these TRL options: " + "; ".join(bad))
+        coef = 0.0
+        if self._entropy_bonus_enabled:
+            coef = self.entropy_coef
+            if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+                coef = 0.0
+        # TRL divides the entropy bonus by the accumulation steps for every loss type; the dapo family's
+        # normaliser already holds them, the others are divided below.
+        lib_coef = coef / accumulation if self.loss_type in _DAPO_LIKE else coef
+        config = self._loss_config(lib_coef)
         num_items = None
-        if self.loss_type in ("dapo", "cispo"):
+        if self.loss_type in _DAPO_LIKE:
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if training:
+            if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
-        out = grpo_loss_with_config(
-            logits, completion_ids, self.loss_config, completion_mask=mask, advantages=inputs["advantages"],
-            old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"),
-            max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
-            backend=self.grpo_kernels_backend,
-        )
-        loss = out.loss if self.loss_type in ("dapo", "cispo") else out.loss / accumulation
-        self._log_loss_metrics(out.metrics, mask)
+        extra = {}
+        if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
+            if inputs.get("importance_sampling_ratio") is not None:
+                extra["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
+        if self.off_policy_mask_threshold is not None and inputs.get("sampling_per_token_logps") is not None:
+            extra["sampling_logps"] = inputs["sampling_per_token_logps"]
+        advantages = inputs["advantages"]
+        old = inputs.get("old_per_token_logps")
+
+        outputs = []
+
+        def loss_fn(hidden, weight, bias, logit_scale, softcap):
+            out = fused_linear_grpo_loss_with_config(
+                hidden, weight, completion_ids, config, lm_head_bias=bias, completion_mask=mask,
+                advantages=advantages, old_logps=old, ref_logps=inputs.get("ref_per_token_logps"),
+                max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
+                logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=self.grpo_kernels_chunk_size,
+                backend=self.grpo_kernels_backend, **extra,
+            )
+            outputs.append(out)
+            return out
+
+        self._gk_pass = _Pass(T, False, loss_fn)
+        try:
+            _, _, aux_loss = self._get_per_token_logps_and_entropies(
+                model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T,
+                compute_entropy=False, compute_aux_loss=self.aux_loss_enabled,
+                **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+            )
+        finally:
+            self._gk_pass = None
+        (out,) = outputs
+        loss = out.loss if self.loss_type in _DAPO_LIKE else out.loss / accumulation
+        metrics = dict(out.metrics)
+
+        if self._entropy_bonus_enabled:
+            # the loss before the bonus and before the accumulation division, TRL's policy_loss
+            policy_loss = (out.loss + lib_coef * metrics["entropy"]).detach()
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            tokens = mask.sum().float()
+            if self.use_adaptive_entropy and mode == "train":
+                stats = torch.stack([metrics["entropy"].to(tokens.device) * tokens, tokens]).detach()
+                self._entropy_window_stats = stats if self._entropy_window_stats is None else (
+                    self._entropy_window_stats + stats)
+                if self.accelerator.sync_gradients:
+                    window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                    a = self.args
+                    if world_entropy <= a.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                    self._last_world_entropy = world_entropy
+                    self._entropy_window_stats = None
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_loss_metrics(metrics, mask, mode)
         return loss
 
-    def _log_loss_metrics(self, metrics, mask):
-        """TRL's metric names, averaged over processes weighted by their token (or sequence) counts."""
-        mode = "train" if self.model.training else "eval"
+    def _log_loss_metrics(self, metrics, mask, mode):
+        """TRL's metric names and cross-process reductions: token (or sequence) weighted means; the min / max
+        over sequences of ``clip_ratio/low_min`` / ``clip_ratio/high_max`` over all processes."""
         sequences = torch.tensor(float(mask.shape[0]), device=mask.device)
         tokens = mask.sum().float()
         for name, value in metrics.items():
-            per_sequence = name.startswith(("clip_ratio", "cispo")) and self.importance_sampling_level == "sequence"
+            value = value.to(mask.device).float()
+            if name.endswith("_min") or name.endswith("_max"):
+                gathered = self.accelerator.gather(value.reshape(1))
+                gathered = gathered[~torch.isnan(gathered)]
+                agg = (gathered.min() if name.endswith("_min") else gathered.max()) if gathered.numel() else value
+                self._metrics[mode][name].append(agg.item())
+                continue
+            per_sequence = name == "vespo/phi_seq_mean" or (
+                name.startswith(("clip_ratio", "cispo")) and self.importance_sampling_level == "sequence")
             weight = sequences if per_sequence else tokens
             totals = self.accelerator.reduce(torch.stack([value * weight, weight]), reduction="sum")
             self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+# Inputs of vision-language models, passed by TRL's _get_per_token_logps_and_entropies to the model.
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _patch_forward(model, trainer) -> None:
+    """Routes ``model(..., labels=..., fused_lm_head=True)`` (TRL's log-prob call) through grpo_kernels' streamed
+    head while the trainer has a pass pending; every other call goes to the forward TRL installed."""
+    import transformers
+    from packaging.version import Version
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    previous = model.forward
+    text_config = model.config.get_text_config()
+    logit_scale, softcap = _head_transform(model.config)
+    backbone_attr = "base_model"
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_attr = "model"
+    trainer_ref = weakref.ref(trainer)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
+        owner = trainer_ref()
+        job = None if owner is None else owner._gk_pass
+        if not fused_lm_head or job is None:
+            return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
+        if shift_labels is not None:
+            raise ValueError("GRPOKernelsTrainer: shift_labels (context / sequence parallelism) is not supported")
+        kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone_out = getattr(self, backbone_attr)(*args, **kwargs)
+        keep = job.keep
+        # position t of the completion is predicted by the hidden state one step before it
+        hidden = backbone_out.last_hidden_state[:, -keep - 1:-1]
+        ids = labels[:, -keep:]
+        lm_head = self.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        hidden, ids = hidden.to(weight.device), ids.to(weight.device)
+        fp32 = owner.args.cast_lm_head_to_fp32
+        ctx = torch.autocast(hidden.device.type, enabled=False) if fp32 else nullcontext()
+        if fp32:
+            hidden = hidden.float()
+        loss = entropy = None
+        with ctx:
+            if job.loss_fn is not None:
+                out = job.loss_fn(hidden, weight, bias, logit_scale, softcap)
+                loss, log_probs = out.loss, out.logps
+            else:
+                valid = ids != -100
+                res = fused_linear_token_logprobs(
+                    hidden, weight, ids.clamp(min=0), bias=bias, temperature=float(owner.temperature),
+                    return_entropy=job.entropy, logit_scale=logit_scale, final_logit_softcapping=softcap,
+                    chunk_size=owner.grpo_kernels_chunk_size, backend=owner.grpo_kernels_backend)
+                log_probs, entropy = res if job.entropy else (res, None)
+                log_probs = log_probs.masked_fill(~valid, 0.0)
+                entropy = None if entropy is None else entropy.masked_fill(~valid, 0.0)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _load_balancing_loss(self, text_config, backbone_out, kwargs.get("attention_mask"))
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _load_balancing_loss(model, text_config, backbone_out, attention_mask):
+    """The MoE load-balancing loss of the router logits, the function and expert counts TRL's head uses."""
+    import transformers
+    from packaging.version import Version
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    if Version(transformers.__version__) < Version("5.0.0"):
+        experts, per_token = model.num_experts, model.num_experts_per_tok
+    elif text_config.model_type == "gpt_oss" and Version(transformers.__version__) < Version("5.6.0"):
+        experts, per_token = model.num_experts, text_config.num_experts_per_tok
+    else:
+        experts, per_token = text_config.num_experts, text_config.num_experts_per_tok
+    return load_balancing_loss_func(backbone_out.router_logits, experts, per_token, attention_mask)

@@ -1,0 +1,5 @@
+"""``python -m grpo_kernels``: what was built and what runs here (see grpo_kernels.show_config)."""
+
+from grpo_kernels._diagnostics import show_config
+
+show_config()

@@ -284,7 +284,7 @@ CASES = {
     "vocab_parallel-id-in-no-shard": lambda mp: vp_loss(completion_ids=ids_at(V)),
     "config-not-a-GRPOConfig": lambda mp: gk.grpo_loss_with_config(X["logits"], X["ids"], {"beta": 0.04},
                                                                    advantages=X["adv"]),
-    "config-trl-option-without-counterpart": lambda mp: gk.GRPOLoss(config=trl_config(top_entropy_quantile=0.2)),
+    "config-trl-option-without-counterpart": lambda mp: gk.GRPOLoss(config=trl_config(use_adaptive_entropy=True)),
     # ---- backend selection ----
     "backend-unknown": lambda mp: loss(backend="gpu"),
     "backend-env-unknown": lambda mp: env_backend(mp, "bogus", lambda: loss(backend="auto")),

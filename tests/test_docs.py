@@ -71,6 +71,7 @@ TRL_LINES = {
     "t3189": "if self._entropy_bonus_enabled:",
     "t3192": "effective_mask = mask if entropy_mask is None else mask * entropy_mask",
     "t3199": "entropy_loss = (",
+    "t3213": '["policy_loss"].append(',
     "t3254": "def masked_seq_mean(x):",
     "t3259": "def global_masked_mean(x):",
     "t3267": "if self.beta != 0.0:",

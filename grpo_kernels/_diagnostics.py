@@ -156,7 +156,18 @@ def config() -> dict[str, Any]:
 
 
 def show_config(file=None) -> None:
-    """Print what was built and what runs here (paste it into a bug report)."""
+    """Print what was built and what runs here (paste it into a bug report).
+
+    The backends available for each device type (and why the others are not), the C++ CPU module's ISA
+    builds and the one in use, the OpenMP runtimes mapped into the process, the CUDA architectures compiled
+    into ``grpo_kernels._cuda``, and the versions of the package, Python, torch, triton and the build's
+    compilers. ``python -m grpo_kernels`` prints the same.
+
+    Parameters
+    ----------
+    file : text stream or None, default None
+        Where to print; None prints to ``sys.stdout``.
+    """
     c = config()
     out = []
     g = c["grpo_kernels"]

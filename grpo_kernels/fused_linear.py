@@ -736,13 +736,41 @@ def fused_linear_token_logprobs(
 ):
     """``token_logprobs(F.linear(hidden, weight, bias), ids, ...)`` chunk by chunk, never all N x V logits.
 
-    The forward pass of an old-policy / reference / sampler log-prob pass: hidden ``[B, T, H]`` (any
-    strides), weight ``[V, H]``, bias ``[V]`` or None, ids ``[B, T]`` in [0, V). Returns logps ``[B, T]`` fp32
-    (float64 for float64 inputs) and, with ``return_entropy``, the entropy ``[B, T]`` of
-    ``softmax(y / temperature)``. ``logit_scale`` and ``final_logit_softcapping`` transform the head's output
-    as in :func:`fused_linear_grpo_loss`; autocast and DTensor heads are handled as there. Forward only: the
-    results carry no gradient (call it under ``torch.no_grad()`` or not, the same). Memory: one chunk of
-    ``chunk_size`` rows of logits (default from the memory budget of :func:`default_chunk_size`).
+    The forward pass of an old-policy / reference / sampler log-prob pass. Forward only: the results carry
+    no gradient (under ``torch.no_grad()`` or not, the same). Memory: one chunk of ``chunk_size`` rows of
+    logits at a time.
+
+    Parameters
+    ----------
+    hidden : Tensor [B, T, H]
+        Hidden states before the LM head (any strides; fp32 / bf16 / fp16, float64 on backend "torch").
+    weight : Tensor [V, H]
+        The LM head's weight (a DTensor is gathered with ``full_tensor()``, as in
+        :func:`fused_linear_grpo_loss`).
+    ids : Tensor [B, T] integer
+        The tokens whose log-probs are wanted, in [0, V).
+    bias : Tensor [V] or None, default None
+        The LM head's bias.
+    temperature : float, default 1.0
+        Log-probs and entropy are those of ``softmax(y / temperature)``, ``y`` the head's (transformed) output.
+    return_entropy : bool, default False
+        Also return the entropy of each position's distribution.
+    logit_scale : float, default 1.0
+        ``y = logit_scale * (hidden @ weight.T + bias)`` (Cohere-style heads), as in :func:`fused_linear_grpo_loss`.
+    final_logit_softcapping : float or None, default None
+        ``y = cap * tanh(y / cap)`` after the scale (Gemma 2/3); None applies no cap.
+    chunk_size : int or None, default None
+        Rows of logits per chunk; None picks it from the memory budget of :func:`default_chunk_size`.
+    backend : str, default "auto"
+        "auto" | "cuda" | "triton" | "cpu" | "torch", as in :func:`grpo_kernels.grpo_loss`. Under
+        ``torch.autocast`` the head runs in the autocast dtype.
+
+    Returns
+    -------
+    logps : Tensor [B, T]
+        fp32 (float64 for float64 inputs).
+    entropy : Tensor [B, T]
+        Only with ``return_entropy=True``: the tuple ``(logps, entropy)``.
     """
     head = _check_head_transform(logit_scale, final_logit_softcapping)
     weight, bias = _full_tensor(weight), _full_tensor(bias)

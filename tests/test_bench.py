@@ -15,7 +15,6 @@ import torch
 
 import grpo_kernels
 from bench import _trl, cpu_isa, gpu, grpo_vs_ppo, latency, logprobs, loss, report, runner, train_step
-from test_cuda_emu import emu  # noqa: F401  (the fixture of the fused-kernels smoke test)
 
 N, V = 128, 4000  # N x V fp32 = 2 MB: large enough for RSS accounting (pages, mmap) to see it
 TINY = ["--n", str(N), "--v", str(V), "--device", "cpu", "--repeats", "2", "--warmup", "1", "--t", "64"]
@@ -162,7 +161,7 @@ def test_cpu_isa_smoke(capsys):
 def test_gpu_fused_kernels_smoke(request):
     """``--ops fused_kernels`` on the CPU emulation of the CUDA kernels: both fused kernels time, with their
     passes and HBM bytes, and the command is part of the suite."""
-    from test_cuda_emu import CXX
+    from cuda_emu_build import CXX
 
     if CXX is None:
         pytest.skip("g++ is needed to build the CUDA emulation module")

@@ -8,9 +8,7 @@ every metric TRL logs must agree. Both compute in fp32 from the same hidden stat
 1e-5 relative (fp32 sums over at most a few hundred terms).
 
 The inputs include the sampler's log-probs with one NaN (as vLLM returns for a token it cannot score) and
-the sampler importance ratio built as TRL builds it in each of its four modes. Cases that need a loss
-option of the library that the installed grpo_kernels does not have yet assert instead that the adapter
-refuses them with a ValueError naming the option (the refusal the README lists).
+the sampler importance ratio built as TRL builds it in each of its four modes.
 """
 
 from __future__ import annotations
@@ -161,15 +159,6 @@ CASES += [
 ]
 
 
-def _library_metrics():
-    logits = torch.randn(2, 3, 5)
-    out = gk.grpo_loss(logits, torch.zeros(2, 3, dtype=torch.long), advantages=torch.tensor([1.0, -1.0]),
-                       backend="torch")
-    return set(out.metrics)
-
-
-# NOT YET IN THE LIBRARY (re-checked after merging the library's TRL options): TRL's min / max over sequences.
-PENDING_METRICS = {"clip_ratio/low_min", "clip_ratio/high_max"} - _library_metrics()
 
 
 def library_has(needs):
@@ -234,12 +223,8 @@ def test_compute_loss_equals_trl(trainers, backend, training, accumulation, name
     ours, theirs = trainers[backend], trainers["trl"]
     configure(theirs, attrs, args_attrs, training, accumulation)
     configure(ours, attrs, args_attrs, training, accumulation)
-    if not library_has(needs) or attrs.get("loss_type", "dapo") not in gk.config.LOSS_TYPES:
-        # NOT YET IN THE LIBRARY: the adapter must refuse, naming the option
-        assert unsupported_options(ours.args), name
-        with pytest.raises(ValueError, match="GRPOKernelsTrainer cannot run"):
-            run(ours, case_inputs(theirs, attrs))
-        return
+    assert library_has(needs) and attrs.get("loss_type", "dapo") in gk.config.LOSS_TYPES, name
+    assert not unsupported_options(ours.args), name
     inputs = case_inputs(theirs, attrs)
     loss_t, grads_t, metrics_t = run(theirs, inputs)
     loss_o, grads_o, metrics_o = run(ours, inputs)
@@ -250,7 +235,7 @@ def test_compute_loss_equals_trl(trainers, backend, training, accumulation, name
             assert grads_o[n] is None or not training, n
             continue
         torch.testing.assert_close(grads_o[n], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"grad of {n}: {m}")
-    assert set(metrics_o) == set(metrics_t) - PENDING_METRICS, (sorted(metrics_o), sorted(metrics_t))
+    assert set(metrics_o) == set(metrics_t), (sorted(metrics_o), sorted(metrics_t))
     for k in metrics_o:
         assert metrics_o[k] == pytest.approx(metrics_t[k], rel=1e-5, abs=1e-6, nan_ok=True), k
 
@@ -286,9 +271,7 @@ def test_the_loss_never_calls_the_lm_head_module(trainers):
 
 def test_refusals_happen_before_the_model_is_loaded(tmp_path):
     """An option the library cannot compute raises in __init__ before the model path is even opened."""
-    bad = [dict(loss_type="no-such-loss")]
-    if "top_entropy_quantile" not in LIB_FIELDS:
-        bad.append(dict(top_entropy_quantile=0.5))
+    bad = [dict(loss_type="no-such-loss"), dict(entropy_coef=0.01, top_entropy_quantile=0.5)]
     for config in bad:
         args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{
             k: v for k, v in config.items() if k != "loss_type"})

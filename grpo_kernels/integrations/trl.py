@@ -33,7 +33,6 @@ is loaded (see :data:`unsupported_options`).
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 import weakref
 from contextlib import nullcontext
@@ -47,8 +46,6 @@ from ..config import LOSS_TYPES
 from ..config import GRPOConfig as LossConfig
 from ..fused_linear import fused_linear_grpo_loss_with_config, fused_linear_token_logprobs
 
-_LOSS_FIELDS = set(LossConfig.field_names())
-_LOSS_INPUTS = set(inspect.signature(fused_linear_grpo_loss_with_config).parameters)
 _DAPO_LIKE = ("dapo", "cispo", "vespo")  # normalised by num_items_in_batch
 
 
@@ -58,24 +55,12 @@ def unsupported_options(args) -> list[str]:
     bad = []
     if args.loss_type not in LOSS_TYPES:
         bad.append(f"loss_type = {args.loss_type!r} (this grpo_kernels computes {LOSS_TYPES})")
-    if args.loss_type == "vespo" and not {"vespo_k_pos", "vespo_lambda_pos"} <= _LOSS_FIELDS:
-        bad.append("loss_type = 'vespo' (the vespo parameters are not options of this grpo_kernels)")
-    if args.top_entropy_quantile < 1.0 and "top_entropy_quantile" not in _LOSS_FIELDS:
-        bad.append(f"top_entropy_quantile = {args.top_entropy_quantile} (this grpo_kernels has no top-entropy mask)")
-    if args.off_policy_mask_threshold is not None and "off_policy_mask_threshold" not in _LOSS_FIELDS:
-        bad.append("off_policy_mask_threshold set (this grpo_kernels has no off-policy sequence mask)")
     entropy_bonus = args.entropy_coef != 0.0 or args.use_adaptive_entropy
-    if entropy_bonus and "entropy_coef" not in _LOSS_FIELDS:
-        bad.append("entropy_coef / use_adaptive_entropy (this grpo_kernels has no entropy bonus)")
     if entropy_bonus and args.top_entropy_quantile < 1.0:
         # TRL's policy_loss metric and adaptive controller need the entropy mean over the top-entropy tokens,
         # which the loss does not return.
         bad.append("an entropy bonus together with top_entropy_quantile < 1 (the entropy over the masked tokens "
                    "is not an output of the loss)")
-    sampler_ratio = (args.use_vllm and args.vllm_importance_sampling_correction) or args.loss_type == "vespo"
-    if sampler_ratio and "importance_sampling_ratio" not in _LOSS_INPUTS:
-        bad.append("use_vllm with vllm_importance_sampling_correction (this grpo_kernels takes no sampler "
-                   "importance ratio)")
     return bad
 
 
@@ -150,14 +135,11 @@ class GRPOKernelsTrainer(GRPOTrainer):
             loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
             use_bias_correction_kl=bool(a.use_bias_correction_kl), sapo_temperature_pos=float(a.sapo_temperature_pos),
             sapo_temperature_neg=float(a.sapo_temperature_neg),
-        )
-        optional = dict(
             vespo_k_pos=float(a.vespo_k_pos), vespo_lambda_pos=float(a.vespo_lambda_pos),
             vespo_k_neg=float(a.vespo_k_neg), vespo_lambda_neg=float(a.vespo_lambda_neg),
             off_policy_mask_threshold=self.off_policy_mask_threshold,
             top_entropy_quantile=float(self.top_entropy_quantile), entropy_coef=float(entropy_coef),
         )
-        options.update({k: v for k, v in optional.items() if k in _LOSS_FIELDS})
         return LossConfig(**options)
 
     def _compute_loss(self, model, inputs):

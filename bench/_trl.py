@@ -51,6 +51,9 @@ class OneProcessAccelerator:
     def gather_for_metrics(self, t):
         return t
 
+    def pad_across_processes(self, t, dim=0, pad_index=0):
+        return t
+
     def autocast(self):
         return contextlib.nullcontext()
 

@@ -22,7 +22,6 @@ reproduces those lines with TRL's own ``nanstd``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import types
 
 import pytest
@@ -38,25 +37,7 @@ F64 = torch.float64
 TRL_ONLY_METRICS = {"entropy_coef"}  # the trainer's (possibly adaptive) coefficient: training-loop state
 
 
-class OneProcessAccelerator:
-    num_processes = 1
-    is_main_process = True
-    sync_gradients = True
-
-    def reduce(self, t, reduction="sum"):
-        return t
-
-    def gather(self, t):
-        return t
-
-    def gather_for_metrics(self, t):
-        return t
-
-    def pad_across_processes(self, t, dim=0, pad_index=0):
-        return t
-
-    def autocast(self):
-        return contextlib.nullcontext()
+from bench._trl import OneProcessAccelerator  # noqa: E402  (the benchmark's trl row uses the same stand-in)
 
 
 # TRL builds the sapo temperatures with torch.where(A > 0, pos, neg) from Python floats: an fp32 tensor

@@ -23,10 +23,13 @@ grad, metrics); a loss batch is a :class:`LossBatch`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 
 import grpo_kernels as gk
 from grpo_kernels import reference
@@ -553,3 +556,14 @@ def check_boundary_binding(module):
             pass
         else:
             raise AssertionError(f"{cls.__name__} accepted an unknown field")
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """A gloo process group of world size 1 in this process (the vocab-parallel functions are collectives)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()

@@ -9,7 +9,6 @@ table and every row has a case. (tests/test_api.py tests many of the same inputs
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import re
 import tempfile
@@ -24,6 +23,7 @@ from grpo_kernels import backends
 from grpo_kernels import vocab_parallel as vp
 from grpo_kernels.backends import BackendUnavailableError
 from grpo_kernels.config import GRPOConfig
+from kernel_checks import one_process_group
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 B, T, V, G = 4, 3, 7, 2
@@ -118,17 +118,6 @@ def linear(**over):
     ids = over.pop("completion_ids", X["ids"])
     kw.update(over)
     return gk.fused_linear_grpo_loss(hidden, weight, ids, **kw)
-
-
-@contextlib.contextmanager
-def one_process_group():
-    """A gloo process group of world size 1 in this process (the vocab-parallel functions are collectives)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 def vp_logprobs(**over):

@@ -11,13 +11,11 @@ their CPU emulation: ``test_cuda_emu.py::test_fractional_mask_weights``.)
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-from kernel_checks import check_loss
+from kernel_checks import check_loss, one_process_group
 
 import grpo_kernels as gk
 from grpo_kernels import vocab_parallel as vp
@@ -128,16 +126,6 @@ def test_fused_linear_with_weights(backend, level):
     assert torch.all(h.grad[0, 4] == 0)
     for k, v in ref.metrics.items():
         assert out.metrics[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-6), k
-
-
-@contextlib.contextmanager
-def one_process_group():
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed + gloo")

@@ -54,8 +54,11 @@ env -u GRPO_KERNELS_SKIP_CUDA -u GRPO_KERNELS_NATIVE -u GRPO_KERNELS_CUDA_ARCHS 
     "$PY" -m pip wheel "$WORK/src" --no-deps --no-build-isolation -w "$WORK/raw"
 
 RAW=$(ls "$WORK"/raw/grpo_kernels-*.whl)
-unzip -l "$RAW" | grep -q "grpo_kernels/_cuda" || { echo "build_release: no _cuda module in $RAW" >&2; exit 1; }
+# grep -c, not grep -q: -q exits at the first match, and under pipefail the SIGPIPE that unzip may then
+# get would fail the pipeline although the module is there
+unzip -Z1 "$RAW" | grep -c "^grpo_kernels/_cuda" >/dev/null \
+    || { echo "build_release: no _cuda module in $RAW" >&2; exit 1; }
 "$PY" -m auditwheel repair --exclude libgomp.so.1 --plat "$PLAT" -w "$OUT" "$RAW"
-WHEEL=$(ls -t "$OUT"/grpo_kernels-*"${PLAT}"*.whl | head -1)
+WHEEL=$(ls -t "$OUT"/grpo_kernels-*"${PLAT}"*.whl | sed -n 1p)  # sed reads all of ls (see grep -c above)
 "$PY" -m auditwheel show "$WHEEL"
 echo "build_release: $WHEEL ($(du -k "$WHEEL" | cut -f1) KiB)"

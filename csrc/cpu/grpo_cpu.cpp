@@ -1,7 +1,7 @@
 // grpo_cpu.cpp: C++ CPU kernels of grpo_kernels (backend="cpu"); the math lives in csrc/include/grpo_math.h.
 //
 // Parallelism: OpenMP over rows (schedule(static)); within a row, loops marked `omp simd` that the compiler
-// vectorises (no -ffast-math: -inf / NaN semantics are kept, see vexp).
+// vectorises (no -ffast-math: -inf / NaN semantics are kept, see exp_le0_clamped).
 //
 // Passes over one row of V logits (z = x * inv_tau):
 //   forward   1) m = max x             2) s = sum e^{d}, t = sum e^{d} d, d = (x - m)/tau -> (m, log s), logp, H
@@ -10,6 +10,7 @@
 //   fused     1) m   2) e_v = e^{(x_v-m)/tau} kept in a per-thread fp32 scratch row, s, t -> logp, entropy,
 //             g = coef * dloss/dlogp   3) out_v = g (onehot - e_v / s) / tau   (one exp per element)
 // The row is read from memory once; passes 2 and 3 hit the cache (a 32k-vocabulary row is 128 KiB in fp32).
+// Pass 3 of a large fp32 gradient is written with streaming stores: see StreamRowFn.
 //
 // ISA: every row kernel is compiled from one template body for the compiler's baseline ISA and, on x86-64,
 // twice more through function attributes: AVX2+FMA+F16C (256-bit vectors) and AVX-512 F/BW/DQ/VL with
@@ -28,6 +29,10 @@
 
 #include "grpo_math.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace gkcpu {
 namespace {
 
@@ -40,14 +45,20 @@ constexpr float kInf = __builtin_inff();
 GK_ALWAYS_INLINE float bitsf(uint32_t u) { return gk::bits_f32(u); }
 GK_ALWAYS_INLINE uint32_t fbits(float f) { return gk::f32_bits(f); }
 
-// e^x for any float x, branch-free so that a loop of it vectorises; <= 2 ulp on [-86, 88.7].
+// e^x for the arguments of a softmax, x <= 0 (a shifted logit (z - max z) / tau, or that minus log s), -inf
+// or NaN; branch-free so that a loop of it vectorises; <= 2 ulp on [-86, 0].
 //   x = n ln2 + r, |r| <= ln2/2, n = round(x log2 e) (the 1.5*2^23 trick: RNE, and the integer n sits in
 //   the low mantissa bits of the sum);  e^r by its degree-7 Taylor polynomial (truncation r^8/8! < 6e-9
-//   relative);  2^n built as 2^(n-1) * 2 so that n in [-124, 128] needs only normal exponents.
+//   relative);  2^n for n in [-124, 0] is a normal float built from its exponent bits.
 //   x < -86 returns 0 (true value < 4.5e-38: an absolute error far below any fp32 sum of e^(z-m) >= 1),
-//   x > 88.72 returns inf, NaN returns NaN (every comparison below is false for NaN).
-GK_ALWAYS_INLINE float vexp(float x) {
-  const float xc = x < -86.f ? -86.f : (x > 88.72f ? 88.72f : x);
+//   NaN returns NaN (the comparison is false for NaN). x > 0 is outside the domain (n > 127 would overflow
+//   the exponent field); the callers' arguments are <= 0 by construction. Leaving out the upper clamp and
+//   its inf select takes a compare and two blends out of every vector of the exp loops: the fused fp32
+//   kernel ran 0.89x and 0.87x its time with the general exp (N = 2,048, V = 32,000, 2 threads; 0.77x on
+//   one thread in cache), with bit-identical results.
+// exp_le0_clamped is the same for x already in [-86, 0] (or NaN): the forward loops keep that clamped
+// argument to weight the entropy sum, which spares them a mask for e = 0 at x = -inf.
+GK_ALWAYS_INLINE float exp_le0_clamped(float xc) {
   const float magic = 12582912.f;  // 1.5 * 2^23
   const float tn = xc * 1.44269504088896341f + magic;
   const float n = tn - magic;
@@ -62,11 +73,14 @@ GK_ALWAYS_INLINE float vexp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const float scale = bitsf(static_cast<uint32_t>(ni + 126) << 23);  // 2^(n-1)
-  float y = (p * scale) * 2.f;
-  y = x < -86.f ? 0.f : y;
-  y = x > 88.72f ? kInf : y;
-  return y;
+  return p * bitsf(static_cast<uint32_t>(ni + 127) << 23);  // p * 2^n, exact: the product is normal
+}
+
+GK_ALWAYS_INLINE float clamp_exp_arg(float x) { return x < -86.f ? -86.f : x; }
+
+GK_ALWAYS_INLINE float vexp(float x) {
+  const float y = exp_le0_clamped(clamp_exp_arg(x));
+  return x < -86.f ? 0.f : y;
 }
 
 template <int DT>
@@ -98,9 +112,10 @@ GK_ALWAYS_INLINE void fwd_row_body(const void* xv, int64_t V, int64_t id, float 
 #pragma omp simd reduction(+ : sc, tc)
     for (int64_t v = c0; v < c1; ++v) {
       const float d = (Elem<DT>::load(x[v]) - mx) * inv_tau;  // shifted logit, see above
-      const float e = vexp(d);
+      const float dc = clamp_exp_arg(d);
+      const float e = d < -86.f ? 0.f : exp_le0_clamped(dc);
       sc += e;
-      if (ENT) tc += d > -kInf ? e * d : 0.f;  // z = -inf: p = 0 contributes 0, not 0 * -inf
+      if (ENT) tc += e * dc;  // e = 0 wherever dc != d: z = -inf contributes 0, not 0 * -inf
     }
     s += sc;
     t += tc;
@@ -132,16 +147,28 @@ GK_ALWAYS_INLINE void bwd_row_body(const void* xv, void* ov, int64_t V, int64_t 
                                                     inv_tau));
 }
 
+// Pass 3 of the fused kernel for an fp32 gradient row, with non-temporal (streaming) stores:
+// o[v] = a * (e[v] * b), the same products as the plain loop (so the same bits), or o[v] = 0 when zero;
+// then a store fence, so that the caller's plain store of the target element lands after them. A plain
+// store to a line that is not in the cache first reads the line from memory (read-for-ownership), so writing
+// an N x V gradient far larger than the cache moves three bytes for every two it stores; a streaming store
+// writes the line without reading it. Used when the gradient has at least kStreamMinBytes (below that it may
+// still be in the cache for the op that reads it next) and is not the logits themselves (in place, the row
+// was just read: its lines are in the cache and nothing is saved). Measured against plain stores, both with
+// exp_le0_clamped, paired in one process: 0.85x and 0.88x the time (N = 2,048, V = 32,000, 2 threads).
+typedef void (*StreamRowFn)(float* o, const float* e, int64_t V, float a, float b, bool zero);
+constexpr size_t kStreamMinBytes = size_t(32) << 20;  // the last-level cache of one server CPU's core complex
+
 struct RowLoss {
   gk::LossParams p;
   int has_old, has_ref;
   float old, ref, adv, coef;
 };
 
-// r[0] = logp, r[1] = entropy; scratch: V floats
+// r[0] = logp, r[1] = entropy; scratch: V floats; stream: pass 3 of an fp32 row (nullptr: plain stores)
 template <int DT>
 GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_t id, float inv_tau,
-                                     const RowLoss& L, float* scratch, float* r) {
+                                     const RowLoss& L, float* scratch, StreamRowFn stream, float* r) {
   const ET<DT>* x = static_cast<const ET<DT>*>(xv);
   ET<DT>* o = static_cast<ET<DT>*>(ov);
   const bool has_t = id >= 0 && id < V;
@@ -159,10 +186,11 @@ GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_
 #pragma omp simd reduction(+ : sc, tc)
     for (int64_t v = c0; v < c1; ++v) {
       const float d = (Elem<DT>::load(x[v]) - mx) * inv_tau;
-      const float e = vexp(d);
+      const float dc = clamp_exp_arg(d);
+      const float e = d < -86.f ? 0.f : exp_le0_clamped(dc);
       scratch[v] = e;
       sc += e;
-      tc += d > -kInf ? e * d : 0.f;
+      tc += e * dc;  // as in fwd_row_body
     }
     s += sc;
     t += tc;
@@ -172,12 +200,21 @@ GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_
   r[0] = logp;
   r[1] = ls - t / s;
   if (L.coef == 0.f) {  // masked token: exact zeros (its logits may be garbage)
+    if (DT == 0 && stream) {
+      stream(static_cast<float*>(ov), scratch, V, 0.f, 0.f, true);
+      return;
+    }
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) o[v] = Elem<DT>::store(0.f);
     return;
   }
   const float g = L.coef * gk::dloss_dlogp(logp, L.has_old, L.old, L.has_ref, L.ref, L.adv, L.p);
   const float gs = g * inv_tau, inv_s = 1.f / s;
+  if (DT == 0 && stream) {
+    stream(static_cast<float*>(ov), scratch, V, -gs, inv_s, false);
+    if (has_t) o[id] = Elem<DT>::store(gs * (1.f - scratch[id] * inv_s));
+    return;
+  }
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) o[v] = Elem<DT>::store(-gs * (scratch[v] * inv_s));
   if (has_t) o[id] = Elem<DT>::store(gs * (1.f - scratch[id] * inv_s));
@@ -186,15 +223,17 @@ GK_ALWAYS_INLINE void fused_row_body(const void* xv, void* ov, int64_t V, int64_
 // ---- per-ISA instantiations -----------------------------------------------------------------------
 typedef void (*FwdRowFn)(const void*, int64_t, int64_t, float, float*);
 typedef void (*BwdRowFn)(const void*, void*, int64_t, int64_t, float, float, float, float, float, float);
-typedef void (*FusedRowFn)(const void*, void*, int64_t, int64_t, float, const RowLoss&, float*, float*);
+typedef void (*FusedRowFn)(const void*, void*, int64_t, int64_t, float, const RowLoss&, float*, StreamRowFn,
+                           float*);
 
 struct RowKernels {
   FwdRowFn fwd[3][2];  // [dtype][entropy]
   BwdRowFn bwd[3][2];
   FusedRowFn fused[3];
+  StreamRowFn stream_f32;  // nullptr: this build writes every row with plain stores
 };
 
-#define GK_DEFINE_ISA(NS, ATTR)                                                                          \
+#define GK_DEFINE_ISA(NS, ATTR, STREAM)                                                                  \
   namespace NS {                                                                                         \
   template <int DT, bool ENT>                                                                            \
   ATTR void fwd_row(const void* x, int64_t V, int64_t id, float it, float* r) {                          \
@@ -207,8 +246,8 @@ struct RowKernels {
   }                                                                                                      \
   template <int DT>                                                                                      \
   ATTR void fused_row(const void* x, void* o, int64_t V, int64_t id, float it, const RowLoss& L,         \
-                      float* sc, float* r) {                                                             \
-    fused_row_body<DT>(x, o, V, id, it, L, sc, r);                                                       \
+                      float* sc, StreamRowFn st, float* r) {                                             \
+    fused_row_body<DT>(x, o, V, id, it, L, sc, st, r);                                                   \
   }                                                                                                      \
   const RowKernels table = {                                                                             \
       {{fwd_row<0, false>, fwd_row<0, true>},                                                            \
@@ -218,15 +257,38 @@ struct RowKernels {
        {bwd_row<1, false>, bwd_row<1, true>},                                                            \
        {bwd_row<2, false>, bwd_row<2, true>}},                                                           \
       {fused_row<0>, fused_row<1>, fused_row<2>},                                                        \
+      STREAM,                                                                                            \
   };                                                                                                     \
   }
 
-GK_DEFINE_ISA(isa_base, )
+GK_DEFINE_ISA(isa_base, , nullptr)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GK_HAVE_AVX2_PATH 1
-GK_DEFINE_ISA(isa_avx2, __attribute__((target("avx2,fma,f16c"))))
+
+// StreamRowFn on W-float vectors: plain stores up to the first aligned vector, streaming stores of whole
+// vectors, plain stores for the tail, a fence.
+#define GK_DEFINE_STREAM(NAME, ATTR, W, VEC, SET1, ZERO, MUL, LOADU, STREAM_STORE)                       \
+  ATTR void NAME(float* o, const float* e, int64_t V, float a, float b, bool zero) {                     \
+    int64_t v = 0;                                                                                       \
+    for (; v < V && (reinterpret_cast<uintptr_t>(o + v) & (4 * W - 1)) != 0; ++v)                        \
+      o[v] = zero ? 0.f : a * (e[v] * b);                                                                \
+    const VEC va = SET1(a), vb = SET1(b);                                                                \
+    if (zero)                                                                                            \
+      for (; v + W <= V; v += W) STREAM_STORE(o + v, ZERO());                                            \
+    else                                                                                                 \
+      for (; v + W <= V; v += W) STREAM_STORE(o + v, MUL(va, MUL(LOADU(e + v), vb)));                    \
+    for (; v < V; ++v) o[v] = zero ? 0.f : a * (e[v] * b);                                               \
+    _mm_sfence();                                                                                        \
+  }
+GK_DEFINE_STREAM(stream_row_avx2, __attribute__((target("avx2,fma,f16c"))), 8, __m256, _mm256_set1_ps,
+                 _mm256_setzero_ps, _mm256_mul_ps, _mm256_loadu_ps, _mm256_stream_ps)
+GK_DEFINE_STREAM(stream_row_avx512, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), 16,
+                 __m512, _mm512_set1_ps, _mm512_setzero_ps, _mm512_mul_ps, _mm512_loadu_ps, _mm512_stream_ps)
+
+GK_DEFINE_ISA(isa_avx2, __attribute__((target("avx2,fma,f16c"))), stream_row_avx2)
 GK_DEFINE_ISA(isa_avx512,
-              __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512"))))
+              __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512"))),
+              stream_row_avx512)
 #endif
 
 bool cpu_runs_all() { return true; }
@@ -330,6 +392,8 @@ void fused_fwd_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::LossP
   char* obase = static_cast<char*>(out.grad);
   const size_t es = elem_size(x.dtype);
   const int64_t V = x.V;
+  const bool big = static_cast<size_t>(N) * static_cast<size_t>(V) * es >= kStreamMinBytes;
+  const StreamRowFn stream = (x.dtype == 0 && big && out.grad != x.logits) ? g_kernels->stream_f32 : nullptr;
   bool alloc_failed = false;
 #pragma omp parallel num_threads(threads(num_threads))
   {
@@ -351,7 +415,8 @@ void fused_fwd_bwd(const gk::Rows& x, const gk::TokenInputs& in, const gk::LossP
       L.coef = in.coef[n];
       float r[2];
       fn(base + row_off(n, x.T, x.stride_b, x.stride_t) * es,
-         obase + row_off(n, x.T, out.grad_stride_b, out.grad_stride_t) * es, V, x.ids[n], inv_tau, L, scratch, r);
+         obase + row_off(n, x.T, out.grad_stride_b, out.grad_stride_t) * es, V, x.ids[n], inv_tau, L, scratch,
+         stream, r);
       out.logp[n] = r[0];
       out.entropy[n] = r[1];
     }

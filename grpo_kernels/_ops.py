@@ -189,14 +189,9 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     if need_grad and not cfg.needs_every_token:
         coef = reference.reduction_weights(x.weights, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
         adv = x.advantages.float()
-        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T)
         if x.importance_sampling_ratio is not None:
-            # rho >= 0 scales the policy term only (not the KL): for every loss type but vespo,
-            # rho * loss(A) = loss(rho * A) (-min(c1 A, c2 A) rho = -min(c1 rho A, c2 rho A); sapo's
-            # temperature follows the sign of rho * A wherever the term is not 0), so the kernel takes rho * A.
-            rho = x.importance_sampling_ratio.float()
-            adv = adv * torch.where(mask, rho, 0.0) if rho.shape == mask.shape else adv * rho
-        adv = adv.reshape(-1).contiguous()
+            adv = reference.ratio_scaled_advantages(adv, x.importance_sampling_ratio.float(), mask)
+        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1).contiguous()
         vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731
         args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv, coef.reshape(-1).contiguous(),
                 LossParams.from_config(cfg).pack(), name)

@@ -610,13 +610,10 @@ def fused_linear_grpo_loss_with_config(
     extra = dict(importance_sampling_ratio=x.importance_sampling_ratio, sampling_logps=x.sampling_logps,
                  process_group=x.process_group)
     if any(want) and not config.needs_every_token:
-        # single pass: the gradients are computed now; the loss carries them to backward. A sampler ratio
-        # rho >= 0 scales the policy term only: the kernel takes rho * A (see _ops.grpo_loss_fused).
+        # single pass: the gradients are computed now; the loss carries them to backward
         adv_k = adv
         if x.importance_sampling_ratio is not None:
-            rho = x.importance_sampling_ratio
-            rho = torch.where(mask, rho, 0.0) if rho.shape == mask.shape else rho
-            adv_k = (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * rho
+            adv_k = reference.ratio_scaled_advantages(adv, x.importance_sampling_ratio, mask)
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
             hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv_k, old, ref, num_items,

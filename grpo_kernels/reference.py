@@ -137,6 +137,17 @@ def sampler_importance_ratio(old_logps, sampling_logps, mask, mode="sequence_mas
     return rho
 
 
+def ratio_scaled_advantages(adv, rho, mask):
+    """``adv * rho``, the advantages a single-pass kernel takes in place of a sampler importance ratio
+    ``rho >= 0`` ([B, T] or [B, 1]; ``rho`` is 0 at dropped positions, where it may be garbage). -> [B, T] or
+    [B, 1] for ``adv`` [B] or [B, T]. ``rho`` scales the policy term only (not the KL), and for every loss type
+    but vespo ``rho * loss(A) = loss(rho * A)``: ``-min(c1 A, c2 A) rho = -min(c1 rho A, c2 rho A)``, and
+    sapo's temperature follows the sign of ``rho * A`` wherever the term is not 0."""
+    if rho.shape == mask.shape:
+        rho = torch.where(mask, rho, 0.0)
+    return (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * rho
+
+
 def gamma_weights(adv, log_ratio, mask, rho, cfg: GRPOConfig):
     """VESPO's sequence weight phi(w) = e^lam w^k e^(-lam w) (phi(1) = 1), detached; TRL's get_gamma_weights.
 

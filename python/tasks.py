@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import random
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
-WORDS = SPECIAL_TOKENS + ("=",) + tuple(str(d) for d in range(10))
+CONTROL_TOKENS = ("<pad>", "<bos>", "<eos>")
+WORDS = CONTROL_TOKENS + ("=",) + tuple(str(d) for d in range(10))
 VOCAB_SIZE = 16  # 14 words padded to 16 ids (two unused ids the model learns to avoid)
 TASKS = ("copy", "reverse", "sort", "sum")
 

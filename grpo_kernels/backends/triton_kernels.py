@@ -221,10 +221,10 @@ def _dloss_dlogp(logp, old, ref, adv, eps_low, eps_high, delta, beta, sapo_pos, 
 # kernels (grid: one program per row). Row-count-dependent integers are not specialised, so a new N, T or
 # row stride never recompiles; V is (it is fixed per model).
 # ------------------------------------------------------------------------------------------------------
-_NOT_SPECIALIZED = ["T", "stride_b", "stride_t", "shift", "out_stride_b", "out_stride_t", "out_shift"]
+_ROW_DEPENDENT_INTS = ["T", "stride_b", "stride_t", "shift", "out_stride_b", "out_stride_t", "out_shift"]
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED[:4])
+@triton.jit(do_not_specialize=_ROW_DEPENDENT_INTS[:4])
 def logprobs_fwd_kernel(x, ids, logp_out, stats_out, ent_out, T, V, stride_b, stride_t, shift, inv_tau,
                         WANT_ENT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -238,7 +238,7 @@ def logprobs_fwd_kernel(x, ids, logp_out, stats_out, ent_out, T, V, stride_b, st
         tl.store(ent_out + row, H)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_ROW_DEPENDENT_INTS)
 def logprobs_bwd_kernel(x, ids, stats_in, ent_in, g_in, g_ent_in, out, T, V, stride_b, stride_t, shift,
                         out_stride_b, out_stride_t, out_shift, inv_tau,
                         HAS_ENT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
@@ -261,7 +261,7 @@ def logprobs_bwd_kernel(x, ids, stats_in, ent_in, g_in, g_ent_in, out, T, V, str
     _write_row_grad(x, off, out, out_off, V, tgt, m, log_s, H, g, g_ent, live, inv_tau, HAS_ENT, ALIGN, BLOCK)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_ROW_DEPENDENT_INTS)
 def fused_fwd_bwd_kernel(x, ids, old_in, ref_in, adv_in, coef_in, logp_out, ent_out, out, T, V, stride_b, stride_t,
                          shift, out_stride_b, out_stride_t, out_shift, inv_tau,
                          eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,

@@ -3,8 +3,10 @@
 Everything is read from this process and the installed files: each backend on each device type it serves
 (available, or the registry's reason why not), the CPU ISA build the C++ module chose, the CUDA architectures
 in ``grpo_kernels._cuda`` (read from the fatbin inside the module file, not from a build setting), the OpenMP
-runtimes mapped into the process, the versions of the package, Python, torch and triton, and the toolchain
-that setup.py recorded at build time (``grpo_kernels/_build_info.py``).
+runtimes mapped into the process, the versions of the package, Python, torch, triton, numpy and the TRL stack
+(trl, transformers, accelerate: a TRL user's bug report needs them), and the toolchain that setup.py recorded
+at build time (``grpo_kernels/_build_info.py``). Versions come from the installed distributions' metadata, so
+nothing heavy is imported.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Optional
 
 FATBIN_MAGIC = 0xBA55ED50
 _KINDS = {1: "ptx", 2: "sass"}
+# distributions whose versions the report prints beside torch's ("not installed" when absent)
+PACKAGES = ("triton", "numpy", "trl", "transformers", "accelerate")
 
 
 def _elf_section(path: str, name: str) -> Optional[bytes]:
@@ -144,7 +148,7 @@ def config() -> dict[str, Any]:
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": f"{platform.system()} {platform.machine()}, {' '.join(platform.libc_ver())}",
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()})",
-        "triton": _version("triton"),
+        **{name: _version(name) for name in PACKAGES},
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "GRPO_KERNELS_BACKEND": os.environ.get("GRPO_KERNELS_BACKEND"),
         "backends": backends,
@@ -160,8 +164,8 @@ def show_config(file=None) -> None:
 
     The backends available for each device type (and why the others are not), the C++ CPU module's ISA
     builds and the one in use, the OpenMP runtimes mapped into the process, the CUDA architectures compiled
-    into ``grpo_kernels._cuda``, and the versions of the package, Python, torch, triton and the build's
-    compilers. ``python -m grpo_kernels`` prints the same.
+    into ``grpo_kernels._cuda``, and the versions of the package, Python, torch, triton, numpy, trl,
+    transformers, accelerate and the build's compilers. ``python -m grpo_kernels`` prints the same.
 
     Parameters
     ----------
@@ -172,7 +176,7 @@ def show_config(file=None) -> None:
     out = []
     g = c["grpo_kernels"]
     out.append(f"grpo_kernels {g['version']}  ({g['path']})")
-    for key in ("python", "platform", "torch", "triton", "TRITON_INTERPRET", "GRPO_KERNELS_BACKEND"):
+    for key in ("python", "platform", "torch", *PACKAGES, "TRITON_INTERPRET", "GRPO_KERNELS_BACKEND"):
         value = c[key] if c[key] is not None else "not set" if key.isupper() else "not installed"
         out.append(f"  {key + ':':22}{value}")
     out.append("backends (device type: name: available, or why not)")

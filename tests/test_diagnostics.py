@@ -1,7 +1,8 @@
 """``python -m grpo_kernels`` / ``grpo_kernels.show_config()`` and the CUDA architecture choice of setup.py.
 
 - the report names every backend on each device type it serves with the registry's verdict, the CPU ISA build
-  in use, the OpenMP runtimes mapped, and the torch / triton versions of this process;
+  in use, the OpenMP runtimes mapped, and the versions of torch, triton, numpy, trl, transformers and
+  accelerate in this process ("not installed" for a missing one);
 - the fatbin reader (used for "CUDA architectures in _cuda") agrees with cuobjdump on the built module, and
   finds nothing in a module without CUDA code (the C++ CPU module);
 - setup.py's architecture list: GRPO_KERNELS_CUDA_ARCHS spellings, torch's TORCH_CUDA_ARCH_LIST convention
@@ -19,7 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,20 @@ def test_report_lists_backends_with_reasons():
     assert f"torch:                {torch.__version__}" in out
     if importlib.util.find_spec("triton"):
         assert f"triton:               {version('triton')}" in out
+
+
+@pytest.mark.parametrize("name", ["triton", "numpy", "trl", "transformers", "accelerate"])
+def test_report_names_the_versions_a_bug_report_needs(name, monkeypatch):
+    try:
+        installed = version(name)
+    except PackageNotFoundError:
+        installed = None
+    want = installed if installed is not None else "not installed"
+    assert re.search(rf"^  {name}:\s+{re.escape(want)}$", _report(), re.M), _report()
+    # a missing distribution is reported as such, not skipped or guessed
+    real = _diagnostics._version
+    monkeypatch.setattr(_diagnostics, "_version", lambda dist: None if dist == name else real(dist))
+    assert re.search(rf"^  {name}:\s+not installed$", _report(), re.M), _report()
 
 
 def test_report_cpu_isa_and_openmp():

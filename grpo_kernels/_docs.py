@@ -48,8 +48,13 @@ max_completion_length : int or None, default None
     T = 5 gives a loss 512 / 5 ~ 100x TRL's unless you pass TRL's value (a ``trl.GRPOConfig`` given as
     ``config`` supplies it). Other loss types ignore it.
 num_items_in_batch : int, float, 1-element Tensor or None, default None
-    dapo / cispo normaliser: the (weighted) number of kept tokens over all micro-batches and ranks that
-    one optimizer step averages. None: this batch's ``completion_mask.sum()``. Others ignore it.""",
+    The normaliser of dapo / cispo / vespo, used as given: ``loss = sum(mask * loss_tok) /
+    num_items_in_batch`` (clamped to >= 1). None: this batch's ``completion_mask.sum()``. TRL 1.16
+    divides by the (weighted) kept tokens of the whole generation batch summed over every process,
+    divided by the number of processes, and in training times ``gradient_accumulation_steps /
+    steps_per_generation``: one process's share of an accumulation window. Under DDP pass that
+    per-process value, not the all-process count: DDP averages the ranks' gradients, so the count over
+    all ranks gives 1/world_size of TRL's loss and gradient. Other loss types ignore it.""",
     "backend": """\
 backend : str, default "auto"
     "auto" (the ``GRPO_KERNELS_BACKEND`` environment variable if set, else the fastest available for

@@ -8,7 +8,7 @@ One shared runner (:mod:`bench.runner`) and one script per op:
     python -m bench.latency                                   # 30 calls of the fused cpu loss, first / steady
     python -m bench.grpo_vs_ppo                               # one GRPO step against one PPO step
     python -m bench.gpu                                       # the whole GPU suite, one command
-    python -m bench.report --readme                           # results/*.md, the plot, README table
+    python -m bench.report --readme                           # results/*.md, the plot, docs/benchmarks.md table
 
 Every script compares, in one run, every backend in ``grpo_kernels.available_backends()`` for the
 device (and its ``inplace=True`` form), TRL 1.16's own code (``trl``: what TRL users run), ``torch.compile``
@@ -16,5 +16,5 @@ of grpo_kernels' reference, Liger-Kernel where it runs, and the reference itself
 correctness tool); speed-ups are quoted against ``trl`` and ``compile``. Results go to
 ``bench/results/*.json`` and ``*.md``. Also: ``bench.latency`` (call-by-call latency of one fused loss in a
 fresh process), ``bench.grpo_vs_ppo`` (one optimizer step of GRPO against PPO), ``bench/regenerate_cpu.sh``
-(every CPU result file and the README table, one command).
+(every CPU result file and the docs/benchmarks.md table, one command).
 """

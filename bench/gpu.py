@@ -11,7 +11,7 @@ V=151,936 with N=4,096 (half: the reference rows of a model step at N=8,192 woul
 tensors, too close to 80 GB); then ``bench/trl_step.py`` (stock TRL against grpo_kernels' TRL trainer) when
 that script is present, with the options of this suite it accepts (``--device``, ``--dtype``, ``--repeats``,
 ``--warmup``). Results: ``bench/results/gpu-*.json`` and ``.md``, then ``python -m bench.report``
-regenerates the Markdown and the plot (``--readme`` also the README table).
+regenerates the Markdown and the plot (``--readme`` also the table of docs/benchmarks.md).
 
 Time (an estimate from ``bench/results/roofline.md`` until measured on the GPU): every kernel of a run takes
 milliseconds (2.2 ms for the fused loss at N=8,192, V=151,936 bf16 on an H100), so 13 repeats of each row are
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--readme", action="store_true", help="also regenerate the README table at the end")
+    p.add_argument("--readme", action="store_true", help="also regenerate the table of docs/benchmarks.md at the end")
     p.add_argument("--dry-run", action="store_true", help="check, then print the commands without running them")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget of the runs: none starts after it, a running one is stopped at it")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU result file in bench/results, then the Markdown, the plot and the README table, in one command.
+# Every CPU result file in bench/results, then the Markdown, the plot and the table of docs/benchmarks.md, in one command.
 # Run it on a quiet machine (other processes show up as noise; each result file records the load it saw).
 # Expected runtime on the project's 2-core CPU machine, idle: about 25 minutes (most of it the torch.compile
 # and reference rows and the fresh process per row that measures peak memory).

@@ -1,12 +1,12 @@
-"""Regenerate the Markdown result files, the plot and the README summary table from bench/results/*.json.
+"""Regenerate the Markdown result files, the plot and the results table from bench/results/*.json.
 
     python -m bench.report                 # results/*.md and results/summary.png
-    python -m bench.report --readme        # also the table between the README markers
+    python -m bench.report --readme        # also the table of docs/benchmarks.md (or of the file named)
 
 Nothing here is typed by hand: every number comes from a JSON file written by a bench script, and the
-README table names the file each row comes from (which records device, versions, commit, date and the
-machine's load during the run). The README table sits between the lines ``<!-- bench-table -->`` and
-``<!-- /bench-table -->``; what is between them is replaced.
+table names the file each row comes from (which records device, versions, commit, date and the machine's
+load during the run). The table sits between the lines ``<!-- bench-table -->`` and
+``<!-- /bench-table -->`` of the documentation's benchmarks page; what is between them is replaced.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def readme_table(results: list[dict], results_rel: str = "bench/results") -> str
 
 def replace_between_markers(text: str, table: str) -> str:
     if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"the README needs the lines {BEGIN} and {END} (in this order) around the table")
+        raise ValueError(f"the file needs the lines {BEGIN} and {END} (in this order) around the table")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{table}\n{END}{tail}"
@@ -149,8 +149,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(runner.RESULTS_DIR), help="directory of the result JSON files")
-    p.add_argument("--readme", nargs="?", const=str(runner.ROOT / "README.md"), default=None,
-                   help="also rewrite the table between the markers of this README (default: the project's)")
+    p.add_argument("--readme", nargs="?", const=str(runner.ROOT / "docs" / "benchmarks.md"), default=None,
+                   help="also rewrite the table between the markers of this Markdown file (default: the "
+                        "documentation's benchmarks page, docs/benchmarks.md)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     results = load(args.results)

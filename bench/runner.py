@@ -149,10 +149,10 @@ def _version(dist: str) -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    # the code's state: result files and the README table, which a regeneration rewrites as it goes, are not
-    # uncommitted code
+    # the code's state: result files and the results table of docs/benchmarks.md, which a regeneration
+    # rewrites as it goes, are not uncommitted code
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results",
-                 ":(exclude)README.md")
+                 ":(exclude)docs/benchmarks.md")
     env = {
         "device": device_name(device),
         "device_type": device.type,

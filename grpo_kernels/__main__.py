@@ -2,4 +2,5 @@
 
 from grpo_kernels._diagnostics import show_config
 
-show_config()
+if __name__ == "__main__":  # importing the module (documentation tools do) prints nothing
+    show_config()

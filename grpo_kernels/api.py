@@ -322,6 +322,8 @@ class GRPOLoss(nn.Module):
     **options
         The loss options of :func:`grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
 
+    Notes
+    -----
     ``forward(logits, completion_ids, **inputs)`` takes the inputs of :func:`grpo_loss`
     (completion_mask, advantages or rewards with group_size, old_logps, ref_logps, max_completion_length,
     num_items_in_batch, importance_sampling_ratio, sampling_logps, process_group, inplace, backend) and

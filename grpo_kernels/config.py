@@ -79,6 +79,8 @@ class GRPOConfig:
         ``epsilon_low = 0.3`` and the field reads None afterwards. Giving both ``epsilon`` and an
         ``epsilon_low`` other than its default (and other than ``epsilon``) raises ``ValueError``.
 
+    Notes
+    -----
     ``GRPOConfig.from_trl(trl_config)`` reads these options from a ``trl.GRPOConfig``; every function
     that takes ``config=`` also accepts a ``trl.GRPOConfig`` directly.
     """

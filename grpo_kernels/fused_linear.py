@@ -821,6 +821,8 @@ class FusedLinearGRPOLoss(nn.Module):
     **options
         The loss options of :func:`fused_linear_grpo_loss`: the fields of :class:`GRPOConfig`, defaults as there.
 
+    Notes
+    -----
     ``forward(hidden, completion_ids, **inputs)`` takes the inputs of :func:`fused_linear_grpo_loss`
     and returns its :class:`GRPOLossOutput`.
     """

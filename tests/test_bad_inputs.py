@@ -1,6 +1,6 @@
-"""Bad input: every rejected input, checked against the table in README.md.
+"""Bad input: every rejected input, checked against the table of docs/bad-inputs.md.
 
-The README's table (between ``<!-- bad-input-table -->`` and ``<!-- /bad-input-table -->``) lists each rejected
+That page's table (between ``<!-- bad-input-table -->`` and ``<!-- /bad-input-table -->``) lists each rejected
 input with its case id, the exception and the message (``…`` stands for a part that varies). Here each case id
 is a call that makes that input; ``test_readme_row[<id>]`` runs it and checks that it raises exactly the listed
 exception with a message matching the listed one, and ``test_table_and_cases_agree`` that every case is in the
@@ -25,7 +25,7 @@ from grpo_kernels.backends import BackendUnavailableError
 from grpo_kernels.config import GRPOConfig
 from kernel_checks import one_process_group
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
 B, T, V, G = 4, 3, 7, 2
 ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError,
           "BackendUnavailableError": BackendUnavailableError}
@@ -140,7 +140,7 @@ def vp_loss(**over):
 
 FUSED_CPU = next((n for n in gk.available_backends("cpu") if n != "torch"), None)
 
-# case id -> a call (given pytest's monkeypatch) that makes the rejected input of the README row with that id
+# case id -> a call (given pytest's monkeypatch) that makes the rejected input of the table row with that id
 CASES = {
     # ---- logits (grpo_loss, token_logprobs) ----
     "logits-not-a-tensor": lambda mp: loss(logits=X["logits"].tolist()),
@@ -289,10 +289,10 @@ CASES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# the README table
+# the table of docs/bad-inputs.md
 # --------------------------------------------------------------------------------------------------
 def readme_rows() -> list[dict]:
-    text = README.read_text()
+    text = TABLE_PAGE.read_text()
     start, end = text.index("<!-- bad-input-table -->"), text.index("<!-- /bad-input-table -->")
     rows = []
     for line in text[start:end].splitlines():
@@ -305,7 +305,7 @@ def readme_rows() -> list[dict]:
 
 
 def message_regex(message: str) -> str:
-    """The README's message with ``…`` for the parts that vary -> a regex."""
+    """The table's message with ``…`` for the parts that vary -> a regex."""
     return ".*".join(re.escape(part) for part in message.split("…"))
 
 
@@ -321,10 +321,10 @@ def readme_message_regex(case_id: str) -> str:
 
 def test_table_and_cases_agree():
     ids = [r["id"] for r in ROWS]
-    assert len(ids) == len(set(ids)), "duplicate case ids in the README table"
+    assert len(ids) == len(set(ids)), "duplicate case ids in the table"
     assert set(ids) == set(CASES) | set(OTHER_TESTS), (
-        f"README rows without a case: {sorted(set(ids) - set(CASES) - set(OTHER_TESTS))}; "
-        f"cases missing from the README: {sorted((set(CASES) | set(OTHER_TESTS)) - set(ids))}")
+        f"table rows without a case: {sorted(set(ids) - set(CASES) - set(OTHER_TESTS))}; "
+        f"cases missing from the table: {sorted((set(CASES) | set(OTHER_TESTS)) - set(ids))}")
     for r in ROWS:
         assert r["test"] == OTHER_TESTS.get(r["id"], f"test_bad_inputs.py::test_readme_row[{r['id']}]"), r
         assert r["error"] in ERRORS, r
@@ -345,4 +345,4 @@ def test_readme_row(row, monkeypatch):
     want = ERRORS[row["error"]]
     assert type(e.value) is want, f"{row['id']}: {type(e.value).__name__}: {e.value} (want {want.__name__})"
     assert re.search(message_regex(row["message"]), str(e.value)), (
-        f"{row['id']}: the message\n    {e.value}\ndoes not match the README's\n    {row['message']}")
+        f"{row['id']}: the message\n    {e.value}\ndoes not match the table's\n    {row['message']}")

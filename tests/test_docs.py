@@ -1,15 +1,22 @@
-"""docs/contract.md stays true to what it links: TRL v1.16.0's source lines and its own sections.
+"""The documentation stays true to what it links, and the site builds.
 
-- Every link into TRL's source names a line of TRL 1.16 (the installed copy is that version) that holds the
-  code the formula follows; ``TRL_LINES`` says, per link, a piece of that first line.
-- Every ``contract.md#<heading>`` pointer in a tracked file and every in-page link names a heading of
-  the page.
+- docs/contract.md: every link into TRL's source names a line of TRL 1.16 (the installed copy is that
+  version) that holds the code the formula follows; ``TRL_LINES`` says, per link, a piece of that first line.
+  Every ``contract.md#<heading>`` pointer in a tracked file and every in-page link names a heading of the page.
+- Every relative link of README.md, docs/*.md and bench/results/NOTES.md names a file of the repository, and
+  a ``#anchor`` into a Markdown file names one of its headings (as a code host renders them).
+- The README stays a short entry point (at most 250 lines); its results table quotes only numbers that the
+  result file of its row holds.
+- ``mkdocs build --strict`` builds the site (mkdocs.yml: every page, the API reference from the docstrings,
+  the result pages of bench/results) without a warning, and every page of docs/ is in its navigation.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +169,103 @@ def test_section_pointers_name_a_heading():
     assert pointers, "no file points at a section of docs/contract.md"
     missing = {a: f for a, f in pointers.items() if a not in anchors}
     assert not missing, f"pointers to sections docs/contract.md lacks: {missing}"
+
+
+# ---- links and anchors of the Markdown files -----------------------------------------------------------
+LINKED_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "results" / "NOTES.md"]
+MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def headings(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)  # a "# comment" in code is no heading
+    return {github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def relative_links(path: Path) -> list[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return [t for t in MD_LINK.findall(text) if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_anchors_resolve(page):
+    links = relative_links(page)
+    broken = []
+    for link in links:
+        target, _, anchor = link.partition("#")
+        dest = (page.parent / target).resolve() if target else page
+        if not dest.exists():
+            broken.append(f"{link}: no file {dest}")
+        elif anchor and dest.suffix == ".md" and anchor not in headings(dest):
+            broken.append(f"{link}: {dest.relative_to(ROOT)} has no heading with the anchor #{anchor}")
+    assert not broken, f"{page.relative_to(ROOT)}:\n" + "\n".join(broken)
+
+
+def test_link_check_catches_a_broken_link(tmp_path):
+    """The checks above fail on what they are for: a missing file and a missing heading."""
+    (tmp_path / "a.md").write_text("# Title\n\n[ok](#title) [gone](b.md) [bad anchor](a.md#nowhere)\n")
+    page = tmp_path / "a.md"
+    links = relative_links(page)
+    assert links == ["#title", "b.md", "a.md#nowhere"]
+    assert "title" in headings(page) and "nowhere" not in headings(page)
+    assert not (tmp_path / "b.md").exists()
+
+
+# ---- the README ----------------------------------------------------------------------------------------
+README = ROOT / "README.md"
+
+
+def test_readme_is_short():
+    n = len(README.read_text().splitlines())
+    assert n <= 250, f"README.md has {n} lines: it is the entry point, the rest belongs in docs/"
+
+
+def test_readme_results_table_quotes_its_sources():
+    text = README.read_text()
+    table = text[text.index("<!-- results-table -->"):text.index("<!-- /results-table -->")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "](bench/results/" in line]
+    assert rows, "no row of the README results table links a result file"
+    for row in rows:
+        source = ROOT / re.search(r"\]\((bench/results/[^)]+\.md)\)", row).group(1)
+        held = source.read_text().replace(",", "")
+        quoted = re.findall(r"(\d[\d,]*\.?\d*)(?= ms| MiB|x \|| of TRL)", row.split("](bench/results/")[0])
+        quoted += re.findall(r"(\d[\d,]*\.?\d*) / ", row)
+        assert quoted, row
+        for number in quoted:
+            assert re.search(r"(?<![\d.])" + re.escape(number.replace(",", "")) + r"(?![\d])", held), (
+                f"{number} is not in {source.relative_to(ROOT)}: {row}")
+
+
+# ---- the site ------------------------------------------------------------------------------------------
+def test_every_docs_page_is_in_the_navigation():
+    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert pages == set(nav), f"pages not in nav: {sorted(pages - set(nav))}; nav without a page: {sorted(set(nav) - pages)}"
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict(tmp_path):
+    """The site builds with ``--strict`` (a broken link, anchor or docstring section fails it), offline."""
+    pytest.importorskip("mkdocs", reason="the docs / test extra installs mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python", reason="the docs / test extra installs mkdocstrings[python]")
+    site = tmp_path / "site"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               NO_MKDOCS_2_WARNING="1")
+    p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "WARNING" not in p.stderr, p.stderr
+    index = (site / "index.html").read_text()
+    for page in ("trl", "usage", "backends", "fused-linear", "vocab-parallel", "install", "benchmarks",
+                 "bad-inputs", "contract", "api", "development"):
+        assert (site / page / "index.html").is_file(), page
+        assert f'href="{page}/"' in index, f"the index page's navigation lacks {page}"
+    api = (site / "api" / "index.html").read_text()
+    for name in ("grpo_kernels.grpo_loss", "grpo_kernels.GRPOConfig", "grpo_kernels.fused_linear_grpo_loss",
+                 "grpo_kernels.vocab_parallel.grpo_loss", "GRPOKernelsTrainer"):
+        assert name in api, name
+    assert "num_items_in_batch" in api and "{{" not in api, "the docstrings' placeholders were not filled in"
+    assert (site / "results" / "NOTES" / "index.html").is_file(), "the result pages of bench/results are served"
+    # offline: no page loads a script, stylesheet or font from another host
+    for html in site.rglob("*.html"):
+        remote = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?://[^"]+)"', html.read_text())
+        assert not remote, (html.relative_to(site), remote)

@@ -86,7 +86,7 @@ def test_no_tracked_file_points_outside_the_repository():
     ("_NO_" + _DOC + " = ['T']", False),
     ("huggingface/trl#" + "4321 is the upstream report", False),
     ("https://github.com/huggingface/trl/blob/v1.16.0/trl/trainer/grpo_trainer.py#L3083", False),
-    ("[bad input](../README.md#bad-input)", False),
+    ("[bad input](bad-inputs.md#bad-inputs)", False),
     ("the SMs must also " + _WORK + " the kernels' instructions", False),
     ("color: #fff", False),
 ])

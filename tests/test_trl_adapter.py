@@ -124,7 +124,7 @@ def test_adapter_loss_equals_trl_loss(model_dir, tmp_path, config):
 
 
 def test_adapter_rejects_options_it_does_not_implement(model_dir, tmp_path):
-    """The one TRL 1.16 combination the adapter refuses (README): an entropy bonus with the top-entropy mask."""
+    """The one TRL 1.16 combination the adapter refuses (docs/trl.md): an entropy bonus with the top-entropy mask."""
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         make_trainer(GRPOKernelsTrainer, model_dir, tmp_path, top_entropy_quantile=0.5, entropy_coef=0.01)
     make_trainer(GRPOKernelsTrainer, model_dir, tmp_path / "ok", top_entropy_quantile=0.5)  # alone it runs

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_bad_inputs import readme_message_regex  # the README bad-input table's message of a row
+from test_bad_inputs import readme_message_regex  # the message of a row of docs/bad-inputs.md
 
 import grpo_kernels as gk
 from grpo_kernels import reference

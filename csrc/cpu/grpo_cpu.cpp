@@ -53,8 +53,8 @@ GK_ALWAYS_INLINE uint32_t fbits(float f) { return gk::f32_bits(f); }
 //   x < -86 returns 0 (true value < 4.5e-38: an absolute error far below any fp32 sum of e^(z-m) >= 1),
 //   NaN returns NaN (the comparison is false for NaN). x > 0 is outside the domain (n > 127 would overflow
 //   the exponent field); the callers' arguments are <= 0 by construction. Leaving out the upper clamp and
-//   its inf select takes a compare and two blends out of every vector of the exp loops (measured in the
-//   README, "Latency from call to call"); the results are bit-identical to a general exp's.
+//   its inf select takes a compare and two blends out of every vector of the exp loops (measured in
+//   bench/results/NOTES.md, "Two CPU kernel changes, paired"); the results are bit-identical to a general exp's.
 // exp_le0_clamped is the same for x already in [-86, 0] (or NaN): the forward loops keep that clamped
 // argument to weight the entropy sum, which spares them a mask for e = 0 at x = -inf.
 GK_ALWAYS_INLINE float exp_le0_clamped(float xc) {
@@ -153,8 +153,8 @@ GK_ALWAYS_INLINE void bwd_row_body(const void* xv, void* ov, int64_t V, int64_t 
 // an N x V gradient far larger than the cache moves three bytes for every two it stores; a streaming store
 // writes the line without reading it. Used when the gradient has at least kStreamMinBytes (below that it may
 // still be in the cache for the op that reads it next) and is not the logits themselves (in place, the row
-// was just read: its lines are in the cache and nothing is saved). Measured in the README, "Latency from
-// call to call".
+// was just read: its lines are in the cache and nothing is saved). Measured in bench/results/NOTES.md, "Two
+// CPU kernel changes, paired".
 typedef void (*StreamRowFn)(float* o, const float* e, int64_t V, float a, float b, bool zero);
 constexpr size_t kStreamMinBytes = size_t(32) << 20;  // the last-level cache of one server CPU's core complex
 

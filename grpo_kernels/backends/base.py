@@ -162,4 +162,4 @@ class BackendInfo:
     device_types: tuple[str, ...]
     unavailable: Callable[[str], Optional[str]]
     load: Callable[[], Launchers]  # imports the kernels lazily
-    supports: str  # one line for the README's backend table
+    supports: str  # one line for the backend table of docs/backends.md

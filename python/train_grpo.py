@@ -13,8 +13,8 @@ The algorithm (GRPO, DeepSeekMath; TRL's GRPOTrainer semantics), one ``for step`
    accumulation over micro-batches). Iteration 0 is on-policy (ratio 1); the log-probs it returns are
    the "old" log-probs of the sampling policy, so iterations 1.. see ratios != 1 and clipping. The loss
    is ``grpo_kernels.grpo_loss`` on the completion logits (a strided view of the model's output), with
-   ``num_items_in_batch`` = the completion tokens of the whole batch over all ranks (dapo's global
-   normaliser), and, when ``--beta > 0``, the k3 KL to a frozen reference model (the starting model).
+   ``num_items_in_batch`` = the completion tokens of the whole batch over all ranks divided by the number
+   of ranks (dapo's global normaliser as TRL passes it: DDP averages the ranks' gradients), and, when ``--beta > 0``, the k3 KL to a frozen reference model (the starting model).
 
 Simplifications: no learning-rate schedule, no vLLM, prompts used as raw text (no chat template), one
 sampling temperature for rollout and loss (as TRL).

@@ -239,7 +239,8 @@ def test_readme_results_table_quotes_its_sources():
 def test_every_docs_page_is_in_the_navigation():
     nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
-    assert pages == set(nav), f"pages not in nav: {sorted(pages - set(nav))}; nav without a page: {sorted(set(nav) - pages)}"
+    assert pages == set(nav), f"pages not in nav: {sorted(pages - set(nav))}; nav entries without a page: " \
+        f"{sorted(set(nav) - pages)}"
 
 
 @pytest.mark.slow

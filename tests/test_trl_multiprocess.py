@@ -67,15 +67,25 @@ def test_adapter_matches_trl_across_processes(model_dir, tmp_path, processes):
         assert set(report["results"]) == set(names)
         for name, res in report["results"].items():
             # a comparison that could not fail would compare nothing: two steps, every parameter, real losses
-            assert res["parameters"] > 10 and res["values"] >= 40, (name, res)
+            assert res["parameters"] > 10 and res["values"] >= 30, (name, res)
             assert len(res["losses"]) == 2 and any(abs(v) > 1e-4 for v in res["losses"]), (name, res["losses"])
             if name == CONTROL:
                 assert res["mismatches"], f"rank {rank}: the per-process entropy quantile went undetected"
             elif res["mismatches"]:
                 failures.append(f"rank {rank} {name}: " + "; ".join(res["mismatches"][:6]))
     assert not failures, "\n".join(failures)
-    keys = set().union(*(res["keys"] for res in reports[0]["results"].values()))
+    results = reports[0]["results"]
+    keys = set().union(*(res["keys"] for res in results.values()))
     # the metrics of every option were logged (and so compared) somewhere in the matrix
     for k in ("kl", "entropy", "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean",
               "policy_loss", "entropy_coef", "sampling/importance_sampling_ratio/mean", "grad_norm"):
         assert k in keys, k
+    # and the options acted: the second step is off-policy enough to clip, the sampler ratio is not 1, the
+    # adaptive controller moved its coefficient
+    second = lambda name: [h for h in results[name]["trl_log"] if "loss" in h][1]  # noqa: E731
+    assert second("dapo-token")["clip_ratio/region_mean"] > 0
+    ratios = [h["sampling/importance_sampling_ratio/mean"] for h in results["vllm-is-token_mask"]["trl_log"]
+              if "sampling/importance_sampling_ratio/mean" in h]  # logged at the steps that generate
+    assert ratios and all(r != 1.0 for r in ratios)
+    coefs = [h["entropy_coef"] for h in results["adaptive-entropy-top-entropy"]["trl_log"] if "loss" in h]
+    assert coefs[0] != coefs[1] or coefs[0] != 0.02, coefs

@@ -106,7 +106,7 @@ def make_inputs(trainer, B=8, Lp=5, T=6, seed=0):
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(B, T, generator=g)
     inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(B, T, generator=g)
     sampling = inputs["old_per_token_logps"] + 0.25 * torch.randn(B, T, generator=g)
-    sampling[0, 2] = float("nan")  # vLLM could not score this token
+    sampling[0, min(2, T - 1)] = float("nan")  # vLLM could not score this token
     inputs["sampling_per_token_logps"] = sampling
     return inputs
 
@@ -368,3 +368,33 @@ def test_shift_labels_are_scored_as_trls_head_scores_them(trainers):
     torch.testing.assert_close(got.log_probs, want.log_probs[:, -T:], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.entropy, want.entropy[:, -T:], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dapo-token-beta0.04", "grpo-token-beta0.04", "cispo-token-beta0.0",
+                                  "grpo-sequence-beta0.04", "vespo-token-beta0.0"])
+def test_single_token_completions_reduce_as_trl(trainers, name):
+    """T = 1 with completions that keep no token (as mask_truncated_completions leaves them): TRL reads every
+    [B, 1] tensor as one value per sequence, so its token metrics average over B and its clip min / max count
+    those completions as 0; the adapter's metrics follow."""
+    (attrs, args_attrs), = [(a, aa) for n, a, aa, _ in CASES if n == name]
+    ours, theirs = trainers[BACKENDS[-1]], trainers["trl"]
+    configure(theirs, attrs, args_attrs, True, 2)
+    configure(ours, attrs, args_attrs, True, 2)
+    inputs = make_inputs(theirs, T=1)
+    empty = torch.tensor([0, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
+    inputs["completion_mask"] = inputs["completion_mask"].masked_fill(empty[:, None], 0)
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum() * 3
+    for k in ("old_per_token_logps", "ref_per_token_logps"):  # TRL's head returns 0 where the label is dropped
+        inputs[k] = inputs[k].masked_fill(empty[:, None], 0.0)
+    inputs.pop("sampling_per_token_logps")
+    loss_t, grads_t, metrics_t = run(theirs, inputs)
+    loss_o, grads_o, metrics_o = run(ours, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
+    for n, g in grads_t.items():
+        if g is not None:
+            torch.testing.assert_close(grads_o[n], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"grad of {n}: {m}")
+    assert set(metrics_o) == set(metrics_t)
+    for k in metrics_o:
+        assert metrics_o[k] == pytest.approx(metrics_t[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    if "clip_ratio/low_min" in metrics_t:
+        assert metrics_t["clip_ratio/low_min"] == 0.0

@@ -240,9 +240,14 @@ class GRPOKernelsTrainer(GRPOTrainer):
         over sequences of ``clip_ratio/low_min`` / ``clip_ratio/high_max`` over all processes."""
         sequences = torch.tensor(float(mask.shape[0]), device=mask.device)
         tokens = mask.sum().float()
+        # TRL takes any [B, 1] tensor for one value per sequence: at T = 1 its token metrics too, averaged over
+        # the B sequences and, for the min / max, with a completion that keeps no token counted as 0
+        one_column = mask.shape[1] == 1
         for name, value in metrics.items():
             value = value.to(mask.device).float()
             if name.endswith("_min") or name.endswith("_max"):
+                if one_column and self.importance_sampling_level == "token":
+                    value = _with_empty_rows_as_zero(value, mask, name.endswith("_min"))
                 gathered = self.accelerator.gather(value.reshape(1))
                 gathered = gathered[~torch.isnan(gathered)]
                 agg = (gathered.min() if name.endswith("_min") else gathered.max()) if gathered.numel() else value
@@ -251,8 +256,20 @@ class GRPOKernelsTrainer(GRPOTrainer):
             per_sequence = name == "vespo/phi_seq_mean" or (
                 name.startswith(("clip_ratio", "cispo")) and self.importance_sampling_level == "sequence")
             weight = sequences if per_sequence else tokens
-            totals = self.accelerator.reduce(torch.stack([value * weight, weight]), reduction="sum")
+            count = sequences if one_column else weight
+            totals = self.accelerator.reduce(torch.stack([value * weight, count]), reduction="sum")
             self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+def _with_empty_rows_as_zero(value, mask, smallest: bool):
+    """A min (or max) over sequences of a rate in [0, 1] with the rate 0 of every completion that keeps no token
+    folded in (the loss skips those completions; TRL counts them when T = 1)."""
+    if not bool((mask.sum(-1) == 0).any()):
+        return value
+    zero = torch.zeros_like(value)
+    if torch.isnan(value):
+        return zero
+    return torch.minimum(value, zero) if smallest else torch.maximum(value, zero)
 
 
 def _quantile_group(accelerator):

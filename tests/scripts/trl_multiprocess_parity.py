@@ -182,7 +182,7 @@ def compare(name, model_dir, out):
             bad.append(f"parameter {n}: max |diff| {(par_o[n] - t).abs().max().item():.3g}")
     losses = [h["loss"] for h in log_t if "loss" in h]
     return {"mismatches": bad, "values": values, "parameters": len(par_t), "losses": losses,
-            "max_param_diff": worst, "keys": sorted({k for h in log_t for k in h})}
+            "max_param_diff": worst, "keys": sorted({k for h in log_t for k in h}), "trl_log": log_t}
 
 
 def main(out: Path, model_dir: Path, names: str):

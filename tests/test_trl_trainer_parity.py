@@ -288,20 +288,6 @@ def test_the_loss_never_calls_the_lm_head_module(trainers):
     assert calls == []
 
 
-def test_refusals_happen_before_the_model_is_loaded(tmp_path):
-    """An option the library cannot compute raises in __init__ before the model path is even opened."""
-    bad = [dict(loss_type="no-such-loss")]
-    for config in bad:
-        args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{
-            k: v for k, v in config.items() if k != "loss_type"})
-        if "loss_type" in config:
-            args.loss_type = config["loss_type"]
-        with pytest.raises(ValueError, match="GRPOKernelsTrainer cannot run"):
-            GRPOKernelsTrainer(model=str(tmp_path / "does-not-exist"), reward_funcs=digit_reward, args=args)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        GRPOKernelsTrainer(model=str(tmp_path / "does-not-exist"), reward_funcs=digit_reward, backend="tpu")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logps_and_entropies_carry_trls_gradient(trainers, backend):
     """With grad enabled ``_get_per_token_logps_and_entropies`` returns log-probs and entropies with gradient,
@@ -398,3 +384,18 @@ def test_single_token_completions_reduce_as_trl(trainers, name):
         assert metrics_o[k] == pytest.approx(metrics_t[k], rel=1e-5, abs=1e-6, nan_ok=True), k
     if "clip_ratio/low_min" in metrics_t:
         assert metrics_t["clip_ratio/low_min"] == 0.0
+
+
+# last: building a GRPOConfig resets accelerate's state, which the module's trainers read
+def test_refusals_happen_before_the_model_is_loaded(tmp_path):
+    """An option the library cannot compute raises in __init__ before the model path is even opened."""
+    bad = [dict(loss_type="no-such-loss")]
+    for config in bad:
+        args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{
+            k: v for k, v in config.items() if k != "loss_type"})
+        if "loss_type" in config:
+            args.loss_type = config["loss_type"]
+        with pytest.raises(ValueError, match="GRPOKernelsTrainer cannot run"):
+            GRPOKernelsTrainer(model=str(tmp_path / "does-not-exist"), reward_funcs=digit_reward, args=args)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GRPOKernelsTrainer(model=str(tmp_path / "does-not-exist"), reward_funcs=digit_reward, backend="tpu")

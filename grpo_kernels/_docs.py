@@ -69,7 +69,10 @@ GRPOLossOutput
     "kl" (when beta != 0), "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
     "clip_ratio/low_min", "clip_ratio/high_max" (clip loss types; min / max over sequences of each
     sequence's clip rate), "cispo_clip_ratio" (cispo) or "vespo/phi_seq_mean" (vespo), "policy_loss"
-    (with an entropy bonus); means weighted by ``completion_mask``.""",
+    (with an entropy bonus); means weighted by ``completion_mask``. With top_entropy_quantile < 1 also two
+    that TRL does not log but its adaptive entropy coefficient reads: "top_entropy/entropy" (the mean
+    entropy over the tokens the mask keeps, the entropy bonus's mean) and "top_entropy/fraction" (their
+    share of the mask's weight).""",
 }
 
 _PLACEHOLDER = re.compile(r"^([ \t]*)\{\{(\w+)\}\}[ \t]*$", re.MULTILINE)

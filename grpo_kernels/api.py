@@ -28,8 +28,10 @@ class GRPOLossOutput(NamedTuple):
         as ``old_logps`` of later iterations on the same batch.
     metrics : dict
         TRL's metric names -> detached 0-d fp32 tensors (no host sync): "entropy", "kl" (beta != 0),
-        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean" (clip loss types) or
-        "cispo_clip_ratio" (cispo).
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+        "clip_ratio/high_max" (clip loss types), "cispo_clip_ratio" (cispo) or "vespo/phi_seq_mean" (vespo),
+        "policy_loss" (entropy bonus); "top_entropy/entropy" and "top_entropy/fraction" with the top-entropy
+        mask (not logged by TRL: the entropy over the tokens the mask keeps, and their share).
     """
 
     loss: torch.Tensor

@@ -733,9 +733,10 @@ def fused_linear_token_logprobs(
 ):
     """``token_logprobs(F.linear(hidden, weight, bias), ids, ...)`` chunk by chunk, never all N x V logits.
 
-    The forward pass of an old-policy / reference / sampler log-prob pass. Forward only: the results carry
-    no gradient (under ``torch.no_grad()`` or not, the same). Memory: one chunk of ``chunk_size`` rows of
-    logits at a time.
+    The forward pass of an old-policy / reference / sampler log-prob pass, and differentiable: with grad enabled
+    and ``hidden`` / ``weight`` / ``bias`` requiring grad, the log-probs (and the entropy) carry a gradient
+    whose backward recomputes each chunk's logits (as the two-pass loss does); under ``torch.no_grad()`` no
+    graph is kept. Memory: one chunk of ``chunk_size`` rows of logits at a time, forward and backward.
 
     Parameters
     ----------
@@ -765,9 +766,9 @@ def fused_linear_token_logprobs(
     Returns
     -------
     logps : Tensor [B, T]
-        fp32 (float64 for float64 inputs).
+        fp32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
     entropy : Tensor [B, T]
-        Only with ``return_entropy=True``: the tuple ``(logps, entropy)``.
+        Only with ``return_entropy=True``: the tuple ``(logps, entropy)``; differentiable as ``logps``.
     """
     head = _check_head_transform(logit_scale, final_logit_softcapping)
     weight, bias = _full_tensor(weight), _full_tensor(bias)
@@ -787,9 +788,9 @@ def fused_linear_token_logprobs(
     if chunk_size is None:
         chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
     mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        logp, ent, _ = _logprobs_op(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                    ids.long(), mask, tau, int(chunk_size), name, head, return_entropy)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, ent, _ = _logprobs_op(hidden, weight, bias, ids.long(), mask, tau, int(chunk_size), name, head,
+                                    return_entropy)
     return (logp, ent) if return_entropy else logp
 
 

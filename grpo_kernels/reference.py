@@ -393,11 +393,17 @@ def loss_from_logps(
                         entropy=entropy, process_group=process_group)
     loss = reduce_loss(terms.loss_tok, mask, cfg.loss_type, max_completion_length, num_items_in_batch)
     mets = metrics(terms, entropy, mask, cfg)
+    m_e = mask if terms.entropy_mask is None else mask * terms.entropy_mask
+    if terms.entropy_mask is not None:
+        # the entropy over the tokens the mask keeps and their share of the kept weight: what an entropy
+        # controller (TRL's adaptive coefficient) reads, whatever entropy_coef is now
+        n_e = m_e.sum()
+        mets["top_entropy/entropy"] = (_masked_sum(entropy.detach(), m_e) / n_e.clamp(min=1)).float()
+        mets["top_entropy/fraction"] = (n_e / mask.sum().clamp(min=1)).float()
     if cfg.entropy_coef != 0.0:
         if entropy is None:
             raise ValueError("entropy_coef != 0 needs the entropies of the tokens")
         # the bonus acts on the tokens the policy loss acts on; its mean ignores the loss type's normaliser
-        m_e = mask if terms.entropy_mask is None else mask * terms.entropy_mask
         mets["policy_loss"] = loss.detach().float()
         loss = loss - cfg.entropy_coef * (_masked_sum(entropy, m_e) / m_e.sum().clamp(min=1))
     return loss, mets

@@ -1,5 +1,5 @@
 """The streamed LM head as real models use it: logit scale, final-logit softcapping, bias, autocast, DTensor
-heads, and the forward-only ``fused_linear_token_logprobs``.
+heads, and ``fused_linear_token_logprobs`` (forward and gradient).
 
 The oracle is the unfused path in float64: ``y = cap * tanh(s * F.linear(h, W, b) / cap)`` (or ``s * x``),
 then ``grpo_loss(y, ...)`` / ``token_logprobs(y, ...)`` on backend "torch", autograd back to h, W and b. On
@@ -129,9 +129,41 @@ def test_token_logprobs_every_backend_by_the_rule(backend, dtype):
                                           backend="torch")
     lp, ent = fused_linear_token_logprobs(h, W, x["ids"], bias=b, return_entropy=True, logit_scale=1.7,
                                           final_logit_softcapping=1.5, chunk_size=7, backend=backend)
-    assert lp.dtype == torch.float32 and not lp.requires_grad
+    assert lp.dtype == torch.float32 and not lp.requires_grad  # x's tensors are not leaves that require grad
     assert_rule(lp, ref_lp, same_lp, f"logps ({backend}, {dtype})")
     assert_rule(ent, ref_ent, same_ent, f"entropy ({backend}, {dtype})")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale, cap", [(1.0, None), (1.7, 1.5)])
+def test_token_logprobs_gradient(backend, scale, cap):
+    """With grad enabled the log-probs and entropies are differentiable w.r.t. hidden, weight and bias: the
+    gradient of sum(u * logp + v * entropy) equals autograd of the unfused float64 head (fp32 inputs: the rule
+    of the forward, on each gradient); under no_grad nothing requires grad."""
+    x = make(torch.float32, seed=9)
+    g = torch.Generator().manual_seed(10)
+    u, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+
+    def grads(fn, dtype):
+        h, W, b = leaves(x, dtype)
+        lp, ent = fn(h, W, b)
+        ((lp * u.to(lp.dtype)).sum() + (ent * v.to(ent.dtype)).sum()).backward()
+        return [t.grad.double() for t in (h, W, b)]
+
+    ref = grads(lambda h, W, b: gk.token_logprobs(head_logits(h, W, b, scale, cap), x["ids"], temperature=0.8,
+                                                  return_entropy=True, backend="torch"), torch.float64)
+    same = grads(lambda h, W, b: gk.token_logprobs(head_logits(h, W, b, scale, cap), x["ids"], temperature=0.8,
+                                                   return_entropy=True, backend="torch"), torch.float32)
+    got = grads(lambda h, W, b: fused_linear_token_logprobs(
+        h, W, x["ids"], bias=b, temperature=0.8, return_entropy=True, logit_scale=scale,
+        final_logit_softcapping=cap, chunk_size=7, backend=backend), torch.float32)
+    for name, a, r, s in zip(("hidden", "weight", "bias"), got, ref, same, strict=True):
+        assert r.abs().max() > 1e-3, name
+        assert_rule(a, r, s, f"d/d {name} ({backend})")
+    h, W, b = leaves(x)
+    with torch.no_grad():
+        lp, ent = fused_linear_token_logprobs(h, W, x["ids"], bias=b, return_entropy=True, backend=backend)
+    assert not lp.requires_grad and not ent.requires_grad
 
 
 def test_token_logprobs_never_holds_n_by_v():

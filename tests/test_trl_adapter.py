@@ -123,11 +123,18 @@ def test_adapter_loss_equals_trl_loss(model_dir, tmp_path, config):
         assert metrics_o[name] == pytest.approx(metrics_t[name], rel=1e-5, abs=1e-6), name
 
 
-def test_adapter_rejects_options_it_does_not_implement(model_dir, tmp_path):
-    """The one TRL 1.16 combination the adapter refuses (docs/trl.md): an entropy bonus with the top-entropy mask."""
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        make_trainer(GRPOKernelsTrainer, model_dir, tmp_path, top_entropy_quantile=0.5, entropy_coef=0.01)
-    make_trainer(GRPOKernelsTrainer, model_dir, tmp_path / "ok", top_entropy_quantile=0.5)  # alone it runs
+def test_adapter_rejects_only_unknown_loss_types(model_dir, tmp_path):
+    """The adapter refuses a loss type the library does not compute, before the model loads; the entropy
+    bonus with the top-entropy mask, adaptive or not, builds and trains."""
+    args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args.loss_type = "no-such-loss"
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOKernelsTrainer(model=str(tmp_path / "missing"), reward_funcs=digit_reward, args=args)
+    trainer = make_trainer(GRPOKernelsTrainer, model_dir, tmp_path / "ok", top_entropy_quantile=0.5,
+                           entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=0.5)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 1 and "policy_loss" in logged[0] and "entropy_coef" in logged[0]
 
 
 def test_adapter_training_steps_run(model_dir, tmp_path, monkeypatch):

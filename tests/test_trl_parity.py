@@ -35,6 +35,8 @@ trl_utils = pytest.importorskip("trl.trainer.utils")
 
 F64 = torch.float64
 TRL_ONLY_METRICS = {"entropy_coef"}  # the trainer's (possibly adaptive) coefficient: training-loop state
+# what TRL's adaptive entropy controller reads but does not log (compared with TRL's own mask below)
+OURS_ONLY_METRICS = {"top_entropy/entropy", "top_entropy/fraction"}
 
 
 from bench._trl import OneProcessAccelerator  # noqa: E402  (the benchmark's trl row uses the same stand-in)
@@ -138,8 +140,8 @@ def assert_same(ours, trl, rtol):
     (l1, g1, m1), (l2, g2, m2) = ours, trl
     torch.testing.assert_close(l1, l2.to(l1.dtype), rtol=rtol, atol=1e-14)
     torch.testing.assert_close(g1, g2.to(g1.dtype), rtol=rtol, atol=1e-14)
-    assert set(m1) <= set(m2) and set(m2) - set(m1) <= TRL_ONLY_METRICS, (sorted(m1), sorted(m2))
-    for k in m1:
+    assert set(m1) - OURS_ONLY_METRICS <= set(m2) and set(m2) - set(m1) <= TRL_ONLY_METRICS, (sorted(m1), sorted(m2))
+    for k in set(m1) - OURS_ONLY_METRICS:
         assert m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-7, nan_ok=True), k  # ours are fp32 tensors
 
 
@@ -449,6 +451,16 @@ def test_parity_rest_of_trl_loss(case):
                     **vespo, **ours_opts)
     assert_same(ours, trl, rtol=1e-10)
     assert set(trl[2]) - set(ours[2]) <= TRL_ONLY_METRICS
+    q = trl_state.get("top_entropy_quantile", 1.0)
+    assert (set(ours[2]) & OURS_ONLY_METRICS) == (OURS_ONLY_METRICS if q < 1.0 else set())
+    if q < 1.0:  # the entropy over TRL's own top-entropy mask, and the mask's share of the tokens
+        _, ent = trl_utils.selective_log_softmax_and_entropy(x["logits"], x["ids"], temperature=temperature,
+                                                             row_mask=x["mask"])
+        kept = trainer.get_high_entropy_mask(ent, x["mask"], 1 - q).to(F64) * x["mask"]
+        assert 0 < kept.sum() < x["mask"].sum()
+        want = dict(entropy=(ent * kept).sum() / kept.sum(), fraction=kept.sum() / x["mask"].sum())
+        for k, v in want.items():
+            assert ours[2][f"top_entropy/{k}"] == pytest.approx(v.item(), rel=1e-6), k
 
 
 def test_parity_vespo_defaults_and_off_policy_without_sampler():

@@ -106,7 +106,7 @@ def make_inputs(trainer, B=8, Lp=5, T=6, seed=0):
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(B, T, generator=g)
     inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(B, T, generator=g)
     sampling = inputs["old_per_token_logps"] + 0.25 * torch.randn(B, T, generator=g)
-    sampling[0, 2] = float("nan")  # vLLM could not score this token
+    sampling[0, min(2, T - 1)] = float("nan")  # vLLM could not score this token
     inputs["sampling_per_token_logps"] = sampling
     return inputs
 
@@ -115,9 +115,9 @@ def make_inputs(trainer, B=8, Lp=5, T=6, seed=0):
 BASE = dict(loss_type="dapo", importance_sampling_level="token", beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
             top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
             vllm_importance_sampling_correction=False, entropy_coef=0.0, use_adaptive_entropy=False,
-            _entropy_bonus_enabled=False)
+            _entropy_bonus_enabled=False, _last_world_entropy=math.inf, _entropy_window_stats=None)
 BASE_ARGS = dict(delta=None, use_bias_correction_kl=True, steps_per_generation=2, sapo_temperature_pos=1.0,
-                 sapo_temperature_neg=1.05)
+                 sapo_temperature_neg=1.05, entropy_target=0.3)
 CLIP = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 CASES = []
 for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
@@ -152,6 +152,22 @@ CASES += [
      {}, {"top_entropy_quantile"}),
     ("entropy-bonus-dapo", dict(entropy_coef=0.05, _entropy_bonus_enabled=True), {}, {"entropy_coef"}),
     ("entropy-bonus-grpo", dict(loss_type="grpo", entropy_coef=0.05, _entropy_bonus_enabled=True), {},
+     {"entropy_coef"}),
+    # the entropy bonus over the top-entropy tokens; the adaptive controller reads their entropy (its window
+    # state is compared below), gated off (last window above the target) and on
+    ("entropy-bonus-top-entropy-dapo", dict(entropy_coef=0.05, _entropy_bonus_enabled=True,
+                                            top_entropy_quantile=0.4), {}, {"entropy_coef"}),
+    ("entropy-bonus-top-entropy-grpo-seq", dict(loss_type="grpo", importance_sampling_level="sequence",
+                                                entropy_coef=0.05, _entropy_bonus_enabled=True,
+                                                top_entropy_quantile=0.4, beta=0.04), {}, {"entropy_coef"}),
+    ("adaptive-entropy-top-entropy-gated", dict(entropy_coef=0.05, use_adaptive_entropy=True,
+                                                _entropy_bonus_enabled=True, top_entropy_quantile=0.4),
+     dict(entropy_target=2.0), {"entropy_coef"}),
+    ("adaptive-entropy-top-entropy-on", dict(loss_type="bnpo", entropy_coef=0.05, use_adaptive_entropy=True,
+                                             _entropy_bonus_enabled=True, top_entropy_quantile=0.4,
+                                             _last_world_entropy=0.1), dict(entropy_target=2.0), {"entropy_coef"}),
+    ("adaptive-entropy", dict(loss_type="grpo", entropy_coef=0.05, use_adaptive_entropy=True,
+                              _entropy_bonus_enabled=True, _last_world_entropy=0.1), dict(entropy_target=2.0),
      {"entropy_coef"}),
     ("everything", dict(loss_type="dapo", beta=0.04, off_policy_mask_threshold=0.05, top_entropy_quantile=0.6,
                         use_vllm=True, vllm_importance_sampling_correction=True, _is_mode="token_mask"),
@@ -238,6 +254,9 @@ def test_compute_loss_equals_trl(trainers, backend, training, accumulation, name
     assert set(metrics_o) == set(metrics_t), (sorted(metrics_o), sorted(metrics_t))
     for k in metrics_o:
         assert metrics_o[k] == pytest.approx(metrics_t[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    # the adaptive entropy controller's state after the call
+    assert ours.entropy_coef == pytest.approx(theirs.entropy_coef, rel=1e-6)
+    assert ours._last_world_entropy == pytest.approx(theirs._last_world_entropy, rel=1e-6)
 
 
 def test_options_are_read_at_every_call(trainers):
@@ -269,9 +288,108 @@ def test_the_loss_never_calls_the_lm_head_module(trainers):
     assert calls == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logps_and_entropies_carry_trls_gradient(trainers, backend):
+    """With grad enabled ``_get_per_token_logps_and_entropies`` returns log-probs and entropies with gradient,
+    as TRL's does (a subclass may build its loss from them): values and the gradient of every parameter of
+    sum(u * logp + v * entropy) over the completion tokens equal TRL's; TRL's micro-batching (batch_size)
+    included. Under no_grad nothing requires grad."""
+    ours, theirs = trainers[backend], trainers["trl"]
+    inputs = make_inputs(theirs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    g = torch.Generator().manual_seed(5)
+    u, v = torch.randn(ids.shape[0], T, generator=g), torch.randn(ids.shape[0], T, generator=g)
+    got = {}
+    for name, trainer in (("trl", theirs), ("ours", ours)):
+        trainer.model.train()
+        trainer.model.zero_grad(set_to_none=True)
+        lp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, T, batch_size=3,
+                                                                compute_entropy=True)
+        assert lp.requires_grad and ent.requires_grad, name
+        m = inputs["completion_mask"]
+        ((lp * u * m).sum() + (ent * v * m).sum()).backward()
+        got[name] = (lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                                  if p.grad is not None})
+        with torch.no_grad():
+            lp0, ent0, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, T,
+                                                                      compute_entropy=True)
+        assert not lp0.requires_grad and not ent0.requires_grad
+    (lp_t, ent_t, g_t), (lp_o, ent_o, g_o) = got["trl"], got["ours"]
+    torch.testing.assert_close(lp_o, lp_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_o, ent_t, rtol=1e-5, atol=1e-6)
+    assert set(g_o) == set(g_t) and len(g_t) > 3
+    for n, gt in g_t.items():
+        # fp32 rounding relative to the largest entry: the entropy's gradient sums p * (log p + H) over the
+        # vocabulary, where terms cancel
+        scale = gt.abs().max().item()
+        assert scale > 0, n
+        torch.testing.assert_close(g_o[n], gt, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=n: f"grad of {n}: {m}")
+
+
+def test_shift_labels_are_scored_as_trls_head_scores_them(trainers):
+    """Pre-shifted labels (context / sequence parallelism): the streamed head pairs each label with the hidden
+    state at its own position, as TRL's fused head does (its log-probs, entropies and loss over the scored
+    positions)."""
+    from grpo_kernels.integrations.trl import _Pass
+
+    ours, theirs = trainers[BACKENDS[-1]], trainers["trl"]
+    inputs = make_inputs(theirs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :-T] = -100
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    shift[:, :-T] = -100  # the streamed head scores the last T positions (all TRL's caller reads): the loss too
+    with torch.no_grad():
+        want = theirs.model(input_ids=ids, attention_mask=attention, shift_labels=shift, fused_lm_head=True)
+        ours._gk_pass = _Pass(T, True)
+        try:
+            got = ours.model(input_ids=ids, attention_mask=attention, shift_labels=shift, fused_lm_head=True)
+        finally:
+            ours._gk_pass = None
+    assert got.log_probs.shape == (ids.shape[0], T) and (got.log_probs != 0).any()
+    torch.testing.assert_close(got.log_probs, want.log_probs[:, -T:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.entropy, want.entropy[:, -T:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dapo-token-beta0.04", "grpo-token-beta0.04", "cispo-token-beta0.0",
+                                  "grpo-sequence-beta0.04", "vespo-token-beta0.0"])
+def test_single_token_completions_reduce_as_trl(trainers, name):
+    """T = 1 with completions that keep no token (as mask_truncated_completions leaves them): TRL reads every
+    [B, 1] tensor as one value per sequence, so its token metrics average over B and its clip min / max count
+    those completions as 0; the adapter's metrics follow."""
+    (attrs, args_attrs), = [(a, aa) for n, a, aa, _ in CASES if n == name]
+    ours, theirs = trainers[BACKENDS[-1]], trainers["trl"]
+    configure(theirs, attrs, args_attrs, True, 2)
+    configure(ours, attrs, args_attrs, True, 2)
+    inputs = make_inputs(theirs, T=1)
+    empty = torch.tensor([0, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
+    inputs["completion_mask"] = inputs["completion_mask"].masked_fill(empty[:, None], 0)
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum() * 3
+    for k in ("old_per_token_logps", "ref_per_token_logps"):  # TRL's head returns 0 where the label is dropped
+        inputs[k] = inputs[k].masked_fill(empty[:, None], 0.0)
+    inputs.pop("sampling_per_token_logps")
+    loss_t, grads_t, metrics_t = run(theirs, inputs)
+    loss_o, grads_o, metrics_o = run(ours, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
+    for n, g in grads_t.items():
+        if g is not None:
+            torch.testing.assert_close(grads_o[n], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"grad of {n}: {m}")
+    assert set(metrics_o) == set(metrics_t)
+    for k in metrics_o:
+        assert metrics_o[k] == pytest.approx(metrics_t[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    if "clip_ratio/low_min" in metrics_t:
+        assert metrics_t["clip_ratio/low_min"] == 0.0
+
+
+# last: building a GRPOConfig resets accelerate's state, which the module's trainers read
 def test_refusals_happen_before_the_model_is_loaded(tmp_path):
     """An option the library cannot compute raises in __init__ before the model path is even opened."""
-    bad = [dict(loss_type="no-such-loss"), dict(entropy_coef=0.01, top_entropy_quantile=0.5)]
+    bad = [dict(loss_type="no-such-loss")]
     for config in bad:
         args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{
             k: v for k, v in config.items() if k != "loss_type"})

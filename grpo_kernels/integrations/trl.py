@@ -26,8 +26,14 @@ Generation, rewards, advantages, gradient accumulation and logging stay TRL's ow
   generation batch to one accumulation window; the others divide per-micro-batch means by the accumulation
   steps (not in eval).
 
+With grad enabled, ``_get_per_token_logps_and_entropies`` returns differentiable log-probs and entropies, as
+TRL's does (the streamed head's backward recomputes each chunk's logits). Everything TRL reduces or gathers
+across processes is reduced the same way: the top-entropy quantile over the entropies of every process, the
+metrics' weighted means and min / max, ``policy_loss``, the adaptive entropy controller's window, and
+``num_items_in_batch``.
+
 TRL options that the installed grpo_kernels cannot compute raise ``ValueError`` in ``__init__`` before the model
-is loaded (see :data:`unsupported_options`).
+is loaded (see :func:`unsupported_options`).
 """
 
 from __future__ import annotations
@@ -55,12 +61,6 @@ def unsupported_options(args) -> list[str]:
     bad = []
     if args.loss_type not in LOSS_TYPES:
         bad.append(f"loss_type = {args.loss_type!r} (this grpo_kernels computes {LOSS_TYPES})")
-    entropy_bonus = args.entropy_coef != 0.0 or args.use_adaptive_entropy
-    if entropy_bonus and args.top_entropy_quantile < 1.0:
-        # TRL's policy_loss metric and adaptive controller need the entropy mean over the top-entropy tokens,
-        # which the loss does not return.
-        bad.append("an entropy bonus together with top_entropy_quantile < 1 (the entropy over the masked tokens "
-                   "is not an output of the loss)")
     return bad
 
 
@@ -156,7 +156,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
         coef = 0.0
         if self._entropy_bonus_enabled:
             coef = self.entropy_coef
-            if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            if self.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
                 coef = 0.0
         # TRL divides the entropy bonus by the accumulation steps for every loss type; the dapo family's
         # normaliser already holds them, the others are divided below.
@@ -173,6 +173,8 @@ class GRPOKernelsTrainer(GRPOTrainer):
                 extra["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
         if self.off_policy_mask_threshold is not None and inputs.get("sampling_per_token_logps") is not None:
             extra["sampling_logps"] = inputs["sampling_per_token_logps"]
+        if self.top_entropy_quantile < 1.0:
+            extra["process_group"] = _quantile_group(self.accelerator)
         advantages = inputs["advantages"]
         old = inputs.get("old_per_token_logps")
 
@@ -201,14 +203,17 @@ class GRPOKernelsTrainer(GRPOTrainer):
         (out,) = outputs
         loss = out.loss if self.loss_type in _DAPO_LIKE else out.loss / accumulation
         metrics = dict(out.metrics)
+        # the loss's entropy-bonus outputs, read by TRL's policy_loss metric and adaptive controller (not logged)
+        policy_loss = metrics.pop("policy_loss", None)
+        bonus_stats = _bonus_entropy_stats(metrics, mask)
 
         if self._entropy_bonus_enabled:
-            # the loss before the bonus and before the accumulation division, TRL's policy_loss
-            policy_loss = (out.loss + lib_coef * metrics["entropy"]).detach()
+            # the loss before the bonus and before the accumulation division, TRL's policy_loss (the loss
+            # itself when the coefficient is 0 now)
+            policy_loss = (out.loss if policy_loss is None else policy_loss).detach()
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-            tokens = mask.sum().float()
             if self.use_adaptive_entropy and mode == "train":
-                stats = torch.stack([metrics["entropy"].to(tokens.device) * tokens, tokens]).detach()
+                stats = bonus_stats.detach()
                 self._entropy_window_stats = stats if self._entropy_window_stats is None else (
                     self._entropy_window_stats + stats)
                 if self.accelerator.sync_gradients:
@@ -235,9 +240,14 @@ class GRPOKernelsTrainer(GRPOTrainer):
         over sequences of ``clip_ratio/low_min`` / ``clip_ratio/high_max`` over all processes."""
         sequences = torch.tensor(float(mask.shape[0]), device=mask.device)
         tokens = mask.sum().float()
+        # TRL takes any [B, 1] tensor for one value per sequence: at T = 1 its token metrics too, averaged over
+        # the B sequences and, for the min / max, with a completion that keeps no token counted as 0
+        one_column = mask.shape[1] == 1
         for name, value in metrics.items():
             value = value.to(mask.device).float()
             if name.endswith("_min") or name.endswith("_max"):
+                if one_column and self.importance_sampling_level == "token":
+                    value = _with_empty_rows_as_zero(value, mask, name.endswith("_min"))
                 gathered = self.accelerator.gather(value.reshape(1))
                 gathered = gathered[~torch.isnan(gathered)]
                 agg = (gathered.min() if name.endswith("_min") else gathered.max()) if gathered.numel() else value
@@ -246,8 +256,40 @@ class GRPOKernelsTrainer(GRPOTrainer):
             per_sequence = name == "vespo/phi_seq_mean" or (
                 name.startswith(("clip_ratio", "cispo")) and self.importance_sampling_level == "sequence")
             weight = sequences if per_sequence else tokens
-            totals = self.accelerator.reduce(torch.stack([value * weight, weight]), reduction="sum")
+            count = sequences if one_column else weight
+            totals = self.accelerator.reduce(torch.stack([value * weight, count]), reduction="sum")
             self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+def _with_empty_rows_as_zero(value, mask, smallest: bool):
+    """A min (or max) over sequences of a rate in [0, 1] with the rate 0 of every completion that keeps no token
+    folded in (the loss skips those completions; TRL counts them when T = 1)."""
+    if not bool((mask.sum(-1) == 0).any()):
+        return value
+    zero = torch.zeros_like(value)
+    if torch.isnan(value):
+        return zero
+    return torch.minimum(value, zero) if smallest else torch.maximum(value, zero)
+
+
+def _quantile_group(accelerator):
+    """The process group over which TRL's get_high_entropy_mask takes the entropy quantile: every process
+    (its accelerator.gather); None in a single process."""
+    if accelerator.num_processes == 1:
+        return None
+    return torch.distributed.group.WORLD
+
+
+def _bonus_entropy_stats(metrics: dict, mask) -> torch.Tensor:
+    """[sum of entropy x weight, weight] over the tokens TRL's entropy bonus acts on (the completion mask, times
+    the top-entropy mask when it is on), the micro-batch's share of TRL's adaptive-controller window. Pops the
+    loss's two top-entropy metrics, which TRL does not log."""
+    tokens = mask.sum().float()
+    top, share = metrics.pop("top_entropy/entropy", None), metrics.pop("top_entropy/fraction", None)
+    if top is None:
+        return torch.stack([metrics["entropy"].to(tokens.device) * tokens, tokens])
+    count = share.to(tokens.device) * tokens
+    return torch.stack([top.to(tokens.device) * count, count])
 
 
 # Inputs of vision-language models, passed by TRL's _get_per_token_logps_and_entropies to the model.
@@ -276,17 +318,12 @@ def _patch_forward(model, trainer) -> None:
         job = None if owner is None else owner._gk_pass
         if not fused_lm_head or job is None:
             return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
-        if shift_labels is not None:
-            raise ValueError("GRPOKernelsTrainer: shift_labels (context / sequence parallelism) is not supported")
-        kwargs.pop("num_items_in_batch", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         backbone_out = getattr(self, backbone_attr)(*args, **kwargs)
-        keep = job.keep
-        # position t of the completion is predicted by the hidden state one step before it
-        hidden = backbone_out.last_hidden_state[:, -keep - 1:-1]
-        ids = labels[:, -keep:]
+        hidden, ids = _scored_positions(backbone_out.last_hidden_state, labels, shift_labels, job.keep)
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         hidden, ids = hidden.to(weight.device), ids.to(weight.device)
@@ -294,7 +331,7 @@ def _patch_forward(model, trainer) -> None:
         ctx = torch.autocast(hidden.device.type, enabled=False) if fp32 else nullcontext()
         if fp32:
             hidden = hidden.float()
-        loss = entropy = None
+        loss = entropy = valid = None
         with ctx:
             if job.loss_fn is not None:
                 out = job.loss_fn(hidden, weight, bias, logit_scale, softcap)
@@ -308,12 +345,27 @@ def _patch_forward(model, trainer) -> None:
                 log_probs, entropy = res if job.entropy else (res, None)
                 log_probs = log_probs.masked_fill(~valid, 0.0)
                 entropy = None if entropy is None else entropy.masked_fill(~valid, 0.0)
+                # TRL's head returns the mean negative log-likelihood of the scored labels as its loss
+                loss = -log_probs.sum() / (valid.sum().clamp(min=1) if num_items_in_batch is None
+                                           else num_items_in_batch)
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _load_balancing_loss(self, text_config, backbone_out, kwargs.get("attention_mask"))
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
+            if job.loss_fn is None:
+                loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=valid,
+                                   aux_loss=aux_loss)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _scored_positions(last_hidden_state, labels, shift_labels, keep: int):
+    """(hidden [B, keep, H], label ids [B, keep]) of the last ``keep`` scored positions, as TRL's fused head
+    pairs them: a label is predicted by the hidden state one step before it; pre-shifted ``shift_labels``
+    (context / sequence parallelism) are paired with the hidden state at their own position."""
+    if shift_labels is None:
+        return last_hidden_state[:, -keep - 1:-1], labels[:, -keep:]
+    return last_hidden_state[:, -keep:], shift_labels[:, -keep:]
 
 
 def _load_balancing_loss(model, text_config, backbone_out, attention_mask):

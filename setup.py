@@ -1,6 +1,6 @@
 """Build script of the compiled modules (the package metadata is in pyproject.toml).
 
-- ``grpo_kernels._C``: the C++ CPU kernels (csrc/cpu, csrc/bindings/cpu_module.cpp), g++ -O3 -fopenmp.
+- ``grpo_kernels._cpu``: the C++ CPU kernels (csrc/cpu, csrc/bindings/cpu_module.cpp), g++ -O3 -fopenmp.
   Portable by default: the module is compiled for the compiler's baseline ISA (x86-64 / aarch64) and, on
   x86-64, the row kernels twice more via function attributes, for AVX2+FMA+F16C and for AVX-512; the widest
   set the CPU runs is picked at import (see csrc/cpu/grpo_cpu.cpp). ``GRPO_KERNELS_NATIVE=1`` adds ``-march=native``
@@ -71,7 +71,7 @@ if _flag("GRPO_KERNELS_NATIVE"):
 
 ext_modules = [
     Pybind11Extension(
-        "grpo_kernels._C",
+        "grpo_kernels._cpu",
         sources=[f"{CSRC}/cpu/grpo_cpu.cpp", f"{CSRC}/bindings/cpu_module.cpp"],
         include_dirs=[f"{CSRC}/include", f"{CSRC}/cpu"],
         extra_compile_args=CPU_FLAGS,

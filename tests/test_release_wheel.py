@@ -117,7 +117,7 @@ def test_auditwheel_external_libraries(release_wheel):
     assert not [n for n in names if n.startswith(("tests/", "bench/", "csrc/", "python/", "scripts/"))], names
     assert {n for n in names if n.endswith(".so")} == {
         f"grpo_kernels/{m}.cpython-{sys.version_info.major}{sys.version_info.minor}-{os.uname().machine}-linux-gnu.so"
-        for m in ("_C", "_cuda")}, names
+        for m in ("_cpu", "_cuda")}, names
     assert "grpo_kernels/_build_info.py" in names, names
 
 
@@ -130,7 +130,7 @@ def test_modules_link_only_old_glibc(unpacked):
         glibc = {_glibc(v) for v in re.findall(r"\bGLIBC_([\d.]+)\b", syms)}
         assert glibc and max(glibc) <= GLIBC_FLOOR, (so.name, max(glibc))
         assert not re.search(r"\b(GLIBCXX|CXXABI)_", syms), f"{so.name} needs libstdc++ symbol versions"
-    omp = subprocess.run(["readelf", "-d", str(next(unpacked.glob("grpo_kernels/_C*.so")))], capture_output=True,
+    omp = subprocess.run(["readelf", "-d", str(next(unpacked.glob("grpo_kernels/_cpu*.so")))], capture_output=True,
                          text=True, check=True).stdout
     assert "libgomp.so.1" in omp  # the CPU module's OpenMP comes from the process
 
@@ -156,8 +156,8 @@ import math, os, sys
 site = os.environ["GK_SITE"]
 import torch  # first, as grpo_kernels itself does: its libgomp.so.1 is the one the CPU module binds to
 import grpo_kernels as gk
-import grpo_kernels._C, grpo_kernels._cuda  # the CUDA module imports without a GPU (static cudart)
-for m in (gk, grpo_kernels._C, grpo_kernels._cuda):
+import grpo_kernels._cpu, grpo_kernels._cuda  # the CUDA module imports without a GPU (static cudart)
+for m in (gk, grpo_kernels._cpu, grpo_kernels._cuda):
     assert os.path.realpath(m.__file__).startswith(os.path.realpath(site)), (m.__name__, m.__file__)
 
 torch.manual_seed(0)

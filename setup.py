@@ -301,7 +301,9 @@ class BuildExt(build_ext):
         (dest / "_build_info.py").write_text(text)
 
     def _nvcc_objects(self, ext) -> list[str]:
-        out_dir = Path(self.build_temp) / "nvcc"
+        # beside, not inside, the per-Python build_temp: the kernel objects include no Python header, so the
+        # wheels of several CPython versions built from one tree (scripts/build_release.sh --all) share them
+        out_dir = Path(self.build_temp).parent / "nvcc"
         out_dir.mkdir(parents=True, exist_ok=True)
         base = [NVCC, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo",
                 f"-I{CSRC}/include", f"-I{CSRC}/cuda", *_gencode()]

@@ -1,6 +1,6 @@
 """Build script of the compiled modules (the package metadata is in pyproject.toml).
 
-- ``grpo_kernels._C``: the C++ CPU kernels (csrc/cpu, csrc/bindings/cpu_module.cpp), g++ -O3 -fopenmp.
+- ``grpo_kernels._cpu``: the C++ CPU kernels (csrc/cpu, csrc/bindings/cpu_module.cpp), g++ -O3 -fopenmp.
   Portable by default: the module is compiled for the compiler's baseline ISA (x86-64 / aarch64) and, on
   x86-64, the row kernels twice more via function attributes, for AVX2+FMA+F16C and for AVX-512; the widest
   set the CPU runs is picked at import (see csrc/cpu/grpo_cpu.cpp). ``GRPO_KERNELS_NATIVE=1`` adds ``-march=native``
@@ -71,7 +71,7 @@ if _flag("GRPO_KERNELS_NATIVE"):
 
 ext_modules = [
     Pybind11Extension(
-        "grpo_kernels._C",
+        "grpo_kernels._cpu",
         sources=[f"{CSRC}/cpu/grpo_cpu.cpp", f"{CSRC}/bindings/cpu_module.cpp"],
         include_dirs=[f"{CSRC}/include", f"{CSRC}/cpu"],
         extra_compile_args=CPU_FLAGS,
@@ -301,7 +301,9 @@ class BuildExt(build_ext):
         (dest / "_build_info.py").write_text(text)
 
     def _nvcc_objects(self, ext) -> list[str]:
-        out_dir = Path(self.build_temp) / "nvcc"
+        # beside, not inside, the per-Python build_temp: the kernel objects include no Python header, so the
+        # wheels of several CPython versions built from one tree (scripts/build_release.sh --all) share them
+        out_dir = Path(self.build_temp).parent / "nvcc"
         out_dir.mkdir(parents=True, exist_ok=True)
         base = [NVCC, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo",
                 f"-I{CSRC}/include", f"-I{CSRC}/cuda", *_gencode()]

@@ -2,7 +2,7 @@
 
     python -m bench.cpu_isa --n 2048 --v 32000
 
-For each build in ``grpo_kernels._C.ISAS`` that this CPU runs (baseline, avx2, avx512), the launchers of
+For each build in ``grpo_kernels._cpu.ISAS`` that this CPU runs (baseline, avx2, avx512), the launchers of
 ``backend="cpu"`` with a preallocated output (no N x V allocation, no autograd, no loss reduction): the fused
 loss kernel (log-probs, entropy and dL/dlogits in one pass, token level, dapo) and the forward kernel with
 entropy. ``torch.exp(x, out=y)`` over N x V fp32 is the exp floor of the benchmarks (docs/contract.md#performance).
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from grpo_kernels import _C
+from grpo_kernels import _cpu
 from grpo_kernels.backends.base import LossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
           f"torch.exp {exp_ms:.2f} ms ({n * v / exp_ms / 1e6:.2f} G exp/s)")
     x32 = y = None
 
-    default = _C.isa()
+    default = _cpu.isa()
     params = LossParams.from_config(GRPOConfig())
     try:
         for name in args.dtypes.split(","):
@@ -50,15 +50,15 @@ def main(argv=None) -> None:
             fused = lambda x=x, ids=ids, adv=adv, coef=coef, out=out: LAUNCHERS.fused_fwd_bwd(  # noqa: E731
                 x, ids, 1.0, None, None, adv, coef, params, out)
             fwd = lambda x=x, ids=ids: LAUNCHERS.logprobs_fwd(x, ids, 1.0, True)  # noqa: E731
-            for isa in _C.ISAS:
-                if not _C.set_isa(isa):
+            for isa in _cpu.ISAS:
+                if not _cpu.set_isa(isa):
                     print(f"  {name:5s} {isa:8s} not run: this build or CPU lacks it")
                     continue
                 fused_ms, fwd_ms = time(fused), time(fwd)
                 print(f"  {name:5s} {isa:8s} fused loss {fused_ms:7.2f} ms ({fused_ms / exp_ms:.2f}x exp)   "
                       f"forward + entropy {fwd_ms:7.2f} ms ({fwd_ms / exp_ms:.2f}x exp)")
     finally:
-        _C.set_isa(default)
+        _cpu.set_isa(default)
 
 
 if __name__ == "__main__":

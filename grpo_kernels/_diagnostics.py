@@ -116,10 +116,10 @@ def config() -> dict[str, Any]:
     backends = {dt: {name: unavailable_reason(name, dt) for name, info in REGISTRY.items() if dt in info.device_types}
                 for dt in device_types}
 
-    cpu: dict[str, Any] = {"module": _module_file("grpo_kernels._C")}
+    cpu: dict[str, Any] = {"module": _module_file("grpo_kernels._cpu")}
     if cpu["module"]:
         try:
-            C = importlib.import_module("grpo_kernels._C")
+            C = importlib.import_module("grpo_kernels._cpu")
             cpu.update(isas=list(C.ISAS), isa=C.isa())
         except ImportError as e:  # a module that does not load here (glibc, missing libgomp): say so
             cpu["error"] = f"{type(e).__name__}: {e}"
@@ -184,7 +184,7 @@ def show_config(file=None) -> None:
         for name, reason in table.items():
             out.append(f"  {dt:5} {name:7} {'available' if reason is None else 'unavailable: ' + reason}")
     cpu = c["cpu"]
-    out.append("C++ CPU module (grpo_kernels._C)")
+    out.append("C++ CPU module (grpo_kernels._cpu)")
     if not cpu["module"]:
         out.append("  not built")
     elif "error" in cpu:

@@ -1,7 +1,7 @@
 """Per-call cost of the binding layer: pybind11 (what the modules use, one wheel per CPython version) against
 a plain C-API function built for the stable ABI (Py_LIMITED_API = 3.10, one abi3 wheel for every version).
 
-Both modules expose the signature of ``_C.logprobs_fwd`` (12 integers / pointers and one double), release
+Both modules expose the signature of ``_cpu.logprobs_fwd`` (12 integers / pointers and one double), release
 the GIL like the real binding and call an out-of-line function that does nothing, so the time measured is
 argument conversion + dispatch + GIL release. Built with g++ in a temporary directory; nothing of it ships.
 

@@ -266,7 +266,7 @@ def test_unavailable_backend_says_why(monkeypatch):
         resolve_backend("triton", cpu)
     # a missing extension module is named
     monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(BackendUnavailableError, match=r"grpo_kernels\._C"):
+    with pytest.raises(BackendUnavailableError, match=r"grpo_kernels\._cpu"):
         resolve_backend("cpu", cpu)
     assert issubclass(BackendUnavailableError, RuntimeError)
 
@@ -612,8 +612,8 @@ def test_inplace_on_a_leaf_that_requires_grad_is_rejected(backend):
 # --------------------------------------------------------------------------------------------------
 ISA_SCRIPT = """
 import torch, grpo_kernels as gk
-from grpo_kernels import _C
-print("isa", _C.isa())
+from grpo_kernels import _cpu
+print("isa", _cpu.isa())
 try:
     gk.grpo_loss(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), advantages=torch.ones(2), backend="cpu")
     print("ok")
@@ -629,21 +629,21 @@ def test_cpu_isa_env(value):
     import subprocess
     import sys
 
-    from grpo_kernels import _C
+    from grpo_kernels import _cpu
 
     env = {**os.environ, "GRPO_KERNELS_CPU_ISA": value}
     proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    if value.lower() not in _C.ISAS:  # imports fine; the first use of the cpu backend names the valid values
+    if value.lower() not in _cpu.ISAS:  # imports fine; the first use of the cpu backend names the valid values
         assert lines[1] == f"ValueError GRPO_KERNELS_CPU_ISA must be one of baseline, avx2, avx512 (any case), got '{value}'"
         return
     assert lines[1] == "ok"
     # the cap holds in any case: the widest build the CPU runs, no wider than the one named
-    runs = [name for name in _C.ISAS if _C.set_isa(name)]
-    _C.set_isa(runs[-1])
-    cap = _C.ISAS.index(value.lower())
-    assert lines[0] == f"isa {[n for n in runs if _C.ISAS.index(n) <= cap][-1]}"
+    runs = [name for name in _cpu.ISAS if _cpu.set_isa(name)]
+    _cpu.set_isa(runs[-1])
+    cap = _cpu.ISAS.index(value.lower())
+    assert lines[0] == f"isa {[n for n in runs if _cpu.ISAS.index(n) <= cap][-1]}"
 
 
 # --------------------------------------------------------------------------------------------------

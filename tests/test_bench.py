@@ -148,13 +148,13 @@ def test_report_regenerates_md_png_and_readme(loss_run, tmp_path):
 
 @pytest.mark.skipif("cpu" not in grpo_kernels.available_backends("cpu"), reason="the C++ CPU module is not built")
 def test_cpu_isa_smoke(capsys):
-    from grpo_kernels import _C
+    from grpo_kernels import _cpu
 
-    default = _C.isa()
+    default = _cpu.isa()
     cpu_isa.main(["--n", "8", "--v", "100", "--repeats", "1"])
     text = capsys.readouterr().out
-    assert "torch.exp" in text and _C.isa() == default
-    for isa in _C.ISAS:  # every build appears for each dtype, timed or with the reason it did not run
+    assert "torch.exp" in text and _cpu.isa() == default
+    for isa in _cpu.ISAS:  # every build appears for each dtype, timed or with the reason it did not run
         assert text.count(f" {isa} ") == 2, text
 
 

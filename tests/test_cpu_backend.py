@@ -1,4 +1,4 @@
-"""The C++ CPU backend (``backend="cpu"``, grpo_kernels._C) against the float64 eager reference.
+"""The C++ CPU backend (``backend="cpu"``, grpo_kernels._cpu) against the float64 eager reference.
 
 Tolerance rule: the one of ``tests/kernel_checks.py`` (twice torch's own error in the same dtype, plus 8
 fp32 ulps at the scale of the values).
@@ -35,20 +35,20 @@ from kernel_checks import (
 )
 
 import grpo_kernels as gk
-from grpo_kernels import _C
+from grpo_kernels import _cpu
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
-_DEFAULT_ISA = _C.isa()
-ISAS = [name for name in _C.ISAS if _C.set_isa(name)]  # the instruction sets this CPU runs
-_C.set_isa(_DEFAULT_ISA)
+_DEFAULT_ISA = _cpu.isa()
+ISAS = [name for name in _cpu.ISAS if _cpu.set_isa(name)]  # the instruction sets this CPU runs
+_cpu.set_isa(_DEFAULT_ISA)
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    assert _C.set_isa(request.param)
+    assert _cpu.set_isa(request.param)
     yield request.param
-    _C.set_isa(_DEFAULT_ISA)
+    _cpu.set_isa(_DEFAULT_ISA)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,9 +153,9 @@ def test_isas_agree_on_fp32_forward():
     ids = torch.randint(0, 4099, (64,))
     res = {}
     for name in ISAS:
-        _C.set_isa(name)
+        _cpu.set_isa(name)
         res[name] = LAUNCHERS.logprobs_fwd(x, ids, 1.0, True)
-    _C.set_isa(_DEFAULT_ISA)
+    _cpu.set_isa(_DEFAULT_ISA)
     for name in ISAS[1:]:
         for a, b in zip(res["baseline"], res[name], strict=True):
             assert (a - b).abs().max().item() <= 8 * EPS32 * max(1.0, a.abs().max().item()), name
@@ -192,7 +192,7 @@ def test_header_conversions_exhaustive_against_torch():
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
     for code, dt in ((1, torch.bfloat16), (2, torch.float16)):
         mine = torch.empty(65536, dtype=torch.float32)
-        _C.convert(bits.data_ptr(), mine.data_ptr(), 65536, code, True)
+        _cpu.convert(bits.data_ptr(), mine.data_ptr(), 65536, code, True)
         ref = bits.view(dt).float()
         nan = torch.isnan(ref)
         assert torch.equal(torch.isnan(mine), nan)
@@ -204,7 +204,7 @@ def test_header_conversions_exhaustive_against_torch():
         f = torch.cat([ref, mids, mids.nextafter(torch.tensor(math.inf)), mids.nextafter(torch.tensor(-math.inf)),
                        rnd, torch.tensor([math.inf, -math.inf, math.nan, 1e30, -1e30, 65520.0, 65519.99])])
         out = torch.empty(f.numel(), dtype=torch.int16)
-        _C.convert(f.data_ptr(), out.data_ptr(), f.numel(), code, False)
+        _cpu.convert(f.data_ptr(), out.data_ptr(), f.numel(), code, False)
         expect = f.to(dt)
         fnan = torch.isnan(f)
         assert torch.isnan(out.view(dt)[fnan].float()).all(), "NaN must stay NaN"
@@ -216,7 +216,7 @@ def test_module_links_no_libtorch():
     ldd = shutil.which("ldd")
     if ldd is None:
         pytest.skip("ldd is not available on this system")
-    libs = subprocess.run([ldd, _C.__file__], capture_output=True, text=True, check=True).stdout
+    libs = subprocess.run([ldd, _cpu.__file__], capture_output=True, text=True, check=True).stdout
     assert "libtorch" not in libs and "libc10" not in libs, libs
 
 
@@ -254,7 +254,7 @@ def _row_kernel_code() -> dict[str, str]:
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("objdump (binutils) is not available")
-    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True,
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", _cpu.__file__], capture_output=True, text=True,
                           check=True).stdout
     funcs, name = {}, None
     for line in text.splitlines():

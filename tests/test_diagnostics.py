@@ -66,7 +66,7 @@ def test_report_names_the_versions_a_bug_report_needs(name, monkeypatch):
 
 
 def test_report_cpu_isa_and_openmp():
-    C = pytest.importorskip("grpo_kernels._C")
+    C = pytest.importorskip("grpo_kernels._cpu")
     out = _report()
     assert f"ISA builds: {', '.join(C.ISAS)}; in use: {C.isa()}" in out, out
     runtimes = _diagnostics.openmp_runtimes()
@@ -101,9 +101,9 @@ def test_fatbin_reader_matches_cuobjdump():
 
 
 def test_fatbin_reader_on_a_module_without_cuda():
-    so = _diagnostics._module_file("grpo_kernels._C")
+    so = _diagnostics._module_file("grpo_kernels._cpu")
     if so is None:
-        pytest.skip("grpo_kernels._C is not built here")
+        pytest.skip("grpo_kernels._cpu is not built here")
     assert _diagnostics.fatbin_architectures(so) == {"sass": [], "ptx": []}
 
 

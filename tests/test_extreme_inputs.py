@@ -333,12 +333,12 @@ def test_single_token_vocabulary_and_peaked_rows(be):
 def test_single_token_vocabulary_cpu_every_isa():
     """Every build of the C++ CPU kernels (baseline, and AVX2 / AVX-512 where the CPU has them): the cases
     above in each, so that no build forms d as x * (1/tau) - m / tau (grpo_boundary.h, "Shifted logits")."""
-    from grpo_kernels import _C
+    from grpo_kernels import _cpu
 
-    isa = _C.isa()
+    isa = _cpu.isa()
     try:
-        for name in _C.ISAS:
-            if _C.set_isa(name):
+        for name in _cpu.ISAS:
+            if _cpu.set_isa(name):
                 check_single_token_and_peaked_rows("cpu", "cpu")
     finally:
-        _C.set_isa(isa)
+        _cpu.set_isa(isa)

@@ -1,5 +1,5 @@
 // boundary_py.h: the pybind11 binding of the boundary structs (grpo_boundary.h), written once and included by
-// every extension module (grpo_kernels._C, grpo_kernels._cuda and the test-only CUDA emulation module).
+// every extension module (grpo_kernels._cpu, grpo_kernels._cuda and the test-only CUDA emulation module).
 //
 // Each struct becomes a Python class with one attribute per field, under the field's C++ name; pointers are
 // integers (tensor.data_ptr(), 0 for nullptr). A default-constructed object is all zeros, and setting an

@@ -1,4 +1,4 @@
-// grpo_kernels._C: pybind11 bindings of the C++ CPU kernels (csrc/cpu/grpo_cpu.cpp).
+// grpo_kernels._cpu: pybind11 bindings of the C++ CPU kernels (csrc/cpu/grpo_cpu.cpp).
 //
 // The kernels take the boundary structs of grpo_boundary.h (bound in boundary_py.h), whose pointers are
 // integers from tensor.data_ptr(): no torch headers, no libtorch link, so one wheel works with any torch
@@ -24,7 +24,7 @@ T* ptr(uintptr_t p) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(_cpu, m) {
   m.doc() = "grpo_kernels C++ CPU kernels (boundary structs of raw pointers; see grpo_kernels/backends/cpu_backend.py)";
   gk_py::bind_boundary(m);
 

@@ -56,8 +56,8 @@ def _triton_unavailable(device_type: str) -> Optional[str]:
 def _cpu_unavailable(device_type: str) -> Optional[str]:
     if device_type != "cpu":
         return f"the C++ CPU backend runs on cpu tensors, got {device_type} (use backend='cuda' or 'triton')"
-    if importlib.util.find_spec("grpo_kernels._C") is None:
-        return "the extension grpo_kernels._C is not built (pip install . builds it; see the README)"
+    if importlib.util.find_spec("grpo_kernels._cpu") is None:
+        return "the extension grpo_kernels._cpu is not built (pip install . builds it; see the README)"
     return _module_missing("grpo_kernels.backends.cpu_backend")
 
 

@@ -1,4 +1,4 @@
-"""``backend="cpu"``: the launchers of the C++ CPU kernels (``csrc/cpu/grpo_cpu.cpp`` via ``grpo_kernels._C``).
+"""``backend="cpu"``: the launchers of the C++ CPU kernels (``csrc/cpu/grpo_cpu.cpp`` via ``grpo_kernels._cpu``).
 
 The extension takes the boundary structs of ``csrc/include/grpo_boundary.h`` (raw pointers, shapes, element
 strides, dtype codes; it links no libtorch); this module builds them from tensors and allocates the outputs
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
+from .. import _cpu
 from .base import LossParams, native
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -28,14 +28,14 @@ def check_isa_env() -> None:
     first used, rather than silently running the widest build.
     """
     value = os.environ.get(ISA_ENV, "")
-    if value and value.lower() not in _C.ISAS:
-        raise ValueError(f"{ISA_ENV} must be one of {', '.join(_C.ISAS)} (any case), got {value!r}")
+    if value and value.lower() not in _cpu.ISAS:
+        raise ValueError(f"{ISA_ENV} must be one of {', '.join(_cpu.ISAS)} (any case), got {value!r}")
 
 
 check_isa_env()  # this module is imported at the first use of backend "cpu"
 
 
-def _rows(logits: torch.Tensor, ids: torch.Tensor, tau) -> _C.Rows:
+def _rows(logits: torch.Tensor, ids: torch.Tensor, tau) -> _cpu.Rows:
     """The row layout of a [B, T, V] tensor with stride 1 along V."""
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
@@ -46,7 +46,7 @@ def _rows(logits: torch.Tensor, ids: torch.Tensor, tau) -> _C.Rows:
     B, T, V = logits.shape
     if V > 1 and logits.stride(2) != 1:
         raise ValueError(f"logits must have stride 1 along V, got strides {logits.stride()}")
-    return native(_C.Rows, logits=logits.data_ptr(), dtype=_DTYPE_CODE[logits.dtype], B=B, T=T, V=V,
+    return native(_cpu.Rows, logits=logits.data_ptr(), dtype=_DTYPE_CODE[logits.dtype], B=B, T=T, V=V,
                   stride_b=logits.stride(0), stride_t=logits.stride(1), ids=_vec(ids, B * T, "ids", torch.int64),
                   tau=float(tau))
 
@@ -78,9 +78,9 @@ class CpuLaunchers:
         logp = torch.empty(n, dtype=torch.float32)
         stats = torch.empty(n, 2, dtype=torch.float32)
         ent = torch.empty(n if want_entropy else 0, dtype=torch.float32)
-        out = native(_C.Outputs, logp=logp.data_ptr(), stats=stats.data_ptr(),
+        out = native(_cpu.Outputs, logp=logp.data_ptr(), stats=stats.data_ptr(),
                      entropy=ent.data_ptr() if want_entropy else 0)
-        _C.logprobs_fwd(rows, out, torch.get_num_threads())
+        _cpu.logprobs_fwd(rows, out, torch.get_num_threads())
         return logp, stats, ent
 
     @staticmethod
@@ -89,9 +89,9 @@ class CpuLaunchers:
         n = rows.B * rows.T
         if (entropy is None) != (g_ent is None):
             raise ValueError("entropy and g_ent must both be given or both be None")
-        inputs = native(_C.TokenInputs, stats=_vec(stats, 2 * n, "stats"), entropy=_vec(entropy, n, "entropy"),
+        inputs = native(_cpu.TokenInputs, stats=_vec(stats, 2 * n, "stats"), entropy=_vec(entropy, n, "entropy"),
                         g_logp=_vec(g_logp, n, "g_logp"), g_entropy=_vec(g_ent, n, "g_ent"))
-        _C.logprobs_bwd(rows, inputs, native(_C.Outputs, **_grad(out, logits)), torch.get_num_threads())
+        _cpu.logprobs_bwd(rows, inputs, native(_cpu.Outputs, **_grad(out, logits)), torch.get_num_threads())
 
     @staticmethod
     def fused_fwd_bwd(logits, ids, tau, old, ref, adv, coef, params: LossParams, out):
@@ -101,11 +101,11 @@ class CpuLaunchers:
             raise ValueError("ref (reference log-probs) is required when beta != 0")
         logp = torch.empty(n, dtype=torch.float32)
         ent = torch.empty(n, dtype=torch.float32)
-        inputs = native(_C.TokenInputs, old_logps=_vec(old, n, "old"),
+        inputs = native(_cpu.TokenInputs, old_logps=_vec(old, n, "old"),
                         ref_logps=_vec(ref if params.beta != 0.0 else None, n, "ref"),
                         advantages=_vec(adv, n, "adv"), coef=_vec(coef, n, "coef"))
-        outputs = native(_C.Outputs, logp=logp.data_ptr(), entropy=ent.data_ptr(), **_grad(out, logits))
-        _C.fused_fwd_bwd(rows, inputs, params.to_native(_C), outputs, torch.get_num_threads())
+        outputs = native(_cpu.Outputs, logp=logp.data_ptr(), entropy=ent.data_ptr(), **_grad(out, logits))
+        _cpu.fused_fwd_bwd(rows, inputs, params.to_native(_cpu), outputs, torch.get_num_threads())
         return logp, ent
 
 

@@ -31,7 +31,7 @@ mass, up to the common log S) and ``e_r = e^{c_r}``, ``S = sum_r e_r``, ``w_r = 
 fused backward kernel fed the GLOBAL (M, log S) and H: O(N) saved, nothing of size N x V_r but the
 gradient. With ``backend="torch"`` (and for float64 shards, the reference's dtype) the per-shard arithmetic is
 eager torch (an fp32 / float64 copy of the shard and its exp, O(N x V_r)). The loss math is
-:func:`reference.loss_from_logps`, the same as every other path. Every rank must call these functions
+:func:`logp_loss.loss_from_logps`, the same as every other path. Every rank must call these functions
 with the same N, ids and loss inputs (they are collectives), and call ``backward`` on its loss.
 """
 
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _validate, reference
+from . import _validate, logp_loss
 from ._docs import fill
 from ._memory import empty_grad
 from ._ops import layout_3d
@@ -78,7 +78,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard, ids, vocab_start: int, tau: float, group, mask):
         # shard [N, V_r]; ids [N] global; mask [N] bool or None (rows that may hold garbage logits)
-        cdt = reference.compute_dtype(shard)
+        cdt = logp_loss.compute_dtype(shard)
         z = shard.to(cdt) / tau
         if mask is not None:
             z = z.masked_fill(~mask.unsqueeze(-1), 0.0)
@@ -309,7 +309,7 @@ def grpo_loss_with_config(
     logp = torch.where(mask, logp, 0.0)
     # the entropy bonus differentiates the entropy (every rank gets the gradient of its own columns)
     ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
-    loss, metrics = reference.loss_from_logps(logp, config, entropy=ent, **x.loss_kwargs())
+    loss, metrics = logp_loss.loss_from_logps(logp, config, entropy=ent, **x.loss_kwargs())
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 

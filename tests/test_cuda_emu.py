@@ -56,7 +56,7 @@ from kernel_checks import (
     make_logits,
 )
 
-from grpo_kernels import reference
+from grpo_kernels import logp_loss, reference
 from grpo_kernels.backends.base import LossParams, native
 from grpo_kernels.backends.cuda_backend import _DTYPE_CODE, CudaLaunchers
 from grpo_kernels.config import GRPOConfig
@@ -241,7 +241,7 @@ def test_fused_every_row_alignment(emu, dtype, variant):
     assert_rule(logp, r_logp.view(-1), s_logp.view(-1), "logp")
     assert_rule(ent, r_ent.view(-1), s_ent.view(-1), "entropy")
     cfg = GRPOConfig(loss_type="dapo")
-    g = coef.double() * reference.token_loss_grad(r_logp.view(-1), cfg, adv.double(), None, None)
+    g = coef.double() * logp_loss.token_loss_grad(r_logp.view(-1), cfg, adv.double(), None, None)
     xr = x.double().requires_grad_()
     (reference.token_logprobs(xr, ids.view(1, rows)).view(-1) * g).sum().backward()
     xs = x.detach().clone().requires_grad_()
@@ -345,7 +345,7 @@ def test_dispatch_sm80_keeps_the_3pass_kernel_and_real_configuration(emu):
     logp, _ = L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
     assert emu.last_launch() | {"count": 0} == {"grid": 8, "block": 512, "cluster": 4, "dyn_smem": 75968, "count": 0}
     r_logp = reference.token_logprobs(x.double(), ids.view(1, 2)).view(-1)
-    g = coef.double() * reference.token_loss_grad(r_logp, GRPOConfig(loss_type="dapo"), adv.double(), None, None)
+    g = coef.double() * logp_loss.token_loss_grad(r_logp, GRPOConfig(loss_type="dapo"), adv.double(), None, None)
     xr = x.double().requires_grad_()
     (reference.token_logprobs(xr, ids.view(1, 2)).view(-1) * g).sum().backward()
     xs = x.detach().clone().requires_grad_()

@@ -116,7 +116,7 @@ GK_HD float entropy_value(const LseState& st) { return logf(st.s) - st.t / st.s;
 GK_HD float shifted_logit(float x, float m, float log_s, float inv_tau) { return (x - m) * inv_tau - log_s; }
 
 // ------------------------------------------------------------------------------------------------
-// d loss_tok / d logp, token level (mirrors grpo_kernels.reference.token_loss_grad line by line)
+// d loss_tok / d logp, token level (mirrors grpo_kernels.logp_loss.token_loss_grad line by line)
 // ------------------------------------------------------------------------------------------------
 // w = logp - old (0 when has_old == 0: on-policy, ratio 1, while d(logp - old)/dlogp stays 1),
 // c1 = e^w, dc1/dlogp = c1.

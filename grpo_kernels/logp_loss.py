@@ -3,7 +3,8 @@ per-token derivative the fused kernels apply (docs/contract.md written as code).
 
 The fused kernels produce log-probs and entropies (and, in the single-pass path, the gradient); the loss
 value, its reduction and the metrics are always computed here, from those [B, T] tensors. The kernels' only
-copy of the loss math is its derivative, specified by :func:`token_loss_grad`.
+copy of the loss math is its derivative, specified by :func:`token_loss_grad`. What distinguishes the loss
+types (policy term, normaliser) is read from their one table, :data:`grpo_kernels.config.LOSS_TYPE_TABLE`.
 
 Shapes: B sequences (P prompts x G completions, contiguous groups), T completion tokens, V vocabulary.
 
@@ -20,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .config import CLIP_LOSS_TYPES, GRPOConfig
+from .config import LOSS_TYPE_TABLE, GRPOConfig
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
@@ -215,12 +216,13 @@ def token_terms(
             kl = kl * coef_1  # before any delta clip, differentiable
 
     phi = None
-    if cfg.loss_type == "cispo":
+    policy = cfg.loss_type_info.policy
+    if policy == "cispo":
         loss_tok = -torch.clamp(coef_1, max=cfg.eps_high).detach() * adv * logp
-    elif cfg.loss_type == "sapo":
+    elif policy == "sapo":
         tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         loss_tok = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
-    elif cfg.loss_type == "vespo":
+    elif policy == "vespo":
         phi = gamma_weights(adv, log_ratio, mask, rho, cfg)
         loss_tok = -phi * adv * logp
     else:
@@ -239,7 +241,7 @@ def token_terms(
         thr = entropy_quantile(entropy, keep, 1 - cfg.top_entropy_quantile, process_group)
         entropy_mask = (entropy.detach() * mask >= thr) & keep  # TRL compares the weighted entropy
         loss_tok = loss_tok * entropy_mask
-    if rho is not None and cfg.loss_type != "vespo":  # vespo has it inside its sequence weight
+    if rho is not None and policy != "vespo":  # vespo has it inside its sequence weight
         loss_tok = loss_tok * rho
     if kl is not None:
         loss_tok = loss_tok + cfg.beta * kl
@@ -256,15 +258,16 @@ def reduction_weights(
     """
     B, T = mask.shape
     m = mask.to(dtype)
-    if loss_type in ("grpo", "sapo"):
+    normaliser = LOSS_TYPE_TABLE[loss_type].normaliser
+    if normaliser == "sequence_tokens":
         return m / (mask.sum(-1, keepdim=True).clamp(min=1) * B)
-    if loss_type == "luspo":
+    if normaliser == "sequences":
         return m / B
-    if loss_type == "bnpo":
+    if normaliser == "batch_tokens":
         return m / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
+    if normaliser == "max_length":
         return m / (B * (T if max_completion_length is None else max_completion_length))
-    # dapo, cispo, vespo: one global normaliser (across accumulation steps and ranks when the caller passes it)
+    # "num_items": one global normaliser (across accumulation steps and ranks when the caller passes it)
     if num_items_in_batch is None:
         return m / mask.sum().clamp(min=1)
     return m / torch.as_tensor(num_items_in_batch, dtype=dtype, device=mask.device).clamp(min=1)
@@ -273,13 +276,14 @@ def reduction_weights(
 def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items_in_batch=None):
     """The reductions (docs/contract.md#reductions), written as TRL writes them."""
     B, T = mask.shape
-    if loss_type in ("grpo", "sapo"):
+    normaliser = LOSS_TYPE_TABLE[loss_type].normaliser
+    if normaliser == "sequence_tokens":
         return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()
-    if loss_type == "luspo":  # a sum over each sequence's tokens: long sequences weigh more
+    if normaliser == "sequences":  # a sum over each sequence's tokens: long sequences weigh more
         return _masked_sum(loss_tok, mask, -1).mean()
-    if loss_type == "bnpo":
+    if normaliser == "batch_tokens":
         return _masked_sum(loss_tok, mask) / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
+    if normaliser == "max_length":
         return _masked_sum(loss_tok, mask) / (B * (T if max_completion_length is None else max_completion_length))
     if num_items_in_batch is None:
         normaliser = mask.sum().clamp(min=1)
@@ -325,9 +329,10 @@ def metrics(terms: TokenTerms, entropy, mask, cfg: GRPOConfig) -> dict[str, torc
         out["kl"] = _mean_metric(terms.kl.detach(), mask)
     c1, adv = terms.coef_1.detach(), terms.adv
     seq = cfg.importance_sampling_level == "sequence"
-    if cfg.loss_type == "cispo":
+    policy = cfg.loss_type_info.policy
+    if policy == "cispo":
         out["cispo_clip_ratio"] = _mean_metric(((c1 > cfg.eps_high) & (adv > 0)).to(c1.dtype), mask, seq)
-    elif cfg.loss_type in CLIP_LOSS_TYPES:
+    elif policy == "clip":
         low = ((c1 < 1 - cfg.epsilon_low) & (adv < 0)).to(c1.dtype)
         high = ((c1 > 1 + cfg.eps_high) & (adv > 0)).to(c1.dtype)
         out["clip_ratio/low_mean"] = _mean_metric(low, mask, seq)
@@ -335,7 +340,7 @@ def metrics(terms: TokenTerms, entropy, mask, cfg: GRPOConfig) -> dict[str, torc
         out["clip_ratio/region_mean"] = _mean_metric(torch.maximum(low, high), mask, seq)
         out["clip_ratio/low_min"] = _seq_extreme(low, mask, seq, largest=False)
         out["clip_ratio/high_max"] = _seq_extreme(high, mask, seq, largest=True)
-    elif cfg.loss_type == "vespo":
+    elif policy == "vespo":
         out["vespo/phi_seq_mean"] = _mean_metric(terms.phi, mask, terms.phi.shape[-1] == 1 and adv.shape[-1] == 1)
     return {k: v.detach().float() for k, v in out.items()}
 
@@ -388,13 +393,15 @@ def token_loss_grad(logp, cfg: GRPOConfig, adv, old=None, ref=None):
     - KL (beta != 0): r = ref - logp, kl = e^r - r - 1, dkl = 1 - e^r; with the bias correction
       (kl * c1)' = dkl*c1 + kl*c1;  d += beta * that.
     """
-    if cfg.loss_type == "vespo":
-        raise ValueError("loss_type='vespo' has no per-token derivative: its weight needs the whole sequence")
+    policy = cfg.loss_type_info.policy
+    if cfg.loss_type_info.needs_every_token:
+        raise ValueError(
+            f"loss_type={cfg.loss_type!r} has no per-token derivative: its weight needs the whole sequence")
     w = torch.zeros_like(logp) if old is None else logp - old
     c1 = torch.exp(w)
-    if cfg.loss_type == "cispo":
+    if policy == "cispo":
         d = -torch.clamp(c1, max=cfg.eps_high) * adv
-    elif cfg.loss_type == "sapo":
+    elif policy == "sapo":
         tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         s = torch.sigmoid(tau * (c1 - 1))
         d = -4 * adv * s * (1 - s) * c1

@@ -42,11 +42,9 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
 from ..backends import check_backend_name
-from ..config import LOSS_TYPES
+from ..config import LOSS_TYPE_TABLE, LOSS_TYPES
 from ..config import GRPOConfig as LossConfig
 from ..fused_linear import fused_linear_grpo_loss_with_config, fused_linear_token_logprobs
-
-_DAPO_LIKE = ("dapo", "cispo", "vespo")  # normalised by num_items_in_batch
 
 
 def unsupported_options(args) -> list[str]:
@@ -158,12 +156,14 @@ class GRPOKernelsTrainer(GRPOTrainer):
             coef = self.entropy_coef
             if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
                 coef = 0.0
-        # TRL divides the entropy bonus by the accumulation steps for every loss type; the dapo family's
-        # normaliser already holds them, the others are divided below.
-        lib_coef = coef / accumulation if self.loss_type in _DAPO_LIKE else coef
+        # Loss types normalised by num_items_in_batch (the dapo family) span every accumulation step already;
+        # TRL divides the others' loss by the steps. TRL divides the entropy bonus by the steps for every loss
+        # type: inside the dapo family's loss here, below for the others.
+        global_norm = LOSS_TYPE_TABLE[self.loss_type].normaliser == "num_items"
+        lib_coef = coef / accumulation if global_norm else coef
         config = self._loss_config(lib_coef)
         num_items = None
-        if self.loss_type in _DAPO_LIKE:
+        if global_norm:
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
@@ -199,7 +199,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
         finally:
             self._gk_pass = None
         (out,) = outputs
-        loss = out.loss if self.loss_type in _DAPO_LIKE else out.loss / accumulation
+        loss = out.loss if global_norm else out.loss / accumulation
         metrics = dict(out.metrics)
 
         if self._entropy_bonus_enabled:

@@ -219,8 +219,8 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
     B, T, _ = hidden.shape
     N = B * T
-    cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the reference's view of the same scalars
-    L = None if backend == "torch" else launchers(backend)
+    cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the loss math's view of the same scalars
+    kernels = None if backend == "torch" else launchers(backend)
     mflat, iflat = logp_loss.kept(mask).reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     cdt = logp_loss.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
@@ -229,7 +229,8 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     acc = _Accumulator(hidden, weight, bias, want)
     # coef [N]: the reduction's weight of each token (mask and global normaliser); known before any logit
     coef = logp_loss.reduction_weights(mask, cfg.loss_type, max_len, num_items, dtype=cdt).reshape(-1)
-    flat = lambda t: None if t is None else t.reshape(-1).to(cdt if L is None else torch.float32).contiguous()  # noqa: E731
+    flat_dtype = cdt if kernels is None else torch.float32  # the kernels take fp32 inputs
+    flat = lambda t: None if t is None else t.reshape(-1).to(flat_dtype).contiguous()  # noqa: E731
     adv_f = flat((adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T))
     old_f, ref_f = flat(old), flat(ref) if cfg.beta != 0.0 else None
     coef_f = flat(coef)
@@ -238,7 +239,7 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
         h_c, x = _logits_of(rows, weight, bias, n0, n1)
         logits, dydx = _transform(x, head)
         ids_c, lg3 = iflat[n0:n1], None
-        if L is None:
+        if kernels is None:
             # the eager log-probs, and g = coef * dloss_tok/dlogp as specified by token_loss_grad
             lp, ent = eager.token_logprobs(logits, ids_c, tau, True)
             g = coef_f[n0:n1] * logp_loss.token_loss_grad(lp, cfg, adv_f[n0:n1], sl(old_f, n0, n1),
@@ -246,8 +247,8 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
             dlogits = _ref_logprob_grad(logits, ids_c, tau, torch.where(mflat[n0:n1], g, 0.0))
         else:
             lg3 = logits.unsqueeze(0)  # [1, n, V]; the kernel writes dL/dlogits over the logits
-            lp, ent = L.fused_fwd_bwd(lg3, ids_c, tau, sl(old_f, n0, n1), sl(ref_f, n0, n1), adv_f[n0:n1],
-                                      coef_f[n0:n1], params, lg3)
+            lp, ent = kernels.fused_fwd_bwd(lg3, ids_c, tau, sl(old_f, n0, n1), sl(ref_f, n0, n1), adv_f[n0:n1],
+                                            coef_f[n0:n1], params, lg3)
             dlogits = logits
         logp_out[n0:n1], ent_out[n0:n1] = lp, ent
         acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
@@ -260,7 +261,7 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, w
     docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
     N = B * T
-    L = None if backend == "torch" else launchers(backend)
+    kernels = None if backend == "torch" else launchers(backend)
     mflat, iflat = mask.reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     cdt = logp_loss.compute_dtype(hidden)
@@ -270,13 +271,13 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, w
         _, x = _logits_of(rows, weight, bias, n0, n1)
         logits, _ = _transform(x, head)
         del x
-        if L is None:
+        if kernels is None:
             logp[n0:n1], ent[n0:n1] = eager.token_logprobs(logits, iflat[n0:n1], tau, True)
             m = logits.to(cdt).amax(-1, keepdim=True)
             stats[n0:n1, 0] = m.squeeze(-1)
             stats[n0:n1, 1] = torch.logsumexp((logits.to(cdt) - m) / tau, -1)
         else:
-            lp, st, e = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, want_entropy)
+            lp, st, e = kernels.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, want_entropy)
             logp[n0:n1], stats[n0:n1] = lp, st
             if want_entropy:
                 ent[n0:n1] = e
@@ -289,7 +290,7 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
     """Pass 2: given g = dL/dlogp [B, T] (and g_ent = dL/dentropy with the pass-1 entropy ``ent``, or None),
     recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
-    L = None if backend == "torch" else launchers(backend)
+    kernels = None if backend == "torch" else launchers(backend)
     mflat, iflat = mask.reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     acc = _Accumulator(hidden, weight, bias, want)
@@ -302,13 +303,13 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
         h_c, x = _logits_of(rows, weight, bias, n0, n1)
         logits, dydx = _transform(x, head)
         lg3 = None
-        if L is None:
+        if kernels is None:
             dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1], None if g_ent is None else g_ent[n0:n1])
         else:
             lg3 = logits.unsqueeze(0)
             has_ent = g_ent is not None
-            L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
-                           ge_f[n0:n1] if has_ent else None, tau, lg3)
+            kernels.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
+                                 ge_f[n0:n1] if has_ent else None, tau, lg3)
             dlogits = logits
         acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
         del x, logits, dlogits, dydx, lg3

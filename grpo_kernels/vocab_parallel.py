@@ -129,11 +129,11 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, ids, vocab_start: int, tau: float, group, name: str):
         # x3 [B, T, V_r] fp32 / bf16 / fp16, a view with its strides (no copy); ids [N = B * T] global
-        L = launchers(name)
+        kernels = launchers(name)
         local = ids.long() - vocab_start
         in_shard = (local >= 0) & (local < x3.shape[-1])
         local = torch.where(in_shard, local, -1).contiguous()  # -1: another rank's id, no target term here
-        logp_r, stats_r, ent_r = L.logprobs_fwd(x3, local, tau, True)
+        logp_r, stats_r, ent_r = kernels.logprobs_fwd(x3, local, tau, True)
         m_r, log_s_r = stats_r.unbind(-1)
         M = m_r.clone()
         dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)

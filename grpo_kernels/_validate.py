@@ -300,8 +300,8 @@ def check_nonnegative_ratio(rho: torch.Tensor, mask: torch.Tensor) -> None:
                          f"{float(rho[idx])} at index {idx}")
 
 
-def check_process_group(group) -> None:
-    if group is None:
+def check_process_group(process_group) -> None:
+    if process_group is None:
         return
     import torch.distributed as dist
 

@@ -178,7 +178,7 @@ class GRPOConfig:
             raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
 
     @property
-    def eps_high(self) -> float:
+    def resolved_epsilon_high(self) -> float:
         """The upper clip offset (or the cispo bound) with ``None`` resolved to ``epsilon_low``."""
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
 

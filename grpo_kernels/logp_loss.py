@@ -218,7 +218,7 @@ def token_terms(
     phi = None
     policy = cfg.loss_type_info.policy
     if policy == "cispo":
-        loss_tok = -torch.clamp(coef_1, max=cfg.eps_high).detach() * adv * logp
+        loss_tok = -torch.clamp(coef_1, max=cfg.resolved_epsilon_high).detach() * adv * logp
     elif policy == "sapo":
         tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         loss_tok = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
@@ -226,7 +226,7 @@ def token_terms(
         phi = gamma_weights(adv, log_ratio, mask, rho, cfg)
         loss_tok = -phi * adv * logp
     else:
-        coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.eps_high)
+        coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.resolved_epsilon_high)
         if cfg.delta is not None:
             coef_1 = torch.clamp(coef_1, max=cfg.delta)  # two-sided clip, after coef_2
         loss_tok = -torch.min(coef_1 * adv, coef_2 * adv)
@@ -331,10 +331,10 @@ def metrics(terms: TokenTerms, entropy, mask, cfg: GRPOConfig) -> dict[str, torc
     seq = cfg.importance_sampling_level == "sequence"
     policy = cfg.loss_type_info.policy
     if policy == "cispo":
-        out["cispo_clip_ratio"] = _mean_metric(((c1 > cfg.eps_high) & (adv > 0)).to(c1.dtype), mask, seq)
+        out["cispo_clip_ratio"] = _mean_metric(((c1 > cfg.resolved_epsilon_high) & (adv > 0)).to(c1.dtype), mask, seq)
     elif policy == "clip":
         low = ((c1 < 1 - cfg.epsilon_low) & (adv < 0)).to(c1.dtype)
-        high = ((c1 > 1 + cfg.eps_high) & (adv > 0)).to(c1.dtype)
+        high = ((c1 > 1 + cfg.resolved_epsilon_high) & (adv > 0)).to(c1.dtype)
         out["clip_ratio/low_mean"] = _mean_metric(low, mask, seq)
         out["clip_ratio/high_mean"] = _mean_metric(high, mask, seq)
         out["clip_ratio/region_mean"] = _mean_metric(torch.maximum(low, high), mask, seq)
@@ -400,13 +400,13 @@ def token_loss_grad(logp, cfg: GRPOConfig, adv, old=None, ref=None):
     w = torch.zeros_like(logp) if old is None else logp - old
     c1 = torch.exp(w)
     if policy == "cispo":
-        d = -torch.clamp(c1, max=cfg.eps_high) * adv
+        d = -torch.clamp(c1, max=cfg.resolved_epsilon_high) * adv
     elif policy == "sapo":
         tau = torch.where(adv > 0, logp.new_tensor(cfg.sapo_temperature_pos), cfg.sapo_temperature_neg)
         s = torch.sigmoid(tau * (c1 - 1))
         d = -4 * adv * s * (1 - s) * c1
     else:
-        lo, hi = 1 - cfg.epsilon_low, 1 + cfg.eps_high
+        lo, hi = 1 - cfg.epsilon_low, 1 + cfg.resolved_epsilon_high
         c2 = torch.clamp(c1, lo, hi)
         dc2 = torch.where((c1 >= lo) & (c1 <= hi), c1, 0.0)
         if cfg.delta is not None:

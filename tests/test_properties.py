@@ -111,10 +111,10 @@ def logits(B, T, V, dtype, strided, scale):
 
 def clip_bounds(cfg: GRPOConfig) -> list[float]:
     if cfg.loss_type == "cispo":
-        return [cfg.eps_high]
+        return [cfg.resolved_epsilon_high]
     if cfg.loss_type == "sapo":
         return []
-    return [b for b in (1 - cfg.epsilon_low, 1 + cfg.eps_high, cfg.delta) if b is not None and b > 0]
+    return [b for b in (1 - cfg.epsilon_low, 1 + cfg.resolved_epsilon_high, cfg.delta) if b is not None and b > 0]
 
 
 def avoid_clip_bounds(lp64, old, mask, cfg: GRPOConfig, margin=1e-3):

@@ -71,7 +71,7 @@ class LossParams:
     @classmethod
     def from_config(cls, cfg: GRPOConfig) -> LossParams:
         values = {name: getattr(cfg, name) for name in _SHARED}
-        values.update(loss_code=cfg.loss_code, epsilon_high=cfg.eps_high, has_delta=cfg.delta is not None,
+        values.update(loss_code=cfg.loss_code, epsilon_high=cfg.resolved_epsilon_high, has_delta=cfg.delta is not None,
                       delta=0.0 if cfg.delta is None else cfg.delta)
         return cls(**{name: _TYPES[name](values[name]) for name in _NAMES})
 

@@ -42,7 +42,6 @@ def token_logprobs(
     return logp, entropy
 
 
-
 def grpo_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,

@@ -75,7 +75,6 @@ class TokenTerms(NamedTuple):
     entropy_mask: Optional[torch.Tensor] = None  # [B, T] bool: the top-entropy tokens, or None when off
 
 
-
 def log_importance_weights(logp, old, mask, level):
     """w = logp - old (token) or the (weighted) masked mean of it over the sequence (GSPO), shape [B, 1]."""
     log_ratio = logp - old

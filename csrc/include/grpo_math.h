@@ -107,9 +107,6 @@ GK_HD void lse_merge(LseState& a, const LseState& b, float inv_tau) {
   a.m = m;
 }
 
-// lse as one float (tests only: the kernels keep the pair (m, log s), see grpo_boundary.h)
-GK_HD float lse_value(const LseState& st, float inv_tau) { return st.m * inv_tau + logf(st.s); }
-
 GK_HD float entropy_value(const LseState& st) { return logf(st.s) - st.t / st.s; }
 
 // d_v = z_v - lse from the row statistics (m, log s): the argument of p_v = e^{d_v}, and logp = d[id]

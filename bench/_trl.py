@@ -68,7 +68,8 @@ def make_trainer(cfg: GRPOConfig, max_completion_length: int, model: nn.Module):
                                  sapo_temperature_neg=cfg.sapo_temperature_neg, steps_per_generation=1)
     state = dict(
         args=args, loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta,
-        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.eps_high, max_completion_length=max_completion_length,
+        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.resolved_epsilon_high,
+        max_completion_length=max_completion_length,
         top_entropy_quantile=1.0, aux_loss_enabled=False, off_policy_mask_threshold=None, use_vllm=False,
         vllm_importance_sampling_correction=False, model=model, current_gradient_accumulation_steps=1,
         accelerator=OneProcessAccelerator(), _entropy_bonus_enabled=False, temperature=cfg.temperature,

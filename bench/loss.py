@@ -199,7 +199,7 @@ def build(impl: str, x: dict, args) -> runner.Case:
     if impl == "liger":
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-        eps_high = cfg.eps_high
+        eps_high = cfg.resolved_epsilon_high
         if not x["view"]:  # Liger reads [B, T+1, V] and ignores the last position: pad a copy, once
             with torch.no_grad():
                 leaf = torch.cat([leaf, leaf.new_zeros(leaf.shape[0], 1, leaf.shape[2])], 1).requires_grad_(True)

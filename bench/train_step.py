@@ -160,8 +160,8 @@ def build(impl: str, x: dict, args) -> runner.Case:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         loss_fn = LigerFusedLinearGRPOLoss(
-            beta=args.beta, use_ref_model=bool(args.beta), epsilon_low=cfg.epsilon_low, epsilon_high=cfg.eps_high,
-            loss_type=args.loss_type, temperature=args.temperature,
+            beta=args.beta, use_ref_model=bool(args.beta), epsilon_low=cfg.epsilon_low,
+            epsilon_high=cfg.resolved_epsilon_high, loss_type=args.loss_type, temperature=args.temperature,
             use_bias_correction_kl=cfg.use_bias_correction_kl)
         return runner.Case(
             lambda: loss_fn(model.hidden_states(x["input_ids"])[:, P - 1 : -1], model.lm_head.weight, x["ids"],

@@ -14,7 +14,7 @@ Paths of :func:`grpo_loss_fused`:
 - weights that need every token first (GSPO's sequence mean, VESPO's sequence weight, the off-policy and
   top-entropy masks) or the entropy's own gradient (the entropy bonus): two passes, forward kernel ->
   loss in torch -> backward kernel with g = dL/dlogp (and dL/dentropy).
-In every path the loss value and the metrics come from :func:`reference.loss_from_logps`, the one copy
+In every path the loss value and the metrics come from :func:`logp_loss.loss_from_logps`, the one copy
 of the loss math; the kernels hold only its derivative.
 """
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import reference
+from . import logp_loss
 from ._memory import empty_grad
 from .backends import launchers
 from .backends.base import LossParams
@@ -187,10 +187,10 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     need_grad = torch.is_grad_enabled() and logits.requires_grad
 
     if need_grad and not cfg.needs_every_token:
-        coef = reference.reduction_weights(x.weights, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
+        coef = logp_loss.reduction_weights(x.weights, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
         adv = x.advantages.float()
         if x.importance_sampling_ratio is not None:
-            adv = reference.ratio_scaled_advantages(adv, x.importance_sampling_ratio.float(), mask)
+            adv = logp_loss.ratio_scaled_advantages(adv, x.importance_sampling_ratio.float(), mask)
         adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1).contiguous()
         vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731
         args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv, coef.reshape(-1).contiguous(),
@@ -203,7 +203,7 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
             logp, ent = fused(logits.detach(), *args, grad)
         logp, ent = logp.view(B, T), ent.view(B, T)
         with torch.no_grad():
-            loss, metrics = reference.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
+            loss, metrics = logp_loss.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
         loss = attach_grad(loss, logits, grad)
     else:
         # Two passes: a token's weight needs every token's log-prob / entropy first (or the entropy bonus
@@ -217,5 +217,5 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
         # NaN logp would give 0 * NaN = NaN through exp() of the KL term / the sequence mean.
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         logp, ent = torch.where(mask, logp, zero), torch.where(mask, ent, zero)
-        loss, metrics = reference.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
+        loss, metrics = logp_loss.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
     return loss, logp.detach(), metrics

@@ -139,7 +139,7 @@ class LossInputs:
     process_group: object = None
 
     def loss_kwargs(self) -> dict:
-        """The keyword inputs of ``reference.loss_from_logps`` beyond the log-probs, entropy and config."""
+        """The keyword inputs of ``logp_loss.loss_from_logps`` beyond the log-probs, entropy and config."""
         return dict(advantages=self.advantages, mask=self.weights, old_logps=self.old_logps, ref_logps=self.ref_logps,
                     max_completion_length=self.max_completion_length, num_items_in_batch=self.num_items_in_batch,
                     importance_sampling_ratio=self.importance_sampling_ratio, sampling_logps=self.sampling_logps,
@@ -193,7 +193,7 @@ def validate_loss_inputs(
     process_group=None,
     scale="group",
 ) -> LossInputs:
-    from .reference import compute_dtype, group_advantages
+    from .logp_loss import compute_dtype, group_advantages
 
     check_config(cfg)
     check_logits(logits)
@@ -300,8 +300,8 @@ def check_nonnegative_ratio(rho: torch.Tensor, mask: torch.Tensor) -> None:
                          f"{float(rho[idx])} at index {idx}")
 
 
-def check_process_group(group) -> None:
-    if group is None:
+def check_process_group(process_group) -> None:
+    if process_group is None:
         return
     import torch.distributed as dist
 

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _validate, reference
+from . import _validate, eager, logp_loss
 from ._docs import fill
 from ._ops import grpo_loss_fused, token_logprobs_fused
 from .backends import check_backend_name, resolve_backend
@@ -85,7 +85,7 @@ def token_logprobs(
     name = resolve_backend(backend, logits.device)
     _kernel_dtype_check(name, logits)
     if name == "torch":
-        return reference.token_logprobs(logits, ids, tau, return_entropy)
+        return eager.token_logprobs(logits, ids, tau, return_entropy)
     return token_logprobs_fused(name, logits, ids, tau, return_entropy)
 
 
@@ -115,7 +115,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return reference.group_advantages(rewards, group_size, scale, eps)
+    return logp_loss.group_advantages(rewards, group_size, scale, eps)
 
 
 def grpo_loss_with_config(
@@ -177,7 +177,7 @@ def grpo_loss_with_config(
     if name == "torch":
         if inplace:
             raise ValueError("inplace=True needs a fused backend ('cuda', 'triton' or 'cpu'); backend='torch' cannot write the gradient into the logits")
-        loss, logps, metrics = reference.grpo_loss(
+        loss, logps, metrics = eager.grpo_loss(
             x.logits, x.ids, config, x.advantages, x.weights, x.old_logps, x.ref_logps,
             x.max_completion_length, x.num_items_in_batch, importance_sampling_ratio=x.importance_sampling_ratio,
             sampling_logps=x.sampling_logps, process_group=x.process_group,
@@ -301,12 +301,12 @@ def sampler_importance_ratio(
         raise ValueError(f"completion_mask must have the shape of old_logps {tuple(old_logps.shape)}, "
                          f"got {tuple(completion_mask.shape)}")
     _validate.check_same_device(old_logps, sampling_logps=sampling_logps, completion_mask=completion_mask)
-    if mode not in reference.IS_MODES:
-        raise ValueError(f"mode must be one of {reference.IS_MODES}, got {mode!r}")
+    if mode not in logp_loss.IS_MODES:
+        raise ValueError(f"mode must be one of {logp_loss.IS_MODES}, got {mode!r}")
     for name, v in (("clip_min", clip_min), ("clip_max", clip_max)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
             raise ValueError(f"{name} must be None or a number, got {v!r}")
-    return reference.sampler_importance_ratio(old_logps, sampling_logps, completion_mask, mode, clip_min, clip_max)
+    return logp_loss.sampler_importance_ratio(old_logps, sampling_logps, completion_mask, mode, clip_min, clip_max)
 
 
 class GRPOLoss(nn.Module):

@@ -12,14 +12,58 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # -min(c1*A, clamp(c1)*A)
+
+class LossType(NamedTuple):
+    """How one ``loss_type`` computes its per-token loss and reduces it (docs/contract.md#reductions).
+
+    policy : str
+        The per-token policy term: "clip" (``-min(c1 A, clamp(c1, 1 - epsilon_low, 1 + epsilon_high) A)``),
+        "cispo" (``-sg(min(c1, epsilon_high)) A logp``), "sapo" (a soft sigmoid gate) or "vespo"
+        (``-phi A logp`` with a detached sequence weight phi).
+    normaliser : str
+        What the masked sum of the per-token losses is divided by:
+        "sequence_tokens": each sequence's kept tokens, then the mean over the B sequences;
+        "sequences": B (each sequence's sum, then the mean over sequences: long sequences weigh more);
+        "batch_tokens": the batch's kept tokens;
+        "max_length": B * max_completion_length (T when None);
+        "num_items": ``num_items_in_batch``, the kept tokens of every micro-batch and rank of the optimizer
+        step (the batch's kept tokens when None).
+    micro_batch_weight : str
+        The factor a training loop multiplies one micro-batch's loss by so that the gradients accumulated
+        over micro-batches equal the whole batch's: "sequences" (its share of the batch's sequences),
+        "tokens" (its share of the kept tokens), "one" (the normaliser already spans every micro-batch).
+    needs_every_token : bool
+        A token's gradient weight depends on the log-probs of the other tokens of its sequence, whatever the
+        other options: no single-pass kernel (the fused backends run the forward over every token first).
+    """
+
+    policy: str
+    normaliser: str
+    micro_batch_weight: str
+    needs_every_token: bool
+
+
+# The one table of the loss types, TRL 1.16's (GRPOTrainer._compute_loss).
+LOSS_TYPE_TABLE = {
+    "grpo": LossType("clip", "sequence_tokens", "sequences", False),
+    "bnpo": LossType("clip", "batch_tokens", "tokens", False),
+    "dr_grpo": LossType("clip", "max_length", "sequences", False),
+    "dapo": LossType("clip", "num_items", "one", False),
+    "cispo": LossType("cispo", "num_items", "one", False),
+    "sapo": LossType("sapo", "sequence_tokens", "sequences", False),
+    "luspo": LossType("clip", "sequences", "sequences", False),
+    "vespo": LossType("vespo", "num_items", "one", True),
+}
+LOSS_TYPES = tuple(LOSS_TYPE_TABLE)
+CLIP_LOSS_TYPES = tuple(name for name, t in LOSS_TYPE_TABLE.items() if t.policy == "clip")
 LEVELS = ("token", "sequence")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
 # Kernel-side code of the per-token policy loss (a compile-time flag of the kernels).
 LOSS_CODE_CLIP, LOSS_CODE_CISPO, LOSS_CODE_SAPO = 0, 1, 2
+_LOSS_CODES = {"clip": LOSS_CODE_CLIP, "cispo": LOSS_CODE_CISPO, "sapo": LOSS_CODE_SAPO}
 
 
 # TRL 1.16 GRPOConfig options that change the loss and have no field here, with the value that leaves the
@@ -136,7 +180,7 @@ class GRPOConfig:
             raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
 
     @property
-    def eps_high(self) -> float:
+    def resolved_epsilon_high(self) -> float:
         """The upper clip offset (or the cispo bound) with ``None`` resolved to ``epsilon_low``."""
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
 
@@ -145,19 +189,22 @@ class GRPOConfig:
         """True when a token's gradient weight depends on other tokens' log-probs or entropies (a sequence
         mean, VESPO's sequence weight, the off-policy mask, the entropy quantile) or on the entropy's own
         gradient (the entropy bonus): the fused backends then run the forward pass over every token first."""
-        return (self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
+        return (self.importance_sampling_level == "sequence" or self.loss_type_info.needs_every_token
                 or self.off_policy_mask_threshold is not None or self.top_entropy_quantile < 1.0
                 or self.entropy_coef != 0.0)
 
     @property
+    def loss_type_info(self) -> LossType:
+        """The row of :data:`LOSS_TYPE_TABLE` for ``loss_type``."""
+        return LOSS_TYPE_TABLE[self.loss_type]
+
+    @property
     def loss_code(self) -> int:
-        if self.loss_type == "vespo":  # its weight is a sequence sum: never a single-pass kernel flag
-            raise ValueError("loss_type='vespo' has no single-pass kernel code (its weight needs every token)")
-        if self.loss_type == "cispo":
-            return LOSS_CODE_CISPO
-        if self.loss_type == "sapo":
-            return LOSS_CODE_SAPO
-        return LOSS_CODE_CLIP
+        policy = self.loss_type_info.policy
+        if policy not in _LOSS_CODES:  # vespo: its weight is a sequence sum, never a single-pass kernel flag
+            raise ValueError(
+                f"loss_type={self.loss_type!r} has no single-pass kernel code (its weight needs every token)")
+        return _LOSS_CODES[policy]
 
     def replace(self, **changes) -> GRPOConfig:
         return replace(self, **changes)

@@ -22,7 +22,7 @@ upstream gradient (in place). Two schedules:
   torch, and the backward is pass 2: recompute each chunk's logits and apply the log-prob backward with
   g (4 matmuls per chunk; the gradients then exist only during backward).
 
-The loss value and the metrics always come from :func:`reference.loss_from_logps` on the gathered [B, T]
+The loss value and the metrics always come from :func:`logp_loss.loss_from_logps` on the gathered [B, T]
 log-probs and entropies, the one copy of the loss math, so they equal ``grpo_loss`` on the full logits.
 
 Precision. The chunk's logits are ``F.linear`` in the input dtype, exactly what the model's lm_head
@@ -37,7 +37,7 @@ torch.compile: each chunk loop is a custom op with a fake kernel (dynamo does no
 through autograd), ``fused_linear_logprobs`` (pass 1, with ``register_autograd`` whose backward is the op
 ``fused_linear_logprobs_bwd``, pass 2). The loss value is plain torch. No autograd runs inside an op (an
 op's implementation runs below the Autograd dispatch keys), so the "torch" backend writes the softmax
-backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``reference.token_loss_grad``.
+backward out: dlogits = g * (onehot(id) - softmax(z)) / tau, with g from ``logp_loss.token_loss_grad``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.library import custom_op
 
-from . import _validate, reference
+from . import _validate, eager, logp_loss
 from ._docs import fill
 from ._ops import _scalar_is_one
 from .api import GRPOLossOutput
@@ -165,7 +165,7 @@ def _ref_logprob_grad(logits: Tensor, ids: Tensor, tau: float, g: Tensor, g_ent:
     H = lse - sum_v p_v z_v:  dH/dx_v = -p_v (log p_v + H) / tau (0 where p_v = 0).
     Written out rather than by autograd: a custom op's implementation runs below the Autograd dispatch
     keys, where autograd records nothing (the float64 tests compare with autograd of the unfused path)."""
-    z = logits.to(reference.compute_dtype(logits)) / tau
+    z = logits.to(logp_loss.compute_dtype(logits)) / tau
     p = torch.softmax(z, dim=-1)  # [n, V]
     d_ent = None
     if g_ent is not None:
@@ -197,7 +197,7 @@ def _transform(x: Tensor, head: list[float]) -> tuple[Tensor, Tensor | float | N
     scale, cap = head
     if scale == 1.0 and cap == 0.0:
         return x, None
-    y = x.to(reference.compute_dtype(x)) * scale  # a new buffer: x stays untouched
+    y = x.to(logp_loss.compute_dtype(x)) * scale  # a new buffer: x stays untouched
     if cap == 0.0:
         return y, scale
     t = y.div_(cap).tanh_()
@@ -219,17 +219,18 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     ``mask``: bool, or the completion mask's token weights (the reduction's coef carries them)."""
     B, T, _ = hidden.shape
     N = B * T
-    cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the reference's view of the same scalars
-    L = None if backend == "torch" else launchers(backend)
-    mflat, iflat = reference.kept(mask).reshape(-1), ids.reshape(-1)
+    cfg = params.to_config(loss_type=loss_type, temperature=tau)  # the loss math's view of the same scalars
+    kernels = None if backend == "torch" else launchers(backend)
+    mflat, iflat = logp_loss.kept(mask).reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
-    cdt = reference.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
+    cdt = logp_loss.compute_dtype(hidden)  # float64 only for the oracle (backend "torch")
     logp_out = torch.zeros(N, dtype=cdt, device=hidden.device)
     ent_out = torch.zeros(N, dtype=cdt, device=hidden.device)
     acc = _Accumulator(hidden, weight, bias, want)
     # coef [N]: the reduction's weight of each token (mask and global normaliser); known before any logit
-    coef = reference.reduction_weights(mask, cfg.loss_type, max_len, num_items, dtype=cdt).reshape(-1)
-    flat = lambda t: None if t is None else t.reshape(-1).to(cdt if L is None else torch.float32).contiguous()  # noqa: E731
+    coef = logp_loss.reduction_weights(mask, cfg.loss_type, max_len, num_items, dtype=cdt).reshape(-1)
+    flat_dtype = cdt if kernels is None else torch.float32  # the kernels take fp32 inputs
+    flat = lambda t: None if t is None else t.reshape(-1).to(flat_dtype).contiguous()  # noqa: E731
     adv_f = flat((adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T))
     old_f, ref_f = flat(old), flat(ref) if cfg.beta != 0.0 else None
     coef_f = flat(coef)
@@ -238,16 +239,16 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
         h_c, x = _logits_of(rows, weight, bias, n0, n1)
         logits, dydx = _transform(x, head)
         ids_c, lg3 = iflat[n0:n1], None
-        if L is None:
-            # the reference's log-probs, and g = coef * dloss_tok/dlogp as specified by token_loss_grad
-            lp, ent = reference.token_logprobs(logits, ids_c, tau, True)
-            g = coef_f[n0:n1] * reference.token_loss_grad(lp, cfg, adv_f[n0:n1], sl(old_f, n0, n1),
+        if kernels is None:
+            # the eager log-probs, and g = coef * dloss_tok/dlogp as specified by token_loss_grad
+            lp, ent = eager.token_logprobs(logits, ids_c, tau, True)
+            g = coef_f[n0:n1] * logp_loss.token_loss_grad(lp, cfg, adv_f[n0:n1], sl(old_f, n0, n1),
                                                           sl(ref_f, n0, n1))
             dlogits = _ref_logprob_grad(logits, ids_c, tau, torch.where(mflat[n0:n1], g, 0.0))
         else:
             lg3 = logits.unsqueeze(0)  # [1, n, V]; the kernel writes dL/dlogits over the logits
-            lp, ent = L.fused_fwd_bwd(lg3, ids_c, tau, sl(old_f, n0, n1), sl(ref_f, n0, n1), adv_f[n0:n1],
-                                      coef_f[n0:n1], params, lg3)
+            lp, ent = kernels.fused_fwd_bwd(lg3, ids_c, tau, sl(old_f, n0, n1), sl(ref_f, n0, n1), adv_f[n0:n1],
+                                            coef_f[n0:n1], params, lg3)
             dlogits = logits
         logp_out[n0:n1], ent_out[n0:n1] = lp, ent
         acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
@@ -260,23 +261,23 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, w
     docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
     N = B * T
-    L = None if backend == "torch" else launchers(backend)
+    kernels = None if backend == "torch" else launchers(backend)
     mflat, iflat = mask.reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
-    cdt = reference.compute_dtype(hidden)
+    cdt = logp_loss.compute_dtype(hidden)
     logp, ent = (torch.zeros(N, dtype=cdt, device=hidden.device) for _ in range(2))
     stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
     for n0, n1 in _chunks(N, chunk):
         _, x = _logits_of(rows, weight, bias, n0, n1)
         logits, _ = _transform(x, head)
         del x
-        if L is None:
-            logp[n0:n1], ent[n0:n1] = reference.token_logprobs(logits, iflat[n0:n1], tau, True)
+        if kernels is None:
+            logp[n0:n1], ent[n0:n1] = eager.token_logprobs(logits, iflat[n0:n1], tau, True)
             m = logits.to(cdt).amax(-1, keepdim=True)
             stats[n0:n1, 0] = m.squeeze(-1)
             stats[n0:n1, 1] = torch.logsumexp((logits.to(cdt) - m) / tau, -1)
         else:
-            lp, st, e = L.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, want_entropy)
+            lp, st, e = kernels.logprobs_fwd(logits.unsqueeze(0), iflat[n0:n1], tau, want_entropy)
             logp[n0:n1], stats[n0:n1] = lp, st
             if want_entropy:
                 ent[n0:n1] = e
@@ -289,7 +290,7 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
     """Pass 2: given g = dL/dlogp [B, T] (and g_ent = dL/dentropy with the pass-1 entropy ``ent``, or None),
     recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
-    L = None if backend == "torch" else launchers(backend)
+    kernels = None if backend == "torch" else launchers(backend)
     mflat, iflat = mask.reshape(-1), ids.reshape(-1)
     rows = _Rows(hidden, mflat)
     acc = _Accumulator(hidden, weight, bias, want)
@@ -302,13 +303,13 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
         h_c, x = _logits_of(rows, weight, bias, n0, n1)
         logits, dydx = _transform(x, head)
         lg3 = None
-        if L is None:
+        if kernels is None:
             dlogits = _ref_logprob_grad(logits, iflat[n0:n1], tau, g[n0:n1], None if g_ent is None else g_ent[n0:n1])
         else:
             lg3 = logits.unsqueeze(0)
             has_ent = g_ent is not None
-            L.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
-                           ge_f[n0:n1] if has_ent else None, tau, lg3)
+            kernels.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
+                                 ge_f[n0:n1] if has_ent else None, tau, lg3)
             dlogits = logits
         acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
         del x, logits, dlogits, dydx, lg3
@@ -613,7 +614,7 @@ def fused_linear_grpo_loss_with_config(
         # single pass: the gradients are computed now; the loss carries them to backward
         adv_k = adv
         if x.importance_sampling_ratio is not None:
-            adv_k = reference.ratio_scaled_advantages(adv, x.importance_sampling_ratio, mask)
+            adv_k = logp_loss.ratio_scaled_advantages(adv, x.importance_sampling_ratio, mask)
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
         logp, ent, gh, gw, gb = _fused_linear_op(
             hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv_k, old, ref, num_items,
@@ -622,7 +623,7 @@ def fused_linear_grpo_loss_with_config(
         )
         logp = torch.where(mask, logp, 0.0)
         with torch.no_grad():
-            loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
+            loss, metrics = logp_loss.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
                                                       **extra)
         loss = _attach(loss, hidden, lm_head_weight, lm_head_bias, gh, gw, gb)
     else:
@@ -634,7 +635,7 @@ def fused_linear_grpo_loss_with_config(
                                     int(chunk_size), name, head, True)
         logp = torch.where(mask, logp, 0.0)
         ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
-        loss, metrics = reference.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
+        loss, metrics = logp_loss.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
                                                   **extra)
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 

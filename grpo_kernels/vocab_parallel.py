@@ -31,7 +31,7 @@ mass, up to the common log S) and ``e_r = e^{c_r}``, ``S = sum_r e_r``, ``w_r = 
 fused backward kernel fed the GLOBAL (M, log S) and H: O(N) saved, nothing of size N x V_r but the
 gradient. With ``backend="torch"`` (and for float64 shards, the reference's dtype) the per-shard arithmetic is
 eager torch (an fp32 / float64 copy of the shard and its exp, O(N x V_r)). The loss math is
-:func:`reference.loss_from_logps`, the same as every other path. Every rank must call these functions
+:func:`logp_loss.loss_from_logps`, the same as every other path. Every rank must call these functions
 with the same N, ids and loss inputs (they are collectives), and call ``backward`` on its loss.
 """
 
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _validate, reference
+from . import _validate, logp_loss
 from ._docs import fill
 from ._memory import empty_grad
 from ._ops import layout_3d
@@ -50,14 +50,15 @@ from .backends import launchers, resolve_backend
 from .config import GRPOConfig, takes_config_options
 
 
-def _check_group(group):
+def _vocab_group(group):
+    """The process group the vocabulary is sharded over (the public argument ``group``; None: the world)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("grpo_kernels.vocab_parallel needs torch.distributed to be initialised "
                            "(dist.init_process_group) before the call")
     return dist.group.WORLD if group is None else group
 
 
-def _check_shard(logits_shard, ids, vocab_start, group, arg="ids"):
+def _check_shard(logits_shard, ids, vocab_start, vocab_group, arg="ids"):
     _validate.check_logits(logits_shard, "logits_shard")
     _validate.check_tensor(arg, ids, integer=True)
     if tuple(ids.shape) != tuple(logits_shard.shape[:-1]):
@@ -67,7 +68,7 @@ def _check_shard(logits_shard, ids, vocab_start, group, arg="ids"):
         raise ValueError(f"{arg} is on {ids.device} but logits_shard is on {logits_shard.device}")
     if vocab_start is None:
         # equal shards in rank order: rank r holds columns [r * V_r, (r + 1) * V_r)
-        return dist.get_rank(group) * logits_shard.shape[-1]
+        return dist.get_rank(vocab_group) * logits_shard.shape[-1]
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be an int >= 0 (the first global vocabulary index of this rank's "
                          f"columns), got {vocab_start!r}")
@@ -76,9 +77,9 @@ def _check_shard(logits_shard, ids, vocab_start, group, arg="ids"):
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, ids, vocab_start: int, tau: float, group, mask):
+    def forward(ctx, shard, ids, vocab_start: int, tau: float, vocab_group, mask):
         # shard [N, V_r]; ids [N] global; mask [N] bool or None (rows that may hold garbage logits)
-        cdt = reference.compute_dtype(shard)
+        cdt = logp_loss.compute_dtype(shard)
         z = shard.to(cdt) / tau
         if mask is not None:
             z = z.masked_fill(~mask.unsqueeze(-1), 0.0)
@@ -88,13 +89,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local = torch.where(in_shard, local, 0)
 
         m = z.amax(-1)  # [N]
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=vocab_group)
         e = torch.exp(z - m.unsqueeze(-1))  # [N, V_r]; z = -inf gives 0
         z_fin = z.masked_fill(torch.isneginf(z), 0.0)  # p_v * z_v with z_v = -inf is 0, not NaN
         t = torch.where(in_shard, z.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
         stats = torch.stack([e.sum(-1), (e * z_fin).sum(-1), t, in_shard.to(cdt)], -1)  # [N, 4]
         del e, z_fin
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=vocab_group)
         s, u, t, found = stats.unbind(-1)
         lse = m + torch.log(s)
         logp = torch.where(found > 0, t - lse, torch.full_like(t, float("nan")))
@@ -127,16 +128,16 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 class _FusedVocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3, ids, vocab_start: int, tau: float, group, name: str):
+    def forward(ctx, x3, ids, vocab_start: int, tau: float, vocab_group, name: str):
         # x3 [B, T, V_r] fp32 / bf16 / fp16, a view with its strides (no copy); ids [N = B * T] global
-        L = launchers(name)
+        kernels = launchers(name)
         local = ids.long() - vocab_start
         in_shard = (local >= 0) & (local < x3.shape[-1])
         local = torch.where(in_shard, local, -1).contiguous()  # -1: another rank's id, no target term here
-        logp_r, stats_r, ent_r = L.logprobs_fwd(x3, local, tau, True)
+        logp_r, stats_r, ent_r = kernels.logprobs_fwd(x3, local, tau, True)
         m_r, log_s_r = stats_r.unbind(-1)
         M = m_r.clone()
-        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=vocab_group)
         # c_r = -inf (e_r = 0) for a shard whose logits are all -inf (m_r = -inf: no -inf - -inf)
         c = torch.where(m_r == float("-inf"), float("-inf"), (m_r - M) / tau + log_s_r)
         e = torch.exp(c)
@@ -147,7 +148,7 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
             torch.where(in_shard, logp_r + c, zero),
             in_shard.to(e.dtype),
         ], -1)  # [N, 4]
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=vocab_group)
         S, A, logp_own, found = sums.unbind(-1)
         log_S = torch.log(S)
         ent = A / S + log_S
@@ -174,17 +175,18 @@ def _backend(backend: str, shard: Tensor) -> str:
     return name
 
 
-def _logprobs(logits_shard, ids, vocab_start, tau, group, mask, name, arg):
+def _logprobs(logits_shard, ids, vocab_start, tau, vocab_group, mask, name, arg):
     """-> (logp, entropy) of the global softmax; ``mask`` (or None) marks the rows that count; ``arg`` names
     ``ids`` in errors."""
     lead = ids.shape
     if name == "torch":
         shard = logits_shard.reshape(-1, logits_shard.shape[-1])
         flat_mask = None if mask is None else mask.reshape(-1)
-        logp, ent, found = _VocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, group, flat_mask)
+        logp, ent, found = _VocabParallelLogprobs.apply(shard, ids.reshape(-1), vocab_start, tau, vocab_group,
+                                                        flat_mask)
     else:  # masked rows need no zeroing: their gradient weights are 0, and the kernels then skip the row
         logp, ent, found = _FusedVocabParallelLogprobs.apply(layout_3d(logits_shard), ids.reshape(-1), vocab_start,
-                                                             tau, group, name)
+                                                             tau, vocab_group, name)
     if logits_shard.device.type == "cpu" or _validate.debug_checks_enabled():
         # every rank sees the same all-reduced `found`, so every rank raises together (no hang)
         bad = (found != 1).view(lead)
@@ -238,12 +240,13 @@ def token_logprobs(
         logps ``[...]`` (fp32; float64 for float64 shards), identical on every rank, and the entropy if
         ``return_entropy``; differentiable w.r.t. this rank's shard.
     """
-    group = _check_group(group)
-    vocab_start = _check_shard(logits_shard, ids, vocab_start, group)
+    vocab_group = _vocab_group(group)
+    vocab_start = _check_shard(logits_shard, ids, vocab_start, vocab_group)
     tau = _validate.check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, group, None, _backend(backend, logits_shard), "ids")
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, tau, vocab_group, None, _backend(backend, logits_shard),
+                          "ids")
     return (logp, ent) if return_entropy else logp
 
 
@@ -286,12 +289,12 @@ def grpo_loss_with_config(
         As in :func:`grpo_loss`.
     """
     config, max_completion_length = _validate.loss_config(config, max_completion_length)
-    group = _check_group(group)
+    vocab_group = _vocab_group(group)
     _validate.check_logits(logits_shard, "logits_shard")
     _validate.check_tensor("completion_ids", completion_ids, ndim=2, integer=True)
     if logits_shard.dim() != 3:
         raise ValueError(f"logits_shard must have shape [B, T, V_r], got {tuple(logits_shard.shape)}")
-    vocab_start = _check_shard(logits_shard, completion_ids, vocab_start, group, "completion_ids")
+    vocab_start = _check_shard(logits_shard, completion_ids, vocab_start, vocab_group, "completion_ids")
     # The ids are global (not < V_r): their range is checked after the all-reduce; the rest is validated
     # as grpo_loss validates it.
     x = _validate.validate_loss_inputs(
@@ -304,12 +307,12 @@ def grpo_loss_with_config(
     mask = x.mask
     # masked ids may be garbage: give each rank an id of its own shard there (rows zeroed, g = 0, no error)
     ids = torch.where(mask, completion_ids, vocab_start)
-    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, group, mask,
+    logp, ent = _logprobs(logits_shard, ids, vocab_start, config.temperature, vocab_group, mask,
                           _backend(backend, logits_shard), "completion_ids")
     logp = torch.where(mask, logp, 0.0)
     # the entropy bonus differentiates the entropy (every rank gets the gradient of its own columns)
     ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
-    loss, metrics = reference.loss_from_logps(logp, config, entropy=ent, **x.loss_kwargs())
+    loss, metrics = logp_loss.loss_from_logps(logp, config, entropy=ent, **x.loss_kwargs())
     return GRPOLossOutput(loss, logp.detach().float(), metrics)
 
 

@@ -70,7 +70,7 @@ def main():
     p.add_argument("--vocab", type=int, default=32000, help="V vocabulary entries")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0 disables the KL term)")
-    p.add_argument("--loss-type", default="dapo")
+    p.add_argument("--loss-type", default="dapo", choices=grpo_kernels.config.LOSS_TYPES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5, help="timed calls after the first (median reported)")
     args = p.parse_args()

@@ -99,8 +99,3 @@ def partial_credit(prompts: list[str], completions: list[str], answer: list[str]
         hits = sum(g == w for g, w in zip(got, want, strict=False)) + (len(got) == len(want))
         rewards.append(hits / (len(want) + 1))
     return rewards
-
-
-def exact_match(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
-    """1.0 when the completion equals the answer (whitespace ignored), else 0.0 (too sparse to learn from scratch)."""
-    return [float("".join(c.split()) == "".join(a.split())) for c, a in zip(completions, answer, strict=False)]

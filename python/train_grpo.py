@@ -429,6 +429,7 @@ def main(argv=None):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     P_local, G = args.prompts_per_step // world, args.group_size
+    micro_batch_weight = grpo_kernels.config.LOSS_TYPE_TABLE[args.loss_type].micro_batch_weight
     loss_opts = dict(
         beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, temperature=args.temperature,
         loss_type=args.loss_type, max_completion_length=max_new, backend=args.backend,
@@ -486,15 +487,17 @@ def main(argv=None):
         B = completion_ids.shape[0]
         micro = [slice(i, min(i + args.micro_batch, B)) for i in range(0, B, args.micro_batch)]
         tokens = [completion_mask[sl].sum().item() for sl in micro]
-        seq_share = [(sl.stop - sl.start) / B for sl in micro]
-        share = {"dapo": [1.0] * len(micro), "cispo": [1.0] * len(micro), "grpo": seq_share, "sapo": seq_share,
-                 "dr_grpo": seq_share, "bnpo": [t / max(sum(tokens), 1) for t in tokens]}
+        # the factor of each micro-batch's loss that makes their gradients sum to the whole batch's: 1 for the
+        # loss types normalised by num_items_in_batch (global already), else its share of the batch's sequences
+        # or kept tokens (grpo_kernels.config.LossType.micro_batch_weight)
+        share = {"one": [1.0] * len(micro), "sequences": [(sl.stop - sl.start) / B for sl in micro],
+                 "tokens": [t / max(sum(tokens), 1) for t in tokens]}[micro_batch_weight]
         old_logps, t_loss, metrics = None, 0.0, {}
         for it in range(args.mu):
             new_logps, sums = [], {}
             for j, sl in enumerate(micro):
-                # DDP averages gradients over ranks; the dapo/cispo normaliser is divided by the world size
-                # so that the sum over ranks and micro-batches is exactly sum(loss_tok) / num_items (as TRL).
+                # DDP averages gradients over ranks; the num_items_in_batch normaliser is divided by the world
+                # size so that the sum over ranks and micro-batches is exactly sum(loss_tok) / num_items (as TRL).
                 ctx = model.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
                 with ctx:
                     logits = completion_logits(model, *(t[sl] for t in batch[:4]))
@@ -509,9 +512,7 @@ def main(argv=None):
                         ref_logps=None if ref_logps is None else ref_logps[sl],
                         num_items_in_batch=num_items / world, **loss_opts,
                     )
-                    # dapo/cispo are normalised globally already; the others are means over the micro-batch's
-                    # sequences (grpo, sapo, dr_grpo) or tokens (bnpo): weight them by its share of the batch.
-                    loss = out.loss * share[args.loss_type][j]
+                    loss = out.loss * share[j]
                     loss.backward()
                     sync(device)
                     t_loss += time.perf_counter() - t0

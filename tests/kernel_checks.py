@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import grpo_kernels as gk
-from grpo_kernels import reference
+from grpo_kernels import logp_loss, reference
 
 EPS32 = torch.finfo(torch.float32).eps
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -131,7 +131,7 @@ def check_fused_launcher(launchers, B=2, T=3, V=211):
             coef[3] = 0.0
             out = torch.empty_like(x)
             launchers.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, LossParams.from_config(cfg), out)
-            g = coef.double() * reference.token_loss_grad(lp64, cfg, adv.double(),
+            g = coef.double() * logp_loss.token_loss_grad(lp64, cfg, adv.double(),
                                                           None if old is None else old.double(), ref.double())
             xr = x.double().requires_grad_()
             (reference.token_logprobs(xr, ids.view(B, T)).view(-1) * g).sum().backward()
@@ -280,7 +280,7 @@ def _clip_metric_bounds(x, ids, cfg, inputs, ref_logps64, delta):
     li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
     at = {}
     for sign in (-1.0, 1.0):
-        _, mets = reference.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.weights,
+        _, mets = logp_loss.loss_from_logps(ref_logps64.double() + sign * delta, cfg, li.advantages, li.weights,
                                             li.old_logps, li.ref_logps, None, li.max_completion_length,
                                             li.num_items_in_batch)
         at[sign] = {k: v.item() for k, v in mets.items()}
@@ -309,10 +309,10 @@ def _loss_of_logps(x, ids, cfg, inputs, logps):
 
     li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
     lp = logps.double().clone().requires_grad_()
-    terms = reference.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.weights)
-    loss = reference.reduce_loss(terms.loss_tok, li.weights, cfg.loss_type, li.max_completion_length,
+    terms = logp_loss.token_terms(lp, cfg, li.advantages, li.old_logps, li.ref_logps, li.weights)
+    loss = logp_loss.reduce_loss(terms.loss_tok, li.weights, cfg.loss_type, li.max_completion_length,
                                  li.num_items_in_batch)
-    kl = None if terms.kl is None else reference._mean_metric(terms.kl.detach(), li.weights)
+    kl = None if terms.kl is None else logp_loss._mean_metric(terms.kl.detach(), li.weights)
     g = torch.autograd.grad(loss, lp, allow_unused=True)[0] if loss.requires_grad else None
     x64 = x.detach().double().requires_grad_()
     logp_x = reference.token_logprobs(x64, torch.where(li.mask, ids, 0), cfg.temperature, mask=li.mask)

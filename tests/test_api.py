@@ -358,7 +358,7 @@ def test_grpo_loss_module_equals_function():
 def test_grpo_loss_module_defaults_are_trl_defaults():
     cfg = gk.GRPOLoss().config
     assert cfg == GRPOConfig()
-    assert (cfg.beta, cfg.epsilon_low, cfg.eps_high, cfg.delta, cfg.temperature, cfg.loss_type,
+    assert (cfg.beta, cfg.epsilon_low, cfg.resolved_epsilon_high, cfg.delta, cfg.temperature, cfg.loss_type,
             cfg.importance_sampling_level, cfg.use_bias_correction_kl, cfg.sapo_temperature_pos,
             cfg.sapo_temperature_neg) == (0.0, 0.2, 0.2, None, 1.0, "dapo", "token", True, 1.0, 1.05)
 

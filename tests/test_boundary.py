@@ -29,6 +29,6 @@ def test_pack_is_the_one_packing():
         p = LossParams.from_config(cfg)
         assert LossParams.unpack(p.pack()) == p
         back = p.to_config(loss_type=cfg.loss_type, temperature=cfg.temperature)
-        assert back == cfg.replace(epsilon_high=cfg.eps_high)
+        assert back == cfg.replace(epsilon_high=cfg.resolved_epsilon_high)
     with pytest.raises(ValueError, match="LossParams.unpack"):
         LossParams.unpack([0.0] * 3)

@@ -56,7 +56,7 @@ from kernel_checks import (
     make_logits,
 )
 
-from grpo_kernels import reference
+from grpo_kernels import logp_loss, reference
 from grpo_kernels.backends.base import LossParams, native
 from grpo_kernels.backends.cuda_backend import _DTYPE_CODE, CudaLaunchers
 from grpo_kernels.config import GRPOConfig
@@ -124,8 +124,8 @@ def test_every_row_alignment(emu, dtype):
     base = (torch.randn(rows * (V + 1) + 8) * 2).to(dtype)
     x = base[1 : 1 + rows * (V + 1)].view(1, rows, V + 1)[:, :, :V]  # row stride V + 1: offsets cycle mod 8
     ids = torch.randint(0, V, (1, rows))
-    L = CudaLaunchers(emu, "cpu", block=64)
-    logp, stats, ent = L.logprobs_fwd(x, ids.view(-1), 1.0, True)
+    kernels = CudaLaunchers(emu, "cpu", block=64)
+    logp, stats, ent = kernels.logprobs_fwd(x, ids.view(-1), 1.0, True)
     r_logp, r_ent = reference.token_logprobs(x.double(), ids, return_entropy=True)
     s_logp, s_ent = reference.token_logprobs(x, ids, return_entropy=True)
     assert_rule(logp, r_logp.view(-1), s_logp.view(-1), "logp")
@@ -136,10 +136,10 @@ def test_every_row_alignment(emu, dtype):
     xs = x.detach().clone().requires_grad_()
     (reference.token_logprobs(xs, ids).view(-1) * g).sum().backward()
     out = torch.empty(x.shape, dtype=dtype)  # contiguous: alignment differs from x's rows
-    L.logprobs_bwd(x, ids.view(-1), stats, None, g, None, 1.0, out)
+    kernels.logprobs_bwd(x, ids.view(-1), stats, None, g, None, 1.0, out)
     assert_rule(out, xr.grad, xs.grad, "gradient, other alignment")
     xi = base.clone()[1 : 1 + rows * (V + 1)].view(1, rows, V + 1)[:, :, :V]
-    L.logprobs_bwd(xi, ids.view(-1), stats, None, g, None, 1.0, xi)  # inplace: same alignment, 16-byte stores
+    kernels.logprobs_bwd(xi, ids.view(-1), stats, None, g, None, 1.0, xi)  # inplace: same alignment, 16-byte stores
     assert torch.equal(xi, out), "inplace (16-byte stores) and per-element stores must agree exactly"
 
 
@@ -232,23 +232,23 @@ def test_fused_every_row_alignment(emu, dtype, variant):
     ids = torch.randint(0, V, (rows,))
     adv, coef = torch.randn(rows), torch.rand(rows) + 0.1
     params = LossParams.from_config(GRPOConfig(loss_type="dapo"))
-    L = CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant])
+    kernels = CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant])
     out = torch.empty(x.shape, dtype=dtype)
-    logp, ent = L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
+    logp, ent = kernels.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
     expect_variant(emu, variant, V, dtype)
     r_logp, r_ent = reference.token_logprobs(x.double(), ids.view(1, rows), return_entropy=True)
     s_logp, s_ent = reference.token_logprobs(x, ids.view(1, rows), return_entropy=True)
     assert_rule(logp, r_logp.view(-1), s_logp.view(-1), "logp")
     assert_rule(ent, r_ent.view(-1), s_ent.view(-1), "entropy")
     cfg = GRPOConfig(loss_type="dapo")
-    g = coef.double() * reference.token_loss_grad(r_logp.view(-1), cfg, adv.double(), None, None)
+    g = coef.double() * logp_loss.token_loss_grad(r_logp.view(-1), cfg, adv.double(), None, None)
     xr = x.double().requires_grad_()
     (reference.token_logprobs(xr, ids.view(1, rows)).view(-1) * g).sum().backward()
     xs = x.detach().clone().requires_grad_()
     (reference.token_logprobs(xs, ids.view(1, rows)).view(-1) * g.to(xs.dtype)).sum().backward()
     assert_rule(out, xr.grad, xs.grad, "gradient, other alignment")
     xi = base.clone()[1 : 1 + rows * (V + 1)].view(1, rows, V + 1)[:, :, :V]
-    L.fused_fwd_bwd(xi, ids, 1.0, None, None, adv, coef, params, xi)  # inplace: same alignment, 16-byte stores
+    kernels.fused_fwd_bwd(xi, ids, 1.0, None, None, adv, coef, params, xi)  # inplace: same alignment, 16-byte stores
     assert torch.equal(xi, out), "inplace (16-byte stores) and per-element stores must agree exactly"
 
 
@@ -267,9 +267,9 @@ def test_fused_masked_rows_bad_ids_and_guard(emu, dtype, variant):
     guard = torch.full((B * T * V + 2 * 4096,), 7.0).to(dtype)
     out = guard[4096 : 4096 + B * T * V].view(B, T, V)
     out.fill_(5.0)
-    L = CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant])
+    kernels = CudaLaunchers(emu, "cpu", block=64, cluster=VARIANTS[variant])
     params = LossParams.from_config(GRPOConfig(loss_type="dapo"))
-    logp, ent = L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
+    logp, ent = kernels.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
     expect_variant(emu, variant, V, dtype)
     assert torch.isnan(logp[[1, 4, 5]]).all() and torch.isfinite(logp[[0, 2, 3]]).all()
     assert torch.isfinite(ent[[0, 2, 3, 4, 5]]).all()
@@ -333,19 +333,19 @@ def test_dispatch_sm80_keeps_the_3pass_kernel_and_real_configuration(emu):
     ids = torch.randint(0, V, (2,))
     adv, coef = torch.randn(2), torch.rand(2) + 0.1
     params = LossParams.from_config(GRPOConfig(loss_type="dapo"))
-    L = CudaLaunchers(emu, "cpu")
+    kernels = CudaLaunchers(emu, "cpu")
     try:
         emu.set_device_cc(8, 0)
         out80 = torch.empty_like(x)
-        L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out80)
+        kernels.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out80)
         assert emu.last_launch()["cluster"] == 1 and emu.last_launch()["dyn_smem"] == 0
     finally:
         emu.set_device_cc(9, 0)
     out = torch.empty_like(x)
-    logp, _ = L.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
+    logp, _ = kernels.fused_fwd_bwd(x, ids, 1.0, None, None, adv, coef, params, out)
     assert emu.last_launch() | {"count": 0} == {"grid": 8, "block": 512, "cluster": 4, "dyn_smem": 75968, "count": 0}
     r_logp = reference.token_logprobs(x.double(), ids.view(1, 2)).view(-1)
-    g = coef.double() * reference.token_loss_grad(r_logp, GRPOConfig(loss_type="dapo"), adv.double(), None, None)
+    g = coef.double() * logp_loss.token_loss_grad(r_logp, GRPOConfig(loss_type="dapo"), adv.double(), None, None)
     xr = x.double().requires_grad_()
     (reference.token_logprobs(xr, ids.view(1, 2)).view(-1) * g).sum().backward()
     xs = x.detach().clone().requires_grad_()
@@ -364,10 +364,10 @@ def test_binding_rejects_bad_cluster(emu):
     with pytest.raises(ValueError, match="does not fit"):
         CudaLaunchers(emu, "cpu", cluster=2).fused_fwd_bwd(torch.randn(1, 1, 1_000_000), ids[:1], 1.0, None, None,
                                                            v[:1], v[:1], params, torch.empty(1, 1, 1_000_000))
-    L = CudaLaunchers(emu, "cpu")
-    L.cluster = 3  # past the launcher's own check: the binding checks it too
+    kernels = CudaLaunchers(emu, "cpu")
+    kernels.cluster = 3  # past the launcher's own check: the binding checks it too
     with pytest.raises(ValueError, match="cluster must be"):
-        L.fused_fwd_bwd(x, ids, 1.0, None, None, v, v, params, out)
+        kernels.fused_fwd_bwd(x, ids, 1.0, None, None, v, v, params, out)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -431,14 +431,14 @@ def test_the_chunk_op_traces_fullgraph():
     """The chunk loop is opaque to dynamo: a fullgraph compile of the op + attach + loss math has no break."""
     x = make(torch.float32, seed=10)
     cfg = GRPOConfig(loss_type="dapo", beta=0.04)
-    from grpo_kernels import reference
+    from grpo_kernels import logp_loss
     from grpo_kernels.backends.base import LossParams
 
     def step(h, W, b, ids, mask, adv, old, ref):
         logp, ent, gh, gw, gb = _fused_linear_op(h.detach(), W.detach(), b.detach(), ids, mask, adv, old, ref, None,
                                                  None, LossParams.from_config(cfg).pack(), "dapo", 1.0, 7, "torch",
                                                  [True, True, True], [1.0, 0.0])
-        loss, _ = reference.loss_from_logps(logp, cfg, adv, mask, old, ref, ent)
+        loss, _ = logp_loss.loss_from_logps(logp, cfg, adv, mask, old, ref, ent)
         return _attach(loss.detach(), h, W, b, gh, gw, gb)
 
     args = (x["ids"], x["mask"], x["adv"], x["old"], x["ref"])

@@ -29,7 +29,7 @@ import torch
 from kernel_checks import assert_rule, backend_for_test, check_logprobs, check_loss, one_thread
 
 import grpo_kernels as gk
-from grpo_kernels import reference
+from grpo_kernels import logp_loss, reference
 from grpo_kernels.config import GRPOConfig
 
 GiB = 2**30
@@ -74,7 +74,7 @@ def weights_at(logps, cfg, inputs):
     carry (O(N), no logits needed)."""
     with one_thread():
         lp = logps.double().clone().requires_grad_()
-        loss, _ = reference.loss_from_logps(lp, cfg, inputs["advantages"].double(), inputs["completion_mask"],
+        loss, _ = logp_loss.loss_from_logps(lp, cfg, inputs["advantages"].double(), inputs["completion_mask"],
                                             inputs["old_logps"].double())
         (g,) = torch.autograd.grad(loss, lp)
     return loss.detach(), g

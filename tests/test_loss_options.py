@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from kernel_checks import EPS32, assert_rule, assert_via_logps, backend_for_test, loss_inputs, one_thread
 
 import grpo_kernels as gk
-from grpo_kernels import _validate, reference
+from grpo_kernels import _validate, logp_loss, reference
 from grpo_kernels.config import LOSS_TYPES, GRPOConfig
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -86,7 +86,7 @@ def reference_at(x, ids, cfg, inputs, logps, entropy):
         li = _validate.validate_loss_inputs(x.double(), ids, cfg, **inputs)
         lp = logps.double().clone().requires_grad_()
         h = entropy.double().clone().requires_grad_()
-        loss, mets = reference.loss_from_logps(lp, cfg, entropy=h, **li.loss_kwargs())
+        loss, mets = logp_loss.loss_from_logps(lp, cfg, entropy=h, **li.loss_kwargs())
         x64 = x.detach().double().requires_grad_()
         if not loss.requires_grad:
             return loss.detach(), mets, torch.zeros_like(x64)
@@ -274,16 +274,16 @@ def test_entropy_quantile_is_torch_quantile(n, q):
     mask = torch.zeros(3, 40, dtype=torch.bool)
     mask.view(-1)[torch.randperm(120, generator=g)[:n]] = True
     h = torch.where(mask, h, float("nan"))  # garbage at masked positions
-    got = reference.entropy_quantile(h, mask, q)
+    got = logp_loss.entropy_quantile(h, mask, q)
     want = torch.quantile(h[mask].float(), q)
     assert got.dtype == torch.float32 and torch.equal(got, want)
-    assert torch.isnan(reference.entropy_quantile(h, torch.zeros_like(mask), q))
+    assert torch.isnan(logp_loss.entropy_quantile(h, torch.zeros_like(mask), q))
 
 
 _DIST_SCRIPT = textwrap.dedent("""
     import sys, types, torch, torch.distributed as dist
     import grpo_kernels as gk
-    from grpo_kernels import reference
+    from grpo_kernels import logp_loss
     from trl.trainer.grpo_trainer import GRPOTrainer
     rank, port = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -302,10 +302,10 @@ _DIST_SCRIPT = textwrap.dedent("""
     trainer = object.__new__(GRPOTrainer); trainer.accelerator = Acc()
     for rho in (0.2, 0.5, 0.0):
         want = GRPOTrainer.get_high_entropy_mask(trainer, ent, mask, 1 - rho)
-        q = reference.entropy_quantile(ent, mask, 1 - rho, dist.group.WORLD)
+        q = logp_loss.entropy_quantile(ent, mask, 1 - rho, dist.group.WORLD)
         got = (ent * mask >= q) & mask
         assert torch.equal(got, want), (rank, rho)
-        local = (ent * mask >= reference.entropy_quantile(ent, mask, 1 - rho)) & mask
+        local = (ent * mask >= logp_loss.entropy_quantile(ent, mask, 1 - rho)) & mask
         assert rho == 0.0 or not torch.equal(local, want), "the cross-rank quantile must differ from the local one"
     # through the public API: the loss with process_group equals the loss with the gathered mask's effect
     logits = torch.randn(4, Tr, 9, generator=g, dtype=torch.float64)

@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_checks import DTYPES, backend_for_test, check_logprobs, check_loss, one_thread
 
-from grpo_kernels import reference
+from grpo_kernels import logp_loss, reference
 from grpo_kernels.config import CLIP_LOSS_TYPES, LEVELS, LOSS_TYPES, GRPOConfig
 
 pytestmark = [  # numpy warnings of the Triton interpreter on the NaN / inf garbage of masked rows
@@ -111,10 +111,10 @@ def logits(B, T, V, dtype, strided, scale):
 
 def clip_bounds(cfg: GRPOConfig) -> list[float]:
     if cfg.loss_type == "cispo":
-        return [cfg.eps_high]
+        return [cfg.resolved_epsilon_high]
     if cfg.loss_type == "sapo":
         return []
-    return [b for b in (1 - cfg.epsilon_low, 1 + cfg.eps_high, cfg.delta) if b is not None and b > 0]
+    return [b for b in (1 - cfg.epsilon_low, 1 + cfg.resolved_epsilon_high, cfg.delta) if b is not None and b > 0]
 
 
 def avoid_clip_bounds(lp64, old, mask, cfg: GRPOConfig, margin=1e-3):
@@ -123,7 +123,7 @@ def avoid_clip_bounds(lp64, old, mask, cfg: GRPOConfig, margin=1e-3):
     logb = [math.log(b) for b in clip_bounds(cfg)]
     old = old.double()
     for _ in range(10):
-        w = reference.log_importance_weights(lp64, old, mask, cfg.importance_sampling_level)
+        w = logp_loss.log_importance_weights(lp64, old, mask, cfg.importance_sampling_level)
         near = torch.zeros(w.shape, dtype=torch.bool)
         for lb in logb:
             near |= (w - lb).abs() < margin

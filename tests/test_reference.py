@@ -6,7 +6,7 @@ Three independent kinds of evidence:
 - gradients by ``torch.autograd.gradcheck`` in float64 (finite differences of the public ``grpo_loss``
   and ``token_logprobs``), over loss type x level x beta (with / without KL bias correction) x delta x
   on-policy / off-policy (old_logps chosen so that every clip region holds tokens) x temperature;
-- ``reference.token_loss_grad`` (the derivative the kernels mirror) against autograd of the per-token loss.
+- ``logp_loss.token_loss_grad`` (the derivative the kernels mirror) against autograd of the per-token loss.
 
 Tolerances: float64 throughout, so values are compared at rtol 1e-12 (a few hundred ulp of the sums
 involved); gradcheck uses its float64 defaults (eps 1e-6, atol 1e-5, rtol 1e-3).
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import grpo_kernels as gk
-from grpo_kernels import reference
+from grpo_kernels import logp_loss
 from grpo_kernels.config import CLIP_LOSS_TYPES, LOSS_TYPES, GRPOConfig
 
 F64 = torch.float64
@@ -217,7 +217,7 @@ SINGLE_PASS_LOSS_TYPES = [lt for lt in LOSS_TYPES if lt != "vespo"]  # vespo's w
 def test_token_loss_grad_refuses_vespo():
     logp = torch.zeros(1, 2, dtype=F64)
     with pytest.raises(ValueError, match="vespo"):
-        reference.token_loss_grad(logp, GRPOConfig(loss_type="vespo"), torch.ones(1, 1, dtype=F64))
+        logp_loss.token_loss_grad(logp, GRPOConfig(loss_type="vespo"), torch.ones(1, 1, dtype=F64))
 
 
 @pytest.mark.parametrize("loss_type", SINGLE_PASS_LOSS_TYPES)
@@ -238,9 +238,9 @@ def test_token_loss_grad_matches_autograd(loss_type, beta, bc, delta, off_policy
         adv = torch.randn(B, T, generator=g, dtype=F64)
     cfg = GRPOConfig(**loss_options(loss_type, beta, bc, delta))
     mask = torch.ones(B, T, dtype=torch.bool)
-    terms = reference.token_terms(logp, cfg, adv, old, ref, mask)
+    terms = logp_loss.token_terms(logp, cfg, adv, old, ref, mask)
     (auto,) = torch.autograd.grad(terms.loss_tok.sum(), logp)
-    hand = reference.token_loss_grad(logp.detach(), cfg, adv, old, ref)
+    hand = logp_loss.token_loss_grad(logp.detach(), cfg, adv, old, ref)
     torch.testing.assert_close(hand, auto, rtol=RTOL, atol=1e-14)
 
 
@@ -250,8 +250,8 @@ def test_reduction_weights_equal_reduce_loss(loss_type, extra):
     """The fused single pass weights each token by reduction_weights before the loss exists: same sum."""
     mask = torch.tensor(MASK, dtype=torch.bool)
     loss_tok = torch.randn(len(MASK), 3, dtype=F64)
-    coef = reference.reduction_weights(mask, loss_type, dtype=F64, **extra)
-    want = reference.reduce_loss(loss_tok, mask, loss_type, **extra)
+    coef = logp_loss.reduction_weights(mask, loss_type, dtype=F64, **extra)
+    want = logp_loss.reduce_loss(loss_tok, mask, loss_type, **extra)
     assert torch.all(coef[~mask] == 0)
     torch.testing.assert_close((coef * loss_tok).sum(), want, rtol=RTOL, atol=0)
 
@@ -759,10 +759,10 @@ def test_sequence_weight_of_an_empty_row_is_zero():
     """
     c = make_case("sequence")
     logp = _logp(c["logits"], c["ids"], 1.0)
-    w = reference.log_importance_weights(logp, c["old"], c["mask"], "sequence")
+    w = logp_loss.log_importance_weights(logp, c["old"], c["mask"], "sequence")
     assert w.shape == (len(MASK), 1) and torch.isfinite(w).all()
     assert w[2].item() == 0.0
-    terms = reference.token_terms(logp, GRPOConfig(importance_sampling_level="sequence", beta=0.1), c["adv"],
+    terms = logp_loss.token_terms(logp, GRPOConfig(importance_sampling_level="sequence", beta=0.1), c["adv"],
                                   c["old"], c["ref"], c["mask"])
     assert terms.coef_1[2].item() == 1.0 and torch.isfinite(terms.loss_tok).all()
 
@@ -779,7 +779,7 @@ def test_logp_gradient_is_zero_at_masked_positions(loss_type, level):
     adv = torch.where(m, c["adv"].unsqueeze(-1).expand_as(m), nan)
     cfg = GRPOConfig(**loss_options(loss_type, 0.3, True, loss_type in CLIP_LOSS_TYPES),
                      importance_sampling_level=level)
-    loss, mets = reference.loss_from_logps(logp, cfg, adv, m, torch.where(m, c["old"], nan),
+    loss, mets = logp_loss.loss_from_logps(logp, cfg, adv, m, torch.where(m, c["old"], nan),
                                            torch.where(m, c["ref"], nan))
     (g,) = torch.autograd.grad(loss, logp)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
@@ -818,3 +818,32 @@ def test_clip_metric_of_a_ratio_clipped_onto_the_bound_by_delta():
     assert out.metrics["clip_ratio/high_mean"].item() == 0.0
     assert out.metrics["clip_ratio/low_mean"].item() == pytest.approx(1 / 5)
     assert out.metrics["clip_ratio/region_mean"].item() == pytest.approx(1 / 5)
+
+
+def test_the_library_never_imports_the_oracle():
+    """grpo_kernels.reference is for tests and benchmarks: no module of the library imports it (it would make
+    the oracle part of what it checks), and ``import grpo_kernels`` does not load it."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(gk.__file__).parent
+    importers = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "reference.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            if any(n.split(".")[-1] == "reference" for n in names):
+                importers.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not importers, importers
+    code = "import sys, grpo_kernels, grpo_kernels.fused_linear; print('grpo_kernels.reference' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=package.parent).stdout.strip()
+    assert loaded == "False"

@@ -107,16 +107,13 @@ GK_HD void lse_merge(LseState& a, const LseState& b, float inv_tau) {
   a.m = m;
 }
 
-// lse as one float (tests only: the kernels keep the pair (m, log s), see grpo_boundary.h)
-GK_HD float lse_value(const LseState& st, float inv_tau) { return st.m * inv_tau + logf(st.s); }
-
 GK_HD float entropy_value(const LseState& st) { return logf(st.s) - st.t / st.s; }
 
 // d_v = z_v - lse from the row statistics (m, log s): the argument of p_v = e^{d_v}, and logp = d[id]
 GK_HD float shifted_logit(float x, float m, float log_s, float inv_tau) { return (x - m) * inv_tau - log_s; }
 
 // ------------------------------------------------------------------------------------------------
-// d loss_tok / d logp, token level (mirrors grpo_kernels.reference.token_loss_grad line by line)
+// d loss_tok / d logp, token level (mirrors grpo_kernels.logp_loss.token_loss_grad line by line)
 // ------------------------------------------------------------------------------------------------
 // w = logp - old (0 when has_old == 0: on-policy, ratio 1, while d(logp - old)/dlogp stays 1),
 // c1 = e^w, dc1/dlogp = c1.

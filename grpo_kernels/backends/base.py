@@ -32,7 +32,7 @@ Math, per row, with ``p = softmax(z)``, ``lse = logsumexp(z)``:
 - fused (token-level importance weights only): the per-token gradient weight
   ``g_logp = coef * dloss_tok/dlogp`` is computed in the kernel from ``logp`` as soon as the row's
   ``(m, log s)`` are known, then the row's gradient is written in the same launch. ``dloss_tok/dlogp`` is specified
-  exactly by :func:`grpo_kernels.reference.token_loss_grad` (float64 torch, tested against autograd of
+  exactly by :func:`grpo_kernels.logp_loss.token_loss_grad` (float64 torch, tested against autograd of
   the reference loss): mirror it line for line, including torch's tie rules of ``min`` and ``clamp``.
   ``old=None`` means on-policy: ``old = logp`` in value (ratio 1) while ``d(logp - old)/dlogp`` stays 1.
   ``coef`` already holds the mask and the reduction's normaliser (0 at masked positions).
@@ -71,7 +71,7 @@ class LossParams:
     @classmethod
     def from_config(cls, cfg: GRPOConfig) -> LossParams:
         values = {name: getattr(cfg, name) for name in _SHARED}
-        values.update(loss_code=cfg.loss_code, epsilon_high=cfg.eps_high, has_delta=cfg.delta is not None,
+        values.update(loss_code=cfg.loss_code, epsilon_high=cfg.resolved_epsilon_high, has_delta=cfg.delta is not None,
                       delta=0.0 if cfg.delta is None else cfg.delta)
         return cls(**{name: _TYPES[name](values[name]) for name in _NAMES})
 

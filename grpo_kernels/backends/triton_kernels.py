@@ -175,7 +175,7 @@ def _target_logp(base, off, ids, row, V, m, log_s, inv_tau):
 def _dloss_dlogp(logp, old, ref, adv, eps_low, eps_high, delta, beta, sapo_pos, sapo_neg,
                  HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, LOSS: tl.constexpr, HAS_DELTA: tl.constexpr,
                  BIAS_CORR: tl.constexpr):
-    """d loss_tok / d logp at token level: mirrors grpo_kernels.reference.token_loss_grad line by line.
+    """d loss_tok / d logp at token level: mirrors grpo_kernels.logp_loss.token_loss_grad line by line.
 
     w = logp - old (0 on-policy), c1 = e^w, dc1/dlogp = c1. clip: c2 = clamp(c1, 1-el, 1+eh),
     dc2 = c1 [1-el <= c1 <= 1+eh]; c1' = min(c1, delta), dc1' = c1 [c1 <= delta]; loss = -min(c1' A, c2 A)

@@ -48,11 +48,9 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
 from ..backends import check_backend_name
-from ..config import LOSS_TYPES
+from ..config import LOSS_TYPE_TABLE, LOSS_TYPES
 from ..config import GRPOConfig as LossConfig
 from ..fused_linear import fused_linear_grpo_loss_with_config, fused_linear_token_logprobs
-
-_DAPO_LIKE = ("dapo", "cispo", "vespo")  # normalised by num_items_in_batch
 
 
 def unsupported_options(args) -> list[str]:
@@ -79,7 +77,7 @@ def _head_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), (None if cap is None else float(cap))
 
 
-class _Pass:
+class _HeadJob:
     """What the patched forward computes on its next ``fused_lm_head=True`` call: the log-probs (and entropy)
     of the last ``keep`` positions, or, when ``loss_fn`` is set, the loss of those positions."""
 
@@ -106,7 +104,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
                 raise ValueError("GRPOKernelsTrainer cannot run these TRL options: " + "; ".join(bad)
                                  + ". Use trl.GRPOTrainer for them.")
         self.grpo_kernels_backend, self.grpo_kernels_chunk_size = backend, chunk_size
-        self._gk_pass = None
+        self._gk_head_job = None
         super().__init__(*args, **kwargs)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _patch_forward(base, self)
@@ -117,14 +115,14 @@ class GRPOKernelsTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
         """TRL's method as shipped; the patched forward scores only the last ``logits_to_keep`` positions."""
         compute_entropy = kw.get("compute_entropy", a[1] if len(a) > 1 else False)
-        outer = self._gk_pass
+        outer = self._gk_head_job
         if outer is None or outer.loss_fn is None:
-            self._gk_pass = _Pass(logits_to_keep, bool(compute_entropy))
+            self._gk_head_job = _HeadJob(logits_to_keep, bool(compute_entropy))
         try:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                *a, **kw)
         finally:
-            self._gk_pass = outer
+            self._gk_head_job = outer
 
     # -- the loss -------------------------------------------------------------------------------------
     def _loss_config(self, entropy_coef: float) -> LossConfig:
@@ -158,12 +156,14 @@ class GRPOKernelsTrainer(GRPOTrainer):
             coef = self.entropy_coef
             if self.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
                 coef = 0.0
-        # TRL divides the entropy bonus by the accumulation steps for every loss type; the dapo family's
-        # normaliser already holds them, the others are divided below.
-        lib_coef = coef / accumulation if self.loss_type in _DAPO_LIKE else coef
+        # Loss types normalised by num_items_in_batch (the dapo family) span every accumulation step already;
+        # TRL divides the others' loss by the steps. TRL divides the entropy bonus by the steps for every loss
+        # type: inside the dapo family's loss here, below for the others.
+        global_norm = LOSS_TYPE_TABLE[self.loss_type].normaliser == "num_items"
+        lib_coef = coef / accumulation if global_norm else coef
         config = self._loss_config(lib_coef)
         num_items = None
-        if self.loss_type in _DAPO_LIKE:
+        if global_norm:
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * accumulation / self.args.steps_per_generation
@@ -191,7 +191,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
             outputs.append(out)
             return out
 
-        self._gk_pass = _Pass(T, False, loss_fn)
+        self._gk_head_job = _HeadJob(T, False, loss_fn)
         try:
             _, _, aux_loss = self._get_per_token_logps_and_entropies(
                 model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T,
@@ -199,9 +199,9 @@ class GRPOKernelsTrainer(GRPOTrainer):
                 **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
             )
         finally:
-            self._gk_pass = None
+            self._gk_head_job = None
         (out,) = outputs
-        loss = out.loss if self.loss_type in _DAPO_LIKE else out.loss / accumulation
+        loss = out.loss if global_norm else out.loss / accumulation
         metrics = dict(out.metrics)
         # the loss's entropy-bonus outputs, read by TRL's policy_loss metric and adaptive controller (not logged)
         policy_loss = metrics.pop("policy_loss", None)
@@ -315,7 +315,7 @@ def _patch_forward(model, trainer) -> None:
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
         owner = trainer_ref()
-        job = None if owner is None else owner._gk_pass
+        job = None if owner is None else owner._gk_head_job
         if not fused_lm_head or job is None:
             return previous(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels, **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)

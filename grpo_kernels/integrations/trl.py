@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import types
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import is_peft_model
@@ -288,14 +288,13 @@ def _patch_forward(model, trainer) -> None:
         hidden = backbone_out.last_hidden_state[:, -keep - 1:-1]
         ids = labels[:, -keep:]
         lm_head = self.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        hidden, ids = hidden.to(weight.device), ids.to(weight.device)
+        hidden, ids = hidden.to(_head_device(lm_head)), ids.to(_head_device(lm_head))
         fp32 = owner.args.cast_lm_head_to_fp32
         ctx = torch.autocast(hidden.device.type, enabled=False) if fp32 else nullcontext()
         if fp32:
             hidden = hidden.float()
         loss = entropy = None
-        with ctx:
+        with ctx, _gathered_head(lm_head) as (weight, bias):
             if job.loss_fn is not None:
                 out = job.loss_fn(hidden, weight, bias, logit_scale, softcap)
                 loss, log_probs = out.loss, out.logps
@@ -314,6 +313,65 @@ def _patch_forward(model, trainer) -> None:
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
 
     model.forward = types.MethodType(forward, model)
+
+
+# -- the LM head: which tensors the streamed head reads, gathered as the model is sharded ----------------------
+def _head_device(lm_head) -> torch.device:
+    return lm_head.weight.device
+
+
+@contextmanager
+def _gathered_head(lm_head):
+    """(weight, bias) of the model's LM head as plain full-size tensors for the streamed head, for as long as the
+    context lasts.
+
+    - FSDP2, the head its own ``fully_shard`` unit: its forward never runs, so FSDP never unshards it nor
+      reduce-scatters its gradient. The DTensor weight is gathered with a backward that averages the gradient
+      over the data-parallel ranks into each rank's shard, as FSDP's own reduce-scatter does (a plain
+      ``full_tensor()`` would hand each rank the gradient of its own batch only).
+    - FSDP2 with the head in the root unit (tied embeddings): inside the root's forward its parameters are
+      unsharded plain tensors already.
+    - A DTensor head of another sharding (tensor parallel): passed on; the library gathers it with
+      ``full_tensor()`` as TRL does.
+    """
+    weight, bias = lm_head.weight, lm_head.bias
+    mesh_dims = _fsdp_data_parallel_dims(lm_head, weight)
+    if mesh_dims is not None:
+        weight = _replicate_averaging_grads(weight, mesh_dims)
+        bias = None if bias is None else _replicate_averaging_grads(bias, mesh_dims)
+    yield weight, bias
+
+
+def _fsdp_data_parallel_dims(module, weight) -> list[bool] | None:
+    """For a DTensor parameter of an FSDP2 unit: which dims of its device mesh are FSDP's (data parallel);
+    None when ``weight`` is not such a parameter."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(weight, DTensor) or not isinstance(module, FSDPModule):
+        return None
+    mesh = weight.device_mesh
+    state = module._get_fsdp_state()
+    group = getattr(state, "_fsdp_param_group", None)
+    fsdp_mesh = group.mesh_info.mesh if group is not None else mesh
+    if fsdp_mesh is mesh or fsdp_mesh == mesh:
+        return [True] * mesh.ndim
+    names = fsdp_mesh.mesh_dim_names or ()
+    if not mesh.mesh_dim_names or not names:
+        raise ValueError("GRPOKernelsTrainer: the LM head is an FSDP2 unit on a device mesh other than its "
+                         "parameters' and without dim names; cannot tell its data-parallel dims")
+    return [n in names for n in mesh.mesh_dim_names]
+
+
+def _replicate_averaging_grads(t, data_parallel: list[bool]):
+    """``t`` (a DTensor) gathered to a full plain tensor; its gradient is averaged over the mesh dims marked
+    data parallel (each rank computed it from its own batch) and taken as identical over the others."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    full = t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+    return full.to_local(grad_placements=[Partial("avg") if dp else Replicate() for dp in data_parallel])
 
 
 def _load_balancing_loss(model, text_config, backbone_out, attention_mask):

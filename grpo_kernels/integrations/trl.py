@@ -111,7 +111,7 @@ class GRPOKernelsTrainer(GRPOTrainer):
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _patch_forward(base, self)
         if self.ref_model is not None:
-            _patch_forward(self.ref_model, self)
+            _patch_forward(_inner_model(self.ref_model), self)
 
     # -- the log-prob passes --------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
@@ -334,12 +334,28 @@ def _gathered_head(lm_head):
     - A DTensor head of another sharding (tensor parallel): passed on; the library gathers it with
       ``full_tensor()`` as TRL does.
     """
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
     weight, bias = lm_head.weight, lm_head.bias
     mesh_dims = _fsdp_data_parallel_dims(lm_head, weight)
     if mesh_dims is not None:
         weight = _replicate_averaging_grads(weight, mesh_dims)
         bias = None if bias is None else _replicate_averaging_grads(bias, mesh_dims)
-    yield weight, bias
+    # DeepSpeed ZeRO-3: the partitioned head is gathered for the duration of the call, TRL's way (a no-op
+    # otherwise); the single-pass loss computes its gradients inside, and ZeRO-3's gradient hooks, armed by the
+    # model's forward that this call runs in, reduce them to the partitions.
+    with maybe_gather_lm_head_ctx(weight, bias):
+        yield weight, bias
+
+
+def _inner_model(model):
+    """The model inside an engine wrapper (DeepSpeed's, around TRL's prepared reference model), whose forward the
+    engine calls."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:
+        return model
+    return model.module if isinstance(model, DeepSpeedEngine) else model
 
 
 def _fsdp_data_parallel_dims(module, weight) -> list[bool] | None:

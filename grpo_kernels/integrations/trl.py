@@ -107,7 +107,8 @@ class GRPOKernelsTrainer(GRPOTrainer):
                                  + ". Use trl.GRPOTrainer for them.")
         self.grpo_kernels_backend, self.grpo_kernels_chunk_size = backend, chunk_size
         self._gk_pass = None
-        super().__init__(*args, **kwargs)
+        with _allow_lm_head_adapter(config):
+            super().__init__(*args, **kwargs)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _patch_forward(base, self)
         if self.ref_model is not None:
@@ -178,13 +179,13 @@ class GRPOKernelsTrainer(GRPOTrainer):
 
         outputs = []
 
-        def loss_fn(hidden, weight, bias, logit_scale, softcap):
+        def loss_fn(hidden, weight, bias, logit_scale, softcap, lora=None):
             out = fused_linear_grpo_loss_with_config(
                 hidden, weight, completion_ids, config, lm_head_bias=bias, completion_mask=mask,
                 advantages=advantages, old_logps=old, ref_logps=inputs.get("ref_per_token_logps"),
                 max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
                 logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=self.grpo_kernels_chunk_size,
-                backend=self.grpo_kernels_backend, **extra,
+                backend=self.grpo_kernels_backend, lora=lora, **extra,
             )
             outputs.append(out)
             return out
@@ -294,16 +295,16 @@ def _patch_forward(model, trainer) -> None:
         if fp32:
             hidden = hidden.float()
         loss = entropy = None
-        with ctx, _gathered_head(lm_head) as (weight, bias):
+        with ctx, _gathered_head(lm_head) as (weight, bias, lora):
             if job.loss_fn is not None:
-                out = job.loss_fn(hidden, weight, bias, logit_scale, softcap)
+                out = job.loss_fn(hidden, weight, bias, logit_scale, softcap, lora)
                 loss, log_probs = out.loss, out.logps
             else:
                 valid = ids != -100
                 res = fused_linear_token_logprobs(
                     hidden, weight, ids.clamp(min=0), bias=bias, temperature=float(owner.temperature),
                     return_entropy=job.entropy, logit_scale=logit_scale, final_logit_softcapping=softcap,
-                    chunk_size=owner.grpo_kernels_chunk_size, backend=owner.grpo_kernels_backend)
+                    chunk_size=owner.grpo_kernels_chunk_size, backend=owner.grpo_kernels_backend, lora=lora)
                 log_probs, entropy = res if job.entropy else (res, None)
                 log_probs = log_probs.masked_fill(~valid, 0.0)
                 entropy = None if entropy is None else entropy.masked_fill(~valid, 0.0)
@@ -313,6 +314,28 @@ def _patch_forward(model, trainer) -> None:
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
 
     model.forward = types.MethodType(forward, model)
+
+
+@contextmanager
+def _allow_lm_head_adapter(args):
+    """TRL 1.16 refuses a PEFT adapter on ``lm_head`` because its fused head reads ``lm_head.weight`` alone and would
+    never train the adapter; the streamed head here applies it (see :func:`_head_adapter`), so the refusal is
+    lifted while TRL's ``__init__`` runs. With ``cast_lm_head_to_fp32`` TRL's own refusal stays."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    original = getattr(grpo_module, "BaseTunerLayer", None)
+    if original is None or (args is not None and args.cast_lm_head_to_fp32):
+        yield
+        return
+
+    class _NoHeadAdapterCheck:  # isinstance(lm_head, ...) is False for every module
+        pass
+
+    grpo_module.BaseTunerLayer = _NoHeadAdapterCheck
+    try:
+        yield
+    finally:
+        grpo_module.BaseTunerLayer = original
 
 
 # -- the LM head: which tensors the streamed head reads, gathered as the model is sharded ----------------------
@@ -336,6 +359,7 @@ def _gathered_head(lm_head):
     """
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+    lm_head, lora = _head_adapter(lm_head)
     weight, bias = lm_head.weight, lm_head.bias
     mesh_dims = _fsdp_data_parallel_dims(lm_head, weight)
     if mesh_dims is not None:
@@ -344,8 +368,33 @@ def _gathered_head(lm_head):
     # DeepSpeed ZeRO-3: the partitioned head is gathered for the duration of the call, TRL's way (a no-op
     # otherwise); the single-pass loss computes its gradients inside, and ZeRO-3's gradient hooks, armed by the
     # model's forward that this call runs in, reduce them to the partitions.
-    with maybe_gather_lm_head_ctx(weight, bias):
-        yield weight, bias
+    with maybe_gather_lm_head_ctx(weight, bias, *(lora[:2] if lora else ())):
+        yield weight, bias, lora
+
+
+def _head_adapter(lm_head):
+    """(the linear layer under a PEFT LoRA layer on the head, (A, B, scale) of its active adapter), or
+    (lm_head, None) for a head without one, or with its adapters disabled (TRL's reference pass) or merged."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return lm_head, None
+    if not isinstance(lm_head, LoraLayer):
+        return lm_head, None
+    base = lm_head.get_base_layer()
+    if lm_head.disable_adapters or lm_head.merged:
+        return base, None
+    active = [a for a in lm_head.active_adapters if a in lm_head.lora_A]
+    if len(active) != 1:
+        raise ValueError(f"GRPOKernelsTrainer: a LoRA lm_head needs exactly one active adapter, got {active}")
+    (name,) = active
+    dropout = lm_head.lora_dropout[name]
+    if not isinstance(dropout, torch.nn.Identity) and dropout.p != 0.0:
+        raise ValueError("GRPOKernelsTrainer: lora_dropout on lm_head is not supported (the streamed head applies "
+                         "the adapter to the hidden states without dropout); use lora_dropout=0")
+    if lm_head.use_dora.get(name, False) or type(lm_head).__name__ != "Linear":
+        raise ValueError("GRPOKernelsTrainer: only a plain LoRA (no DoRA) on an nn.Linear lm_head is supported")
+    return base, (lm_head.lora_A[name].weight, lm_head.lora_B[name].weight, float(lm_head.scaling[name]))
 
 
 def _inner_model(model):

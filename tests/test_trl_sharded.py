@@ -11,6 +11,11 @@ parameter (gathered to full size) is compared to 1e-5.
   ranks). Stock TRL's own fused head is not the reference here: its ``full_tensor()`` gives each rank's shard
   the gradient of that rank's batch only, since FSDP never reduces the gradient of a unit whose forward did
   not run.
+- DeepSpeed ZeRO-3 (DeepSpeed's CPU accelerator, gloo), untied head: the head is a partitioned ZeRO-3
+  parameter, gathered TRL's way for the forward and again in backward until its gradient is accumulated (it is
+  partitioned again by then). The
+  adapter must equal stock TRL under the same launch (which equals DDP there). DeepSpeed builds its CPU
+  shared-memory communication extension on first use (a C++ compile of about a minute, cached afterwards).
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ fsdp_config:
   fsdp_offload_params: false
 """
 DDP = BASE + "distributed_type: MULTI_GPU\n"
+ZERO3 = BASE + """distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  zero3_init_flag: false
+  offload_optimizer_device: none
+  offload_param_device: none
+  gradient_accumulation_steps: 2
+"""
 
 
 def save_model(path: Path, tied: bool) -> Path:
@@ -79,7 +92,7 @@ def launch(config_text: str, kind: str, model: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = out / "accelerate.yaml"
     config.write_text(config_text)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT), kind,
            str(out), str(model)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -131,3 +144,15 @@ def test_fsdp2_sharded_head_equals_ddp(models, tmp_path):
 
     start = load_file(models["untied"] / "model.safetensors")["lm_head.weight"]
     assert (ours["params"]["lm_head.weight"] - start).abs().max() > 1e-2
+
+
+def test_zero3_partitioned_head_equals_trl(models, tmp_path):
+    pytest.importorskip("deepspeed")
+    theirs = launch(ZERO3, "trl", models["untied"], tmp_path / "trl")
+    ours = launch(ZERO3, "gk", models["untied"], tmp_path / "gk")
+    assert ours["distributed_type"] == theirs["distributed_type"] == "DistributedType.DEEPSPEED"
+    calls = ours["kernel_calls"]
+    heads = [calls[i - 1] for i, c in enumerate(calls) if c[0] == "fused_linear_grpo_loss_with_config"]
+    # a ZeRO-3 parameter (partitioned outside the forward; inside it, ZeRO-3's prefetch may have gathered it)
+    assert heads and all(h[0] == "lm_head" and h[3] in ("AVAILABLE", "NOT_AVAILABLE", "INFLIGHT") for h in heads)
+    assert_same_run(ours, theirs)

@@ -368,8 +368,52 @@ def _gathered_head(lm_head):
     # DeepSpeed ZeRO-3: the partitioned head is gathered for the duration of the call, TRL's way (a no-op
     # otherwise); the single-pass loss computes its gradients inside, and ZeRO-3's gradient hooks, armed by the
     # model's forward that this call runs in, reduce them to the partitions.
-    with maybe_gather_lm_head_ctx(weight, bias, *(lora[:2] if lora else ())):
+    params = [t for t in (weight, bias, *(lora[:2] if lora else ())) if t is not None]
+    with maybe_gather_lm_head_ctx(*params):
+        if hasattr(weight, "ds_id"):
+            weight, bias, lora = _regathered_in_backward(weight, bias, lora)
         yield weight, bias, lora
+
+
+def _regathered_in_backward(weight, bias, lora):
+    """ZeRO-3: the head's tensors behind an identity whose backward gathers the partitioned parameters again
+    and keeps them gathered until their gradients are accumulated, the state ZeRO-3's own module hooks give a
+    parameter in backward (autograd accumulates a [V, H] gradient only into a parameter of that size; ZeRO-3's
+    gradient hook then reduces it to the partitions, and the parameters are partitioned again)."""
+    params = [t for t in (weight, bias, *(lora[:2] if lora else ())) if t is not None]
+    out = list(_ZeroRegather.apply(*params))
+    weight = out.pop(0)
+    bias = None if bias is None else out.pop(0)
+    if lora:
+        lora = (out.pop(0), out.pop(0), lora[2])
+    return weight, bias, lora
+
+
+class _ZeroRegather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *params):
+        ctx.params = params
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        import deepspeed
+
+        params = [p for p, g in zip(ctx.params, grads) if g is not None and p.requires_grad]
+        if params:
+            gather = deepspeed.zero.GatheredParameters(params)
+            gather.__enter__()
+            pending = {id(p) for p in params}
+
+            def accumulated(p):  # registered after ZeRO-3's own hook, so it runs after the reduction
+                pending.discard(id(p))
+                if not pending:
+                    for h in handles:
+                        h.remove()
+                    gather.__exit__(None, None, None)
+
+            handles = [p.register_post_accumulate_grad_hook(accumulated) for p in params]
+        return grads
 
 
 def _head_adapter(lm_head):

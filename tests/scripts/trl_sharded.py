@@ -1,8 +1,10 @@
 """Two GRPO steps of stock ``trl.GRPOTrainer`` or ``GRPOKernelsTrainer`` under ``accelerate launch`` (2 CPU
-processes over gloo, sharded by the accelerate config: FSDP2 or DeepSpeed ZeRO-3), for tests/test_trl_sharded.py.
+processes over gloo, sharded by the accelerate config: FSDP2, DeepSpeed ZeRO-3 or DDP), for
+tests/test_trl_sharded.py.
 
 Arguments: ``trainer`` ("trl" or "gk"), an output directory and the model directory. Rank 0 writes
-``log.json`` (the logged metrics) and ``params.pt`` (every parameter after the steps, gathered to full size).
+``log.json`` (the logged metrics; for "gk" also ``kernel_calls``, the head each grpo_kernels call read) and
+``params.pt`` (every parameter after the steps, gathered to full size).
 """
 
 import json
@@ -91,7 +93,8 @@ def main(kind: str, out: Path, model_dir: Path):
         gathered = gk_trl._gathered_head
 
         def recording_gather(lm_head):
-            seen.append(["lm_head", type(lm_head.weight).__name__, list(lm_head.weight.shape)])
+            w = lm_head.weight
+            seen.append(["lm_head", type(w).__name__, list(w.shape), str(getattr(w, "ds_status", "")).split(".")[-1]])
             return gathered(lm_head)
 
         gk_trl._gathered_head = recording_gather

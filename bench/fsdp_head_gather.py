@@ -5,14 +5,17 @@
 
 The head is an ``nn.Linear(H, V)`` (fp32, no bias) sharded with torch's ``fully_shard`` over both ranks, as
 accelerate's FSDP2 shards an untied ``lm_head`` that is its own unit: outside its own forward its weight is a
-``DTensor`` of V / 2 rows per rank. ``GRPOKernelsTrainer`` (like TRL 1.16's fused head) never calls that
-forward; :func:`grpo_kernels.fused_linear_grpo_loss` gathers the weight with ``full_tensor()`` and the gather's
-backward reduce-scatters dL/dW to the shards. Measured per rank, each a peak above the memory in use just before:
+``DTensor`` of V / 2 rows per rank. ``GRPOKernelsTrainer`` never calls that forward: it gathers the weight as
+``grpo_kernels.integrations.trl`` does (``redistribute`` to replicated, a backward that averages the gradient over
+the ranks into each shard, as FSDP's reduce-scatter does). Measured per rank, each a peak above the memory in use
+just before:
 
-- ``gather``: ``weight.full_tensor()`` alone (the full [V, H] weight and gloo's buffers);
-- ``loss_bwd sharded``: the loss of N rows and its backward with the DTensor weight (gather + streamed head +
-  fp32 dL/dW + reduce-scatter);
+- ``gather``: the gather alone (the full [V, H] weight and gloo's buffers);
+- ``loss_bwd sharded``: the loss of N rows and its backward with the gathered weight (gather + streamed head +
+  fp32 dL/dW + the gradient's reduce-scatter);
 - ``loss_bwd replicated``: the same with a plain [V, H] weight on each rank (what DDP holds), for comparison.
+
+Each rank has its own batch; the sharded gradient is checked against the mean of the replicated ones.
 
 Memory is the peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) minus the RSS before the phase, with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed buffers go back to the system (set it before launching, as in the
@@ -71,10 +74,13 @@ def main(argv=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     V, H, N = args.vocab, args.hidden, args.rows
+    from grpo_kernels.integrations.trl import _replicate_averaging_grads
+
     torch.manual_seed(0)
     head = torch.nn.Linear(H, V, bias=False)
     plain = head.weight.detach().clone().requires_grad_(True)
     fully_shard(head, mesh=mesh)
+    torch.manual_seed(1 + rank)  # each rank its own batch
     B, T = N // 64, 64
     hidden = torch.randn(B, T, H, requires_grad=True)
     ids = torch.randint(0, V, (B, T))
@@ -82,28 +88,33 @@ def main(argv=None) -> None:
     old = torch.randn(B, T).mul_(0.1).sub_(8)
     gk_args = dict(advantages=adv, old_logps=old, loss_type="dapo", backend="cpu")
 
+    def gathered():
+        return _replicate_averaging_grads(head.weight, [True])
+
     def gather():
-        return head.weight.full_tensor()
+        return gathered()
 
     def loss_bwd(weight):
         def run():
-            out = gk.fused_linear_grpo_loss(hidden, weight, ids, **gk_args)
+            out = gk.fused_linear_grpo_loss(hidden, weight() if callable(weight) else weight, ids, **gk_args)
             out.loss.backward()
             return out
 
         return run
 
     results = {}
-    for name, fn in (("gather", gather), ("loss_bwd sharded", loss_bwd(head.weight)),
+    for name, fn in (("gather", gather), ("loss_bwd sharded", loss_bwd(gathered)),
                      ("loss_bwd replicated", loss_bwd(plain))):
         fn()  # warm-up: first-call allocations (gloo buffers, the library's cached gradient buffer)
         head.weight.grad = plain.grad = hidden.grad = None
         results[name] = peak_extra_mib(fn)
         head.weight.grad = plain.grad = hidden.grad = None
-    # the sharded gradient reduces to the replicated one
-    gk.fused_linear_grpo_loss(hidden, head.weight, ids, **gk_args).loss.backward()
+    # the sharded gradient is the mean over the ranks of the replicated ones
+    gk.fused_linear_grpo_loss(hidden, gathered(), ids, **gk_args).loss.backward()
     gk.fused_linear_grpo_loss(hidden, plain, ids, **gk_args).loss.backward()
-    torch.testing.assert_close(head.weight.grad.full_tensor(), plain.grad * world, rtol=1e-5, atol=1e-6)
+    mean = plain.grad.clone()
+    dist.all_reduce(mean)
+    torch.testing.assert_close(head.weight.grad.full_tensor(), mean / world, rtol=1e-5, atol=1e-6)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, results)
     if rank == 0:

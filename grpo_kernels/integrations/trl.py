@@ -14,8 +14,11 @@ Generation, rewards, advantages, gradient accumulation and logging stay TRL's ow
   (chunked: never the [B, T, V] logits). The forward is still entered through the wrapped model (DDP, FSDP2,
   PEFT), so their hooks run as for TRL; inputs of vision-language models reach the backbone exactly as TRL
   passes them; the head's ``logit_scale`` / ``final_logit_softcapping`` are read from the model config as TRL
-  reads them; FSDP2 DTensor heads are gathered as TRL gathers them; ``cast_lm_head_to_fp32`` runs the head in
-  fp32 outside autocast, as TRL does.
+  reads them; ``cast_lm_head_to_fp32`` runs the head in fp32 outside autocast, as TRL does. Sharded heads are
+  gathered by :func:`_gathered_head`: an FSDP2 head that is its own unit with a backward that averages its
+  gradient over the ranks (TRL's ``full_tensor()`` leaves each rank's shard its own batch's gradient), a DeepSpeed
+  ZeRO-3 head TRL's way for the forward and again in backward. A PEFT LoRA adapter on ``lm_head`` (which TRL 1.16
+  refuses) is applied in the streamed head, ``h W^T + s (h A^T) B^T`` per chunk.
 - The loss. ``_compute_loss`` calls TRL's own ``_get_per_token_logps_and_entropies`` for the training forward
   (so multimodal inputs and MoE router logits are handled by TRL's code); inside the forward the hidden
   states go straight to :func:`grpo_kernels.fused_linear_grpo_loss_with_config`, which streams the head and

@@ -36,6 +36,7 @@ is loaded (see :data:`unsupported_options`).
 from __future__ import annotations
 
 import functools
+import sys
 import types
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -348,8 +349,8 @@ def _head_device(lm_head) -> torch.device:
 
 @contextmanager
 def _gathered_head(lm_head):
-    """(weight, bias) of the model's LM head as plain full-size tensors for the streamed head, for as long as the
-    context lasts.
+    """(weight, bias, lora) of the model's LM head for the streamed head, for as long as the context lasts: plain
+    full-size tensors, and ``lora`` = (A, B, scale) of a PEFT LoRA adapter on the head (None without one).
 
     - FSDP2, the head its own ``fully_shard`` unit: its forward never runs, so FSDP never unshards it nor
       reduce-scatters its gradient. The DTensor weight is gathered with a backward that averages the gradient
@@ -369,8 +370,7 @@ def _gathered_head(lm_head):
         weight = _replicate_averaging_grads(weight, mesh_dims)
         bias = None if bias is None else _replicate_averaging_grads(bias, mesh_dims)
     # DeepSpeed ZeRO-3: the partitioned head is gathered for the duration of the call, TRL's way (a no-op
-    # otherwise); the single-pass loss computes its gradients inside, and ZeRO-3's gradient hooks, armed by the
-    # model's forward that this call runs in, reduce them to the partitions.
+    # otherwise), and again in backward while its gradient arrives (_regathered_in_backward).
     params = [t for t in (weight, bias, *(lora[:2] if lora else ())) if t is not None]
     with maybe_gather_lm_head_ctx(*params):
         if hasattr(weight, "ds_id"):
@@ -447,10 +447,10 @@ def _head_adapter(lm_head):
 def _inner_model(model):
     """The model inside an engine wrapper (DeepSpeed's, around TRL's prepared reference model), whose forward the
     engine calls."""
-    try:
-        from deepspeed import DeepSpeedEngine
-    except ImportError:
+    if "deepspeed" not in sys.modules:  # no engine can exist; importing DeepSpeed costs seconds
         return model
+    from deepspeed import DeepSpeedEngine
+
     return model.module if isinstance(model, DeepSpeedEngine) else model
 
 

@@ -88,13 +88,13 @@ def models(tmp_path_factory):
     return {"tied": save_model(root / "tied", True), "untied": save_model(root / "untied", False)}
 
 
-def launch(config_text: str, kind: str, model: Path, out: Path) -> dict:
+def launch(config_text: str, kind: str, model: Path, out: Path, level: str = "token") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = out / "accelerate.yaml"
     config.write_text(config_text)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT), kind,
-           str(out), str(model)]
+           str(out), str(model), level]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     log = json.loads((out / "log.json").read_text())
@@ -146,10 +146,11 @@ def test_fsdp2_sharded_head_equals_ddp(models, tmp_path):
     assert (ours["params"]["lm_head.weight"] - start).abs().max() > 1e-2
 
 
-def test_zero3_partitioned_head_equals_trl(models, tmp_path):
+@pytest.mark.parametrize("level", ["token", "sequence"])  # the single-pass loss / the two-pass loss
+def test_zero3_partitioned_head_equals_trl(models, tmp_path, level):
     pytest.importorskip("deepspeed")
-    theirs = launch(ZERO3, "trl", models["untied"], tmp_path / "trl")
-    ours = launch(ZERO3, "gk", models["untied"], tmp_path / "gk")
+    theirs = launch(ZERO3, "trl", models["untied"], tmp_path / "trl", level)
+    ours = launch(ZERO3, "gk", models["untied"], tmp_path / "gk", level)
     assert ours["distributed_type"] == theirs["distributed_type"] == "DistributedType.DEEPSPEED"
     calls = ours["kernel_calls"]
     heads = [calls[i - 1] for i, c in enumerate(calls) if c[0] == "fused_linear_grpo_loss_with_config"]

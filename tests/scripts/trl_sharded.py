@@ -2,7 +2,9 @@
 processes over gloo, sharded by the accelerate config: FSDP2, DeepSpeed ZeRO-3 or DDP), for
 tests/test_trl_sharded.py.
 
-Arguments: ``trainer`` ("trl" or "gk"), an output directory and the model directory. Rank 0 writes
+Arguments: ``trainer`` ("trl" or "gk"), an output directory, the model directory and optionally the importance
+sampling level ("token": dapo, the single-pass loss; "sequence": grpo with GSPO weights, the two-pass loss whose
+backward recomputes the head). Rank 0 writes
 ``log.json`` (the logged metrics; for "gk" also ``kernel_calls``, the head each grpo_kernels call read) and
 ``params.pt`` (every parameter after the steps, gathered to full size).
 """
@@ -74,14 +76,15 @@ def route_cpu_processes_to_fsdp() -> None:
     AcceleratorState.__init__ = patched
 
 
-def main(kind: str, out: Path, model_dir: Path):
+def main(kind: str, out: Path, model_dir: Path, level: str = "token"):
     route_cpu_processes_to_fsdp()
     rng = random.Random(0)
     data = datasets.Dataset.from_list([tasks.make_example("copy", 3, rng) for _ in range(16)])
     args = trl.GRPOConfig(output_dir=str(out / "run"), use_cpu=True, report_to="none", per_device_train_batch_size=4,
                           num_generations=4, max_completion_length=4, max_steps=2, logging_steps=1,
                           save_strategy="no", seed=0, learning_rate=0.5, optim="sgd", bf16=False, beta=0.04,
-                          gradient_accumulation_steps=2)
+                          gradient_accumulation_steps=2, importance_sampling_level=level,
+                          loss_type="dapo" if level == "token" else "grpo")
     common = dict(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
                   processing_class=tasks.build_tokenizer())
     seen = []  # the type of the head weight each grpo_kernels call received
@@ -110,4 +113,4 @@ def main(kind: str, out: Path, model_dir: Path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:])

@@ -150,6 +150,17 @@ class _Accumulator:
         if self.gb.numel():
             self.gb.add_(dlogits.sum(0, dtype=self.gb.dtype))
 
+    def add_lora(self, n0: int, n1: int, h_c: Tensor, u: Tensor, dlogits: Tensor, lora: "_LoRA") -> None:
+        """The adapter's terms of a chunk with logits = h W^T + s u B^T, u = h A^T: dh += s (D B) A,
+        dB += s D^T u, dA += s (D B)^T h (D = dlogits [n, V])."""
+        db = torch.mm(dlogits, lora.B)  # [n, r]
+        if self.want[0]:
+            self.gh[n0:n1].add_(torch.mm(db, lora.A), alpha=lora.scale)
+        if lora.want[0]:
+            lora.gA.add_(torch.mm(db.t(), h_c).to(lora.gA.dtype), alpha=lora.scale)
+        if lora.want[1]:
+            lora.gB.add_(torch.mm(dlogits.t(), u).to(lora.gB.dtype), alpha=lora.scale)
+
     def result(self, hidden, weight, bias):
         gh = self.gh.view(hidden.shape) if self.want[0] else self.gh
         gw = self.gw.to(weight.dtype) if self.want[1] else self.gw
@@ -188,6 +199,28 @@ def _chunks(N: int, chunk: int):
 def _logits_of(rows: _Rows, weight, bias, n0, n1):
     h_c = rows(n0, n1)
     return h_c, F.linear(h_c, weight, bias)  # [n, V] in the input dtype (fp32 accumulation in the GEMM)
+
+
+class _LoRA:
+    """A low-rank adapter on the head: logits = h W^T (+ b) + scale * (h A^T) B^T with A [r, H], B [V, r] (PEFT's
+    ``lora_A`` / ``lora_B`` weights and ``scaling``), never forming W + scale * B A. ``want``: gradients for
+    (A, B), accumulated in fp32 over the chunks."""
+
+    def __init__(self, A: Tensor, B: Tensor, scale: float, want=(False, False)):
+        self.A, self.B, self.scale, self.want = A, B, float(scale), list(want)
+        acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+        self.gA = torch.zeros(A.shape, dtype=acc, device=A.device) if self.want[0] else None
+        self.gB = torch.zeros(B.shape, dtype=acc, device=B.device) if self.want[1] else None
+
+
+def _head_logits(rows: _Rows, weight, bias, n0, n1, lora: _LoRA | None):
+    """-> (h_c, x, u): the chunk's rows, the head's output and, with an adapter, u = h_c A^T [n, r] (else None)."""
+    h_c, x = _logits_of(rows, weight, bias, n0, n1)
+    if lora is None:
+        return h_c, x, None
+    u = torch.mm(h_c, lora.A.t())
+    x.addmm_(u, lora.B.t(), alpha=lora.scale)
+    return h_c, x, u
 
 
 def _transform(x: Tensor, head: list[float]) -> tuple[Tensor, Tensor | float | None]:
@@ -256,7 +289,7 @@ def _single_pass(hidden, weight, bias, ids, mask, adv, old, ref, num_items, max_
     return logp_out.view(B, T), ent_out.view(B, T), *acc.result(hidden, weight, bias)
 
 
-def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, want_entropy=True):
+def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, want_entropy=True, lora=None):
     """Pass 1: logp, entropy [B, T] (compute dtype) and the row statistics [N, 2] fp32 (m, log s; see
     docs/contract.md#row-statistics), one chunk of logits at a time."""
     B, T, _ = hidden.shape
@@ -268,7 +301,7 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, w
     logp, ent = (torch.zeros(N, dtype=cdt, device=hidden.device) for _ in range(2))
     stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
     for n0, n1 in _chunks(N, chunk):
-        _, x = _logits_of(rows, weight, bias, n0, n1)
+        _, x, _ = _head_logits(rows, weight, bias, n0, n1, lora)
         logits, _ = _transform(x, head)
         del x
         if kernels is None:
@@ -286,7 +319,7 @@ def _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, w
 
 
 def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, backend, want, head, ent=None,
-                        g_ent=None):
+                        g_ent=None, lora=None):
     """Pass 2: given g = dL/dlogp [B, T] (and g_ent = dL/dentropy with the pass-1 entropy ``ent``, or None),
     recompute each chunk's logits and accumulate the gradients."""
     N = ids.numel()
@@ -300,7 +333,7 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
         g_ent = torch.where(mask, g_ent, 0.0).reshape(-1)
         ge_f, ent_f = g_ent.to(torch.float32).contiguous(), ent.reshape(-1).to(torch.float32).contiguous()
     for n0, n1 in _chunks(N, chunk):
-        h_c, x = _logits_of(rows, weight, bias, n0, n1)
+        h_c, x, u = _head_logits(rows, weight, bias, n0, n1, lora)
         logits, dydx = _transform(x, head)
         lg3 = None
         if kernels is None:
@@ -311,8 +344,11 @@ def _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g, tau, chunk, b
             kernels.logprobs_bwd(lg3, iflat[n0:n1], stats[n0:n1], ent_f[n0:n1] if has_ent else None, g_f[n0:n1],
                                  ge_f[n0:n1] if has_ent else None, tau, lg3)
             dlogits = logits
-        acc.add(n0, n1, h_c, _untransform_grad(dlogits, dydx, x))
-        del x, logits, dlogits, dydx, lg3
+        dx = _untransform_grad(dlogits, dydx, x)
+        acc.add(n0, n1, h_c, dx)
+        if lora is not None:
+            acc.add_lora(n0, n1, h_c, u, dx, lora)
+        del x, logits, dlogits, dydx, lg3, dx, u
     return acc.result(hidden, weight, bias)
 
 
@@ -444,6 +480,39 @@ def _attach_backward(ctx, g):
 _attach.register_autograd(_attach_backward, setup_context=_attach_setup)
 
 
+class _LoRAHeadLogprobs(torch.autograd.Function):
+    """Pass 1 / pass 2 of a head carrying a low-rank adapter (see :class:`_LoRA`): logp, entropy [B, T] and the
+    row statistics; the backward recomputes each chunk and returns the gradients of hidden, weight, bias, A, B.
+    Plain autograd rather than a custom op: the adapter path is not traced by torch.compile."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, A, B, ids, mask, tau, chunk, backend, head, scale, want_entropy):
+        logp, ent, stats = _logprobs_pass(hidden, weight, bias, ids, mask, tau, chunk, backend, head, want_entropy,
+                                          _LoRA(A, B, scale))
+        ctx.save_for_backward(hidden, weight, bias, A, B, ids, mask, stats, ent)
+        ctx.args = (tau, chunk, backend, head, scale)
+        ctx.mark_non_differentiable(stats)
+        return logp, ent, stats
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_stats):
+        hidden, weight, bias, A, B, ids, mask, stats, ent = ctx.saved_tensors
+        tau, chunk, backend, head, scale = ctx.args
+        need = ctx.needs_input_grad
+        want = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
+        lora = _LoRA(A, B, scale, (bool(need[3]), bool(need[4])))
+        if (g_logp is None and g_ent is None) or not (any(want) or any(lora.want)):
+            return (None,) * 13
+        g_logp = torch.zeros_like(ent) if g_logp is None else g_logp.contiguous()
+        ge = None if g_ent is None else g_ent.contiguous()
+        gh, gw, gb = _logprobs_grad_pass(hidden, weight, bias, ids, mask, stats, g_logp, tau, chunk, backend, want,
+                                         head, None if ge is None else ent, ge, lora)
+        pick = lambda t, w: t if w else None  # noqa: E731
+        gA = None if lora.gA is None else lora.gA.to(A.dtype)
+        gB = None if lora.gB is None else lora.gB.to(B.dtype)
+        return pick(gh, want[0]), pick(gw, want[1]), pick(gb, want[2]), gA, gB, *(None,) * 8
+
+
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
@@ -518,6 +587,29 @@ def _check_head(hidden, weight, bias, completion_ids):
         raise ValueError(f"completion_ids is on {completion_ids.device} but hidden is on {hidden.device}")
 
 
+def _check_lora(lora, hidden, weight) -> tuple[Tensor, Tensor, float]:
+    """``lora`` = (A [r, H], B [V, r], scale): an adapter on the head (PEFT's lora_A.weight, lora_B.weight,
+    scaling), of the dtype and device of ``hidden``."""
+    if not isinstance(lora, (tuple, list)) or len(lora) != 3:
+        raise TypeError(f"lora must be None or a tuple (A [r, H], B [V, r], scale), got {type(lora).__name__}")
+    A, B, scale = lora
+    V, H = weight.shape
+    for name, t in (("lora A", A), ("lora B", B)):
+        _validate.check_tensor(name, t, ndim=2, floating=True)
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    r = A.shape[0]
+    if A.shape[1] != H or r < 1:
+        raise ValueError(f"lora A must have shape [r, H] with H = {H}, got {tuple(A.shape)}")
+    if tuple(B.shape) != (V, r):
+        raise ValueError(f"lora B must have shape [V, r] = [{V}, {r}], got {tuple(B.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"lora scale must be a finite real number, got {scale!r}")
+    return A, B, float(scale)
+
+
 def fused_linear_grpo_loss_with_config(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -540,6 +632,7 @@ def fused_linear_grpo_loss_with_config(
     final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    lora: tuple | None = None,
 ) -> GRPOLossOutput:
     """:func:`fused_linear_grpo_loss` with the loss options given as one config object.
 
@@ -554,6 +647,12 @@ def fused_linear_grpo_loss_with_config(
     max_completion_length, num_items_in_batch, importance_sampling_ratio, sampling_logps, process_group,
     logit_scale, final_logit_softcapping, chunk_size, backend
         As in :func:`fused_linear_grpo_loss`.
+    lora : tuple (A [r, H], B [V, r], scale) or None, default None
+        A low-rank adapter on the head (PEFT LoRA on ``lm_head``: ``lora_A.weight``, ``lora_B.weight``,
+        ``scaling``): each chunk's logits are ``h W^T (+ b) + scale * (h A^T) B^T``, so ``W + scale * B A`` never
+        exists; the loss is differentiable w.r.t. A and B (and hidden, and W where it requires a gradient). The
+        adapter runs the two-pass schedule (gradients recomputed chunk by chunk in ``backward``) and is not
+        traced by torch.compile.
 
     Returns
     -------
@@ -564,6 +663,8 @@ def fused_linear_grpo_loss_with_config(
     lm_head_weight, lm_head_bias = _full_tensor(lm_head_weight), _full_tensor(lm_head_bias)
     amp = _autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
     hidden, lm_head_weight, lm_head_bias = _cast_for_autocast(amp, hidden, lm_head_weight, lm_head_bias)
+    if lora is not None and amp is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
+        lora = (*_cast_for_autocast(amp, lora[0], lora[1]), lora[2])
     if amp is not None:
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_grpo_loss_with_config(
@@ -572,7 +673,7 @@ def fused_linear_grpo_loss_with_config(
                 old_logps=old_logps, ref_logps=ref_logps, max_completion_length=max_completion_length,
                 num_items_in_batch=num_items_in_batch, importance_sampling_ratio=importance_sampling_ratio,
                 sampling_logps=sampling_logps, process_group=process_group, logit_scale=logit_scale,
-                final_logit_softcapping=final_logit_softcapping, chunk_size=chunk_size, backend=backend)
+                final_logit_softcapping=final_logit_softcapping, chunk_size=chunk_size, backend=backend, lora=lora)
     config, max_completion_length = _validate.loss_config(config, max_completion_length)
     _check_head(hidden, lm_head_weight, lm_head_bias, completion_ids)
     B, T, _ = hidden.shape
@@ -610,6 +711,16 @@ def fused_linear_grpo_loss_with_config(
     loss_args = (adv, x.weights, old, ref)
     extra = dict(importance_sampling_ratio=x.importance_sampling_ratio, sampling_logps=x.sampling_logps,
                  process_group=x.process_group)
+    if lora is not None:
+        # the adapter's head: two passes, autograd of the loss below gives g = dL/dlogp
+        A, B, scale = _check_lora(lora, hidden, lm_head_weight)
+        logp, ent, _ = _LoRAHeadLogprobs.apply(hidden, lm_head_weight, lm_head_bias, A, B, ids, mask,
+                                               config.temperature, int(chunk_size), name, head, scale, True)
+        logp = torch.where(mask, logp, 0.0)
+        ent = torch.where(mask, ent, 0.0) if config.entropy_coef != 0.0 else ent.detach()
+        loss, metrics = logp_loss.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
+                                                  **extra)
+        return GRPOLossOutput(loss, logp.detach().float(), metrics)
     if any(want) and not config.needs_every_token:
         # single pass: the gradients are computed now; the loss carries them to backward
         adv_k = adv
@@ -731,6 +842,7 @@ def fused_linear_token_logprobs(
     final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    lora: tuple | None = None,
 ):
     """``token_logprobs(F.linear(hidden, weight, bias), ids, ...)`` chunk by chunk, never all N x V logits.
 
@@ -763,6 +875,8 @@ def fused_linear_token_logprobs(
     backend : str, default "auto"
         "auto" | "cuda" | "triton" | "cpu" | "torch", as in :func:`grpo_kernels.grpo_loss`. Under
         ``torch.autocast`` the head runs in the autocast dtype.
+    lora : tuple (A [r, H], B [V, r], scale) or None, default None
+        A low-rank adapter on the head, as in :func:`fused_linear_grpo_loss_with_config`.
 
     Returns
     -------
@@ -776,6 +890,10 @@ def fused_linear_token_logprobs(
     amp = _autocast_dtype(hidden.device) if isinstance(hidden, Tensor) else None
     hidden, weight, bias = _cast_for_autocast(amp, hidden, weight, bias)
     _check_head(hidden, weight, bias, ids)
+    if lora is not None:
+        if isinstance(lora, (tuple, list)) and len(lora) == 3:
+            lora = (*_cast_for_autocast(amp, lora[0], lora[1]), lora[2])
+        lora = _check_lora(lora, hidden, weight)
     tau = _validate.check_temperature(temperature)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
@@ -790,8 +908,13 @@ def fused_linear_token_logprobs(
         chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
     mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
-        logp, ent, _ = _logprobs_op(hidden, weight, bias, ids.long(), mask, tau, int(chunk_size), name, head,
-                                    return_entropy)
+        if lora is not None:
+            A, B, scale = _check_lora(lora, hidden, weight)
+            logp, ent, _ = _LoRAHeadLogprobs.apply(hidden, weight, bias, A, B, ids.long(), mask, tau, int(chunk_size),
+                                                   name, head, scale, return_entropy)
+        else:
+            logp, ent, _ = _logprobs_op(hidden, weight, bias, ids.long(), mask, tau, int(chunk_size), name, head,
+                                        return_entropy)
     return (logp, ent) if return_entropy else logp
 
 

@@ -14,8 +14,11 @@ Generation, rewards, advantages, gradient accumulation and logging stay TRL's ow
   (chunked: never the [B, T, V] logits). The forward is still entered through the wrapped model (DDP, FSDP2,
   PEFT), so their hooks run as for TRL; inputs of vision-language models reach the backbone exactly as TRL
   passes them; the head's ``logit_scale`` / ``final_logit_softcapping`` are read from the model config as TRL
-  reads them; FSDP2 DTensor heads are gathered as TRL gathers them; ``cast_lm_head_to_fp32`` runs the head in
-  fp32 outside autocast, as TRL does.
+  reads them; ``cast_lm_head_to_fp32`` runs the head in fp32 outside autocast, as TRL does. Sharded heads are
+  gathered by :func:`_gathered_head`: an FSDP2 head that is its own unit with a backward that averages its
+  gradient over the ranks (TRL's ``full_tensor()`` leaves each rank's shard its own batch's gradient), a DeepSpeed
+  ZeRO-3 head TRL's way for the forward and again in backward. A PEFT LoRA adapter on ``lm_head`` (which TRL 1.16
+  refuses) is applied in the streamed head, ``h W^T + s (h A^T) B^T`` per chunk.
 - The loss. ``_compute_loss`` calls TRL's own ``_get_per_token_logps_and_entropies`` for the training forward
   (so multimodal inputs and MoE router logits are handled by TRL's code); inside the forward the hidden
   states go straight to :func:`grpo_kernels.fused_linear_grpo_loss_with_config`, which streams the head and
@@ -39,9 +42,10 @@ is loaded (see :func:`unsupported_options`).
 from __future__ import annotations
 
 import functools
+import sys
 import types
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import is_peft_model
@@ -105,11 +109,12 @@ class GRPOKernelsTrainer(GRPOTrainer):
                                  + ". Use trl.GRPOTrainer for them.")
         self.grpo_kernels_backend, self.grpo_kernels_chunk_size = backend, chunk_size
         self._gk_head_job = None
-        super().__init__(*args, **kwargs)
+        with _allow_lm_head_adapter(config):
+            super().__init__(*args, **kwargs)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _patch_forward(base, self)
         if self.ref_model is not None:
-            _patch_forward(self.ref_model, self)
+            _patch_forward(_inner_model(self.ref_model), self)
 
     # -- the log-prob passes --------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
@@ -180,13 +185,13 @@ class GRPOKernelsTrainer(GRPOTrainer):
 
         outputs = []
 
-        def loss_fn(hidden, weight, bias, logit_scale, softcap):
+        def loss_fn(hidden, weight, bias, logit_scale, softcap, lora=None):
             out = fused_linear_grpo_loss_with_config(
                 hidden, weight, completion_ids, config, lm_head_bias=bias, completion_mask=mask,
                 advantages=advantages, old_logps=old, ref_logps=inputs.get("ref_per_token_logps"),
                 max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
                 logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=self.grpo_kernels_chunk_size,
-                backend=self.grpo_kernels_backend, **extra,
+                backend=self.grpo_kernels_backend, lora=lora, **extra,
             )
             outputs.append(out)
             return out
@@ -325,23 +330,22 @@ def _patch_forward(model, trainer) -> None:
         backbone_out = getattr(self, backbone_attr)(*args, **kwargs)
         hidden, ids = _scored_positions(backbone_out.last_hidden_state, labels, shift_labels, job.keep)
         lm_head = self.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        hidden, ids = hidden.to(weight.device), ids.to(weight.device)
+        hidden, ids = hidden.to(_head_device(lm_head)), ids.to(_head_device(lm_head))
         fp32 = owner.args.cast_lm_head_to_fp32
         ctx = torch.autocast(hidden.device.type, enabled=False) if fp32 else nullcontext()
         if fp32:
             hidden = hidden.float()
         loss = entropy = valid = None
-        with ctx:
+        with ctx, _gathered_head(lm_head) as (weight, bias, lora):
             if job.loss_fn is not None:
-                out = job.loss_fn(hidden, weight, bias, logit_scale, softcap)
+                out = job.loss_fn(hidden, weight, bias, logit_scale, softcap, lora)
                 loss, log_probs = out.loss, out.logps
             else:
                 valid = ids != -100
                 res = fused_linear_token_logprobs(
                     hidden, weight, ids.clamp(min=0), bias=bias, temperature=float(owner.temperature),
                     return_entropy=job.entropy, logit_scale=logit_scale, final_logit_softcapping=softcap,
-                    chunk_size=owner.grpo_kernels_chunk_size, backend=owner.grpo_kernels_backend)
+                    chunk_size=owner.grpo_kernels_chunk_size, backend=owner.grpo_kernels_backend, lora=lora)
                 log_probs, entropy = res if job.entropy else (res, None)
                 log_probs = log_probs.masked_fill(~valid, 0.0)
                 entropy = None if entropy is None else entropy.masked_fill(~valid, 0.0)
@@ -366,6 +370,172 @@ def _scored_positions(last_hidden_state, labels, shift_labels, keep: int):
     if shift_labels is None:
         return last_hidden_state[:, -keep - 1:-1], labels[:, -keep:]
     return last_hidden_state[:, -keep:], shift_labels[:, -keep:]
+
+
+@contextmanager
+def _allow_lm_head_adapter(args):
+    """TRL 1.16 refuses a PEFT adapter on ``lm_head`` because its fused head reads ``lm_head.weight`` alone and would
+    never train the adapter; the streamed head here applies it (see :func:`_head_adapter`), so the refusal is
+    lifted while TRL's ``__init__`` runs. With ``cast_lm_head_to_fp32`` TRL's own refusal stays."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    original = getattr(grpo_module, "BaseTunerLayer", None)
+    if original is None or (args is not None and args.cast_lm_head_to_fp32):
+        yield
+        return
+
+    class _NoHeadAdapterCheck:  # isinstance(lm_head, ...) is False for every module
+        pass
+
+    grpo_module.BaseTunerLayer = _NoHeadAdapterCheck
+    try:
+        yield
+    finally:
+        grpo_module.BaseTunerLayer = original
+
+
+# -- the LM head: which tensors the streamed head reads, gathered as the model is sharded ----------------------
+def _head_device(lm_head) -> torch.device:
+    return lm_head.weight.device
+
+
+@contextmanager
+def _gathered_head(lm_head):
+    """(weight, bias, lora) of the model's LM head for the streamed head, for as long as the context lasts: plain
+    full-size tensors, and ``lora`` = (A, B, scale) of a PEFT LoRA adapter on the head (None without one).
+
+    - FSDP2, the head its own ``fully_shard`` unit: its forward never runs, so FSDP never unshards it nor
+      reduce-scatters its gradient. The DTensor weight is gathered with a backward that averages the gradient
+      over the data-parallel ranks into each rank's shard, as FSDP's own reduce-scatter does (a plain
+      ``full_tensor()`` would hand each rank the gradient of its own batch only).
+    - FSDP2 with the head in the root unit (tied embeddings): inside the root's forward its parameters are
+      unsharded plain tensors already.
+    - A DTensor head of another sharding (tensor parallel): passed on; the library gathers it with
+      ``full_tensor()`` as TRL does.
+    """
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    lm_head, lora = _head_adapter(lm_head)
+    weight, bias = lm_head.weight, lm_head.bias
+    mesh_dims = _fsdp_data_parallel_dims(lm_head, weight)
+    if mesh_dims is not None:
+        weight = _replicate_averaging_grads(weight, mesh_dims)
+        bias = None if bias is None else _replicate_averaging_grads(bias, mesh_dims)
+    # DeepSpeed ZeRO-3: the partitioned head is gathered for the duration of the call, TRL's way (a no-op
+    # otherwise), and again in backward while its gradient arrives (_regathered_in_backward).
+    params = [t for t in (weight, bias, *(lora[:2] if lora else ())) if t is not None]
+    with maybe_gather_lm_head_ctx(*params):
+        if hasattr(weight, "ds_id"):
+            weight, bias, lora = _regathered_in_backward(weight, bias, lora)
+        yield weight, bias, lora
+
+
+def _regathered_in_backward(weight, bias, lora):
+    """ZeRO-3: the head's tensors behind an identity whose backward gathers the partitioned parameters again
+    and keeps them gathered until their gradients are accumulated, the state ZeRO-3's own module hooks give a
+    parameter in backward (autograd accumulates a [V, H] gradient only into a parameter of that size; ZeRO-3's
+    gradient hook then reduces it to the partitions, and the parameters are partitioned again)."""
+    params = [t for t in (weight, bias, *(lora[:2] if lora else ())) if t is not None]
+    out = list(_ZeroRegather.apply(*params))
+    weight = out.pop(0)
+    bias = None if bias is None else out.pop(0)
+    if lora:
+        lora = (out.pop(0), out.pop(0), lora[2])
+    return weight, bias, lora
+
+
+class _ZeroRegather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *params):
+        ctx.params = params
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        import deepspeed
+
+        params = [p for p, g in zip(ctx.params, grads) if g is not None and p.requires_grad]
+        if params:
+            gather = deepspeed.zero.GatheredParameters(params)
+            gather.__enter__()
+            pending = {id(p) for p in params}
+
+            def accumulated(p):  # registered after ZeRO-3's own hook, so it runs after the reduction
+                pending.discard(id(p))
+                if not pending:
+                    for h in handles:
+                        h.remove()
+                    gather.__exit__(None, None, None)
+
+            handles = [p.register_post_accumulate_grad_hook(accumulated) for p in params]
+        return grads
+
+
+def _head_adapter(lm_head):
+    """(the linear layer under a PEFT LoRA layer on the head, (A, B, scale) of its active adapter), or
+    (lm_head, None) for a head without one, or with its adapters disabled (TRL's reference pass) or merged."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return lm_head, None
+    if not isinstance(lm_head, LoraLayer):
+        return lm_head, None
+    base = lm_head.get_base_layer()
+    if lm_head.disable_adapters or lm_head.merged:
+        return base, None
+    active = [a for a in lm_head.active_adapters if a in lm_head.lora_A]
+    if len(active) != 1:
+        raise ValueError(f"GRPOKernelsTrainer: a LoRA lm_head needs exactly one active adapter, got {active}")
+    (name,) = active
+    dropout = lm_head.lora_dropout[name]
+    if not isinstance(dropout, torch.nn.Identity) and dropout.p != 0.0:
+        raise ValueError("GRPOKernelsTrainer: lora_dropout on lm_head is not supported (the streamed head applies "
+                         "the adapter to the hidden states without dropout); use lora_dropout=0")
+    if lm_head.use_dora.get(name, False) or type(lm_head).__name__ != "Linear":
+        raise ValueError("GRPOKernelsTrainer: only a plain LoRA (no DoRA) on an nn.Linear lm_head is supported")
+    return base, (lm_head.lora_A[name].weight, lm_head.lora_B[name].weight, float(lm_head.scaling[name]))
+
+
+def _inner_model(model):
+    """The model inside an engine wrapper (DeepSpeed's, around TRL's prepared reference model), whose forward the
+    engine calls."""
+    if "deepspeed" not in sys.modules:  # no engine can exist; importing DeepSpeed costs seconds
+        return model
+    from deepspeed import DeepSpeedEngine
+
+    return model.module if isinstance(model, DeepSpeedEngine) else model
+
+
+def _fsdp_data_parallel_dims(module, weight) -> list[bool] | None:
+    """For a DTensor parameter of an FSDP2 unit: which dims of its device mesh are FSDP's (data parallel);
+    None when ``weight`` is not such a parameter."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(weight, DTensor) or not isinstance(module, FSDPModule):
+        return None
+    mesh = weight.device_mesh
+    state = module._get_fsdp_state()
+    group = getattr(state, "_fsdp_param_group", None)
+    fsdp_mesh = group.mesh_info.mesh if group is not None else mesh
+    if fsdp_mesh is mesh or fsdp_mesh == mesh:
+        return [True] * mesh.ndim
+    names = fsdp_mesh.mesh_dim_names or ()
+    if not mesh.mesh_dim_names or not names:
+        raise ValueError("GRPOKernelsTrainer: the LM head is an FSDP2 unit on a device mesh other than its "
+                         "parameters' and without dim names; cannot tell its data-parallel dims")
+    return [n in names for n in mesh.mesh_dim_names]
+
+
+def _replicate_averaging_grads(t, data_parallel: list[bool]):
+    """``t`` (a DTensor) gathered to a full plain tensor; its gradient is averaged over the mesh dims marked
+    data parallel (each rank computed it from its own batch) and taken as identical over the others."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    full = t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+    return full.to_local(grad_placements=[Partial("avg") if dp else Replicate() for dp in data_parallel])
 
 
 def _load_balancing_loss(model, text_config, backbone_out, attention_mask):

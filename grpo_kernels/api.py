@@ -164,6 +164,12 @@ def grpo_loss_with_config(
     )
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace:
+        _validate.check_inplace_target(
+            "logits", logits, completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages,
+            rewards=rewards, old_logps=old_logps, ref_logps=ref_logps, num_items_in_batch=num_items_in_batch,
+            importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+        )
     if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "inplace=True overwrites logits with their gradient, but logits is a leaf tensor that requires grad "

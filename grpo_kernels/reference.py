@@ -199,6 +199,8 @@ def entropy_quantile(entropy, mask, q: float, process_group=None):
         dist.all_reduce(counts, group=process_group)
     n, n_nan = counts.unbind()
     ordered = torch.sort(vals).values  # the kept entropies first (NaN ones last, where they only flag n_nan)
+    if ordered.numel() == 0:  # no token on any rank (B = 0 or T = 0): no threshold, so an empty mask, as TRL
+        return torch.full((), math.nan, dtype=torch.float32, device=vals.device)
     rank = torch.tensor(q, dtype=torch.float32, device=vals.device) * (n - 1).float()
     below = rank.long().clamp(0, ordered.numel() - 1)
     above = rank.ceil().long().clamp(0, ordered.numel() - 1)

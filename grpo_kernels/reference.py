@@ -304,16 +304,17 @@ def reduction_weights(
 
 
 def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items_in_batch=None):
-    """The reductions (docs/contract.md#reductions), written as TRL writes them."""
+    """The reductions (docs/contract.md#reductions), written as TRL writes them, except that a batch of no
+    sequences (B = 0) has loss 0 where TRL's mean over sequences (and dr_grpo's 0 / 0) would give NaN."""
     B, T = mask.shape
     if loss_type in ("grpo", "sapo"):
-        return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()
+        return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).sum() / max(B, 1)
     if loss_type == "luspo":  # a sum over each sequence's tokens: long sequences weigh more
-        return _masked_sum(loss_tok, mask, -1).mean()
+        return _masked_sum(loss_tok, mask, -1).sum() / max(B, 1)
     if loss_type == "bnpo":
         return _masked_sum(loss_tok, mask) / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
-        return _masked_sum(loss_tok, mask) / (B * (T if max_completion_length is None else max_completion_length))
+        return _masked_sum(loss_tok, mask) / max(B * (T if max_completion_length is None else max_completion_length), 1)
     if num_items_in_batch is None:
         normaliser = mask.sum().clamp(min=1)
     else:

@@ -740,9 +740,10 @@ def fused_linear_token_logprobs(
 ):
     """``token_logprobs(F.linear(hidden, weight, bias), ids, ...)`` chunk by chunk, never all N x V logits.
 
-    The forward pass of an old-policy / reference / sampler log-prob pass. Forward only: the results carry
-    no gradient (under ``torch.no_grad()`` or not, the same). Memory: one chunk of ``chunk_size`` rows of
-    logits at a time.
+    The forward pass of an old-policy / reference / sampler log-prob pass (under ``torch.no_grad()``). With
+    autograd on, the log-probs (and the entropy) are differentiable w.r.t. hidden, weight and bias like those
+    of the unfused path: the backward recomputes each chunk's logits. Memory: one chunk of ``chunk_size`` rows
+    of logits at a time.
 
     Parameters
     ----------
@@ -794,9 +795,9 @@ def fused_linear_token_logprobs(
     if chunk_size is None:
         chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
     mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        logp, ent, _ = _logprobs_op(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                    ids.long(), mask, tau, int(chunk_size), name, head, return_entropy)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, ent, _ = _logprobs_op(hidden, weight, bias, ids.long(), mask, tau, int(chunk_size), name, head,
+                                    return_entropy)
     return (logp, ent) if return_entropy else logp
 
 

@@ -446,6 +446,36 @@ def test_the_single_pass_stays_one_pass_with_input_gradients(fused_backend, monk
     assert kw["advantages"].grad is not None and kw["old_logps"].grad is not None
 
 
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_fused_linear_token_logprobs_gradients(backend, return_entropy):
+    """fused_linear_token_logprobs with autograd on: hidden, weight and bias get the unfused reference's
+    gradients (by the tolerance rule, ``same``: the unfused path in the inputs' dtype), not None."""
+    name, device, dtype = backend
+    g = torch.Generator().manual_seed(2)
+    h0, w0, b0 = (torch.randn(*s, generator=g, dtype=F64) for s in ((B_, T_, H_), (V_, H_), (V_,)))
+    ids = torch.randint(0, V_, (B_, T_), generator=g)
+    w_logp, w_ent = torch.randn(B_, T_, generator=g, dtype=F64), torch.randn(B_, T_, generator=g, dtype=F64)
+
+    def run(dt, fused_path, backend):
+        h, w, b = (t.to(dt).clone().requires_grad_() for t in (h0, w0, b0))
+        if fused_path:
+            res = fused_linear_token_logprobs(h, w, ids, bias=b, return_entropy=return_entropy, chunk_size=5,
+                                              backend=backend)
+        else:
+            res = gk.token_logprobs(F.linear(h, w, b), ids, return_entropy=return_entropy, backend=backend)
+        lp, ent = res if return_entropy else (res, None)
+        obj = (lp * w_logp.to(lp.dtype)).sum() + (0 if ent is None else (ent * w_ent.to(ent.dtype)).sum())
+        obj.backward()
+        return h.grad, w.grad, b.grad
+
+    got = run(dtype, True, name)
+    ref = run(F64, False, "torch")
+    same = run(dtype, False, "torch")
+    for what, k, r, s_ in zip(("hidden", "weight", "bias"), got, ref, same, strict=True):
+        assert k is not None, what
+        assert_rule(k, r, s_, f"fused_linear_token_logprobs {name} d/d{what}")
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. empty batches
 # --------------------------------------------------------------------------------------------------

@@ -235,6 +235,8 @@ CASES = {
     "inplace-on-the-reference": lambda mp: loss(inplace=True),
     "inplace-leaf-requires-grad": lambda mp: loss(logits=X["logits"].clone().requires_grad_(), inplace=True,
                                                   backend=FUSED_CPU or "cpu"),
+    "inplace-view-of-leaf": lambda mp: loss(logits=X["logits"].clone().requires_grad_()[:, :, :], inplace=True,
+                                            backend=FUSED_CPU or "cpu"),
     "inplace-overlapping-logits": lambda mp: loss(logits=X["logits"][:1].expand(B, T, V), inplace=True,
                                                   backend=FUSED_CPU or "cpu"),
     "inplace-logits-shared-with-input": lambda mp: inplace_sharing("old_logps"),

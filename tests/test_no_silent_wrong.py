@@ -18,8 +18,6 @@ fused LM head functions, the vocabulary-parallel functions).
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +141,24 @@ def test_inplace_into_self_overlapping_logits_raises(backend, entry, layout, lev
                                          r"that share memory"):
         _entry_points()[entry](x, ids, True, name, dict(importance_sampling_level=level), **kw)
     assert torch.equal(x.detach(), before), "nothing may be written before the error"
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_inplace_into_a_view_of_a_leaf_raises(backend, entry):
+    """A slice of a leaf that requires grad: writing the gradient there would overwrite the leaf (torch
+    refuses in-place writes into such views); a view of a non-leaf is fine."""
+    name, device, dtype = backend
+    leaf = torch.randn(2, 4, 5, dtype=dtype, device=device, requires_grad=True)
+    before = leaf.detach().clone()
+    ids = torch.zeros(2, 3, dtype=torch.long, device=device)
+    adv = torch.randn(2, dtype=dtype, device=device)
+    with pytest.raises(ValueError, match="but logits is a view of a leaf tensor that requires grad"):
+        _entry_points()[entry](leaf[:, :3], ids, True, name, {}, advantages=adv)
+    assert torch.equal(leaf.detach(), before)
+    if name != "torch":
+        out = _entry_points()[entry]((leaf * 1.0)[:, :3], ids, True, name, {}, advantages=adv)
+        out.loss.backward()
+        assert leaf.grad is not None and torch.equal(leaf.detach(), before)
 
 
 @pytest.mark.parametrize("other", ["old_logps", "ref_logps", "advantages", "completion_mask",
@@ -536,7 +552,11 @@ def test_empty_batches_grpo_loss(backend, shape_name):
     """Every loss option, every logits entry point (in place too on the fused backends): loss 0, a zero
     gradient, the reference's metrics."""
     name, device, dtype = backend
-    for opts, entry, inplace in itertools.product(EMPTY_CASES, ENTRIES, (False, True)):
+    # every option through grpo_loss; every entry point with the two paths (single pass, two passes)
+    runs = [(opts, "grpo_loss", inplace) for opts in EMPTY_CASES for inplace in (False, True)]
+    runs += [(opts, entry, inplace) for opts in (EMPTY_CASES[0], EMPTY_CASES[8]) for entry in ENTRIES[1:]
+             for inplace in (False, True)]
+    for opts, entry, inplace in runs:
         if inplace and name == "torch":
             continue
         B, T, kw = _empty_inputs(shape_name, opts, dtype, device)
@@ -558,8 +578,10 @@ def test_empty_batches_fused_linear_and_vocab_parallel(backend, shape_name, grou
         b = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
         ids = torch.zeros(B, T, dtype=torch.long, device=device)
         ref = _ref_metrics(opts, shape_name)
-        for fn in (lambda: fused_linear_grpo_loss(h, W, ids, lm_head_bias=b, backend=name, **opts, **kw),
-                   lambda: FusedLinearGRPOLoss(weight=W, bias=b, backend=name, chunk_size=2, **opts)(h, ids, **kw)):
+        fns = [lambda: fused_linear_grpo_loss(h, W, ids, lm_head_bias=b, backend=name, **opts, **kw)]
+        if opts in (EMPTY_CASES[0], EMPTY_CASES[8]):  # the module with the two paths
+            fns.append(lambda: FusedLinearGRPOLoss(weight=W, bias=b, backend=name, chunk_size=2, **opts)(h, ids, **kw))
+        for fn in fns:
             out = fn()
             out.loss.backward()
             _assert_empty_result(out, [(h.grad, h), (W.grad, W), (b.grad, b)], ref,

@@ -303,8 +303,21 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     another operand: partial or full overlap of the ranges)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
         return False
+    if torch.compiler.is_compiling():  # traced tensors have no addresses
+        return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1
+
+
+def _distinct_by_strides(t: torch.Tensor) -> bool:
+    """A sufficient test: sorted by stride, each dim (of size > 1) steps past every offset the smaller dims
+    reach, so no two elements share an offset."""
+    reach = 0
+    for stride, size in sorted((s, d) for d, s in zip(t.shape, t.stride(), strict=True) if d > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
 
 
 def has_internal_overlap(t: torch.Tensor) -> bool:
@@ -314,15 +327,13 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
     reach cannot collide; failing that, the rows (the last dim, stride 1) are intervals of the storage,
     distinct iff their sorted start offsets are at least a row apart (computed on the CPU from the strides,
     O(rows), no device data read)."""
+    if torch.compiler.is_compiling():
+        # traced: the stride test alone (a layout it cannot prove distinct counts as overlapping)
+        return t.numel() > 0 and not _distinct_by_strides(t)
     status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard for torch to tell
     if status != 2 or t.numel() == 0:
         return status == 1
-    reach = 0
-    for stride, size in sorted((s, d) for d, s in zip(t.shape, t.stride(), strict=True) if d > 1):
-        if stride <= reach:
-            break
-        reach += stride * (size - 1)
-    else:
+    if _distinct_by_strides(t):
         return False
     shape, strides = list(t.shape), list(t.stride())
     width = 1

@@ -176,8 +176,8 @@ def grpo_loss_with_config(
             "(a parameter or an input of your own): its values would be lost and its .grad would share their "
             "storage; pass the model's output logits (a non-leaf) or inplace=False"
         )
-    base = logits._base if logits._is_view() else None
-    if inplace and base is not None and base.is_leaf and base.requires_grad and torch.is_grad_enabled():
+    base = logits._base if inplace and not torch.compiler.is_compiling() else None  # a traced graph has no view bases
+    if base is not None and base.is_leaf and base.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "inplace=True overwrites logits with their gradient, but logits is a view of a leaf tensor that "
             "requires grad (torch refuses in-place writes into such views): the leaf's values would be lost; pass "

@@ -680,3 +680,22 @@ def test_meta_num_items_in_batch_raises_value_error(backend, group):
     for call in calls:
         with pytest.raises(ValueError, match="num_items_in_batch is a tensor on the meta device"):
             call()
+
+
+def test_inplace_checks_trace_under_compile():
+    """The aliasing checks read only shapes and strides under torch.compile: a fullgraph training step with
+    inplace=True traces and computes what the eager step does."""
+    torch._dynamo.reset()
+    B, T, V, H = 4, 3, 16, 8
+    head = torch.nn.Linear(H, V)
+    h, ids, old = torch.randn(B, T, H), torch.randint(0, V, (B, T)), torch.randn(B, T) - 3.0
+    name = "cpu" if "cpu" in gk.available_backends("cpu") else pytest.skip("the C++ CPU backend is not built")
+
+    def step(h):
+        return gk.grpo_loss(head(h), ids, advantages=torch.ones(B), old_logps=old, inplace=True, backend=name).loss
+
+    eager = step(h)
+    g_eager = torch.autograd.grad(eager, head.weight)[0]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(h)
+    g_compiled = torch.autograd.grad(compiled, head.weight)[0]
+    assert torch.equal(compiled, eager) and torch.equal(g_compiled, g_eager)

@@ -342,7 +342,7 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
         strides.pop()
     starts = torch.zeros((), dtype=torch.long)
     for d, s in zip(shape, strides, strict=True):
-        starts = (starts.unsqueeze(-1) + torch.arange(d, dtype=torch.long) * s)
+        starts = starts.unsqueeze(-1) + torch.arange(d, dtype=torch.long) * s
     starts = starts.reshape(-1).sort().values
     return bool((starts.diff() < width).any())
 

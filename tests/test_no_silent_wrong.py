@@ -276,8 +276,6 @@ def test_read_only_expanded_shard_is_legal(backend, group):
 # 2. one rule for the gradients of every tensor input
 # --------------------------------------------------------------------------------------------------
 B_, T_, V_, H_ = 4, 3, 11, 6
-SMALL = ("advantages", "rewards", "old_logps", "ref_logps", "completion_mask", "importance_sampling_ratio",
-         "num_items_in_batch", "sampling_logps")
 
 
 def small_inputs(variant: str, seed=0) -> dict:
@@ -416,9 +414,15 @@ def test_every_input_gets_the_reference_gradient_fused_linear(backend, opts, var
         out.loss.backward()
         return _grads(kw), out.logps.cpu()
 
-    fl = lambda h, w, i, kw: fused_linear_grpo_loss(h, w, i, backend=name, chunk_size=5, **opts, **kw)  # noqa: E731
-    mod = lambda h, w, i, kw: FusedLinearGRPOLoss(weight=w, backend=name, chunk_size=7, **opts)(h, i, **kw)  # noqa: E731
-    unfused = lambda h, w, i, kw: gk.grpo_loss(F.linear(h, w), i, backend="torch", **opts, **kw)  # noqa: E731
+    def fl(h, w, i, kw):
+        return fused_linear_grpo_loss(h, w, i, backend=name, chunk_size=5, **opts, **kw)
+
+    def mod(h, w, i, kw):
+        return FusedLinearGRPOLoss(weight=w, backend=name, chunk_size=7, **opts)(h, i, **kw)
+
+    def unfused(h, w, i, kw):
+        return gk.grpo_loss(F.linear(h, w), i, backend="torch", **opts, **kw)
+
     for fn in (fl, mod):
         got, logps = run(fn, dtype, device)
         same = None if dtype == F64 else (lambda: run(unfused, dtype, "cpu"))

@@ -64,7 +64,12 @@ backend : str, default "auto"
     "returns": """\
 GRPOLossOutput
     A named tuple ``(loss, logps, metrics)``: ``loss`` a 0-d tensor (fp32; float64 for float64 inputs),
-    differentiable; ``logps`` [B, T] fp32, detached, 0 at dropped positions (reusable as ``old_logps``);
+    differentiable, also w.r.t. every other tensor input that requires grad (advantages or rewards, old /
+    ref / sampling log-probs, importance_sampling_ratio, floating completion_mask weights, a tensor
+    num_items_in_batch): autograd's gradient of TRL's formulas, the same on every backend and path, at O(N)
+    cost (none where TRL's formulas give none: an input read only through a comparison or a detached weight,
+    e.g. sampling_logps in the off-policy mask); 0 for a batch with no kept token (B = 0 included);
+    ``logps`` [B, T] fp32, detached, 0 at dropped positions (reusable as ``old_logps``);
     ``metrics`` a dict of detached 0-d fp32 tensors under TRL's names: "entropy" (mean token entropy),
     "kl" (when beta != 0), "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
     "clip_ratio/low_min", "clip_ratio/high_max" (clip loss types; min / max over sequences of each

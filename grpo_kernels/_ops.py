@@ -15,7 +15,9 @@ Paths of :func:`grpo_loss_fused`:
   top-entropy masks) or the entropy's own gradient (the entropy bonus): two passes, forward kernel ->
   loss in torch -> backward kernel with g = dL/dlogp (and dL/dentropy).
 In every path the loss value and the metrics come from :func:`logp_loss.loss_from_logps`, the one copy
-of the loss math; the kernels hold only its derivative.
+of the loss math; the kernels hold only its derivative. The gradients of the other tensor inputs (advantages,
+old / ref log-probs, ratio, token weights) are autograd's of that loss math in every path: in the single
+pass it runs with autograd on the detached log-probs when one of them requires grad.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ fused_inplace.register_fake(_fused_fake)
 # ---- attach a precomputed gradient to a loss value ------------------------------------------------
 @custom_op("grpo_kernels::attach_grad", mutates_args=())
 def attach_grad(value: Tensor, logits: Tensor, grad: Tensor) -> Tensor:
-    """Returns ``value``; its gradient w.r.t. ``logits`` is ``grad`` (times the upstream gradient)."""
+    """Returns ``value``; its gradient w.r.t. ``logits`` is ``grad`` (times the upstream gradient), and the
+    upstream gradient passes on to ``value`` itself."""
     return value.clone()
 
 
@@ -151,7 +154,8 @@ def _attach_backward(ctx, g):
     (grad,) = ctx.saved_tensors
     if not _scalar_is_one(g):
         grad = grad.mul_(g.to(grad.dtype))  # in place: no second N x V buffer
-    return None, grad, None
+    # ``value``'s own graph (the loss math on detached log-probs) carries the gradients of the O(N) inputs
+    return g, grad, None
 
 
 attach_grad.register_autograd(_attach_backward, setup_context=_attach_setup)
@@ -177,6 +181,17 @@ def token_logprobs_fused(name: str, logits: Tensor, ids: Tensor, tau: float, ret
     return logp.view(lead)
 
 
+def inputs_need_grad(x) -> bool:
+    """True when autograd is on and a loss input other than the logits (``x``: a ``_validate.LossInputs``)
+    requires grad: advantages (or the rewards they come from), token weights, old / ref / sampling log-probs,
+    the importance ratio or a tensor ``num_items_in_batch``."""
+    if not torch.is_grad_enabled():
+        return False
+    small = (x.advantages, x.weights, x.old_logps, x.ref_logps, x.importance_sampling_ratio, x.sampling_logps,
+             x.num_items_in_batch)
+    return any(isinstance(t, Tensor) and t.requires_grad for t in small)
+
+
 def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     """-> (loss, logps [B, T] detached, metrics). ``x`` is a validated ``_validate.LossInputs``."""
     logits, mask = x.logits, x.mask
@@ -187,13 +202,17 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
     need_grad = torch.is_grad_enabled() and logits.requires_grad
 
     if need_grad and not cfg.needs_every_token:
+        # The kernel gives dL/dlogits; the loss math on the (detached) log-probs runs with autograd when an O(N)
+        # input (advantages, old / ref log-probs, ratio, weights, ...) wants its gradient, which attach_grad
+        # passes on: the same gradients as the two-pass path and the reference, at O(N) cost.
+        small_grad = inputs_need_grad(x)
         coef = logp_loss.reduction_weights(x.weights, cfg.loss_type, x.max_completion_length, x.num_items_in_batch)
         adv = x.advantages.float()
         if x.importance_sampling_ratio is not None:
             adv = logp_loss.ratio_scaled_advantages(adv, x.importance_sampling_ratio.float(), mask)
         adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand(B, T).reshape(-1).contiguous()
-        vec = lambda t: None if t is None else t.float().reshape(-1).contiguous()  # noqa: E731
-        args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv, coef.reshape(-1).contiguous(),
+        vec = lambda t: None if t is None else t.detach().float().reshape(-1).contiguous()  # noqa: E731
+        args = (ids, tau, vec(x.old_logps), vec(x.ref_logps), adv.detach(), vec(coef),
                 LossParams.from_config(cfg).pack(), name)
         if inplace:
             grad = logits.detach()
@@ -201,8 +220,11 @@ def grpo_loss_fused(name: str, x, cfg: GRPOConfig, inplace: bool):
         else:
             grad = empty_grad((B, T, logits.shape[-1]), logits.dtype, logits.device)
             logp, ent = fused(logits.detach(), *args, grad)
-        logp, ent = logp.view(B, T), ent.view(B, T)
-        with torch.no_grad():
+        # dropped rows may hold garbage (logp NaN): zeros there, as in the two-pass path, keep 0 * NaN out of
+        # the gradients of the token weights
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        logp, ent = torch.where(mask, logp.view(B, T), zero), torch.where(mask, ent.view(B, T), zero)
+        with torch.set_grad_enabled(small_grad):
             loss, metrics = logp_loss.loss_from_logps(logp, cfg, entropy=ent, **loss_args)
         loss = attach_grad(loss, logits, grad)
     else:

@@ -272,6 +272,13 @@ def validate_loss_inputs(
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
+            where = "the cpu" if logits.device.type == "cpu" else f"{logits.device} or the cpu"
+            if num_items_in_batch.device.type == "meta" and logits.device.type != "meta":
+                raise ValueError("num_items_in_batch is a tensor on the meta device (it holds no value); pass a "
+                                 f"number or a 1-element tensor on {where}")
+            if num_items_in_batch.device not in (logits.device, torch.device("cpu")):
+                raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but logits is on "
+                                 f"{logits.device}; pass a number or a 1-element tensor on {where}")
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got shape {tuple(num_items_in_batch.shape)}")
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not num_items_in_batch > 0:
@@ -283,6 +290,76 @@ def validate_loss_inputs(
         max_completion_length, num_items_in_batch, weights, to_cdt(importance_sampling_ratio),
         to_cdt(sampling_logps), process_group,
     )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses that the elements of ``t`` (non-empty, strides >= 0) occupy."""
+    last = sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the memory ranges of ``a`` and ``b`` intersect (torch's rule for an in-place write next to
+    another operand: partial or full overlap of the ranges)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    if torch.compiler.is_compiling():  # traced tensors have no addresses
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _distinct_by_strides(t: torch.Tensor) -> bool:
+    """A sufficient test: sorted by stride, each dim (of size > 1) steps past every offset the smaller dims
+    reach, so no two elements share an offset."""
+    reach = 0
+    for stride, size in sorted((s, d) for d, s in zip(t.shape, t.stride(), strict=True) if d > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` are one memory location (an ``expand``ed dim, an overlapping
+    ``as_strided`` view). torch's own check answers for dense tensors and stride-0 dims; other views are
+    decided here from the strides: sorted by stride, a dim whose stride passes every offset the smaller dims
+    reach cannot collide; failing that, the rows (the last dim, stride 1) are intervals of the storage,
+    distinct iff their sorted start offsets are at least a row apart (computed on the CPU from the strides,
+    O(rows), no device data read)."""
+    if torch.compiler.is_compiling():
+        # traced: the stride test alone (a layout it cannot prove distinct counts as overlapping)
+        return t.numel() > 0 and not _distinct_by_strides(t)
+    status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard for torch to tell
+    if status != 2 or t.numel() == 0:
+        return status == 1
+    if _distinct_by_strides(t):
+        return False
+    shape, strides = list(t.shape), list(t.stride())
+    width = 1
+    if shape and (strides[-1] == 1 or shape[-1] == 1):
+        width = shape.pop()
+        strides.pop()
+    starts = torch.zeros((), dtype=torch.long)
+    for d, s in zip(shape, strides, strict=True):
+        starts = starts.unsqueeze(-1) + torch.arange(d, dtype=torch.long) * s
+    starts = starts.reshape(-1).sort().values
+    return bool((starts.diff() < width).any())
+
+
+def check_inplace_target(name: str, target: torch.Tensor, **others) -> None:
+    """``inplace=True`` writes into ``target``: it must not alias itself (the write would land on elements that
+    are still to be read, and torch's in-place ops refuse it too) nor any other input the kernels read."""
+    if has_internal_overlap(target):
+        raise ValueError(
+            f"inplace=True writes the gradient into {name}, but {name} has elements that share memory (an expanded "
+            f"or overlapping view, strides {tuple(target.stride())} for shape {tuple(target.shape)}); pass "
+            f"{name}.contiguous() or inplace=False"
+        )
+    for other, t in others.items():
+        if isinstance(t, torch.Tensor) and shares_memory(target, t):
+            raise ValueError(f"inplace=True writes the gradient into {name}, but {other} shares memory with it; "
+                             f"pass {other}.clone() or inplace=False")
 
 
 def check_nonnegative_ratio(rho: torch.Tensor, mask: torch.Tensor) -> None:

@@ -51,7 +51,7 @@ from torch.library import custom_op
 
 from . import _validate, eager, logp_loss
 from ._docs import fill
-from ._ops import _scalar_is_one
+from ._ops import _scalar_is_one, inputs_need_grad
 from .api import GRPOLossOutput
 from .backends import check_backend_name, launchers, resolve_backend
 from .backends.base import LossParams
@@ -451,7 +451,8 @@ _logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup
 def _attach(value: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, g_hidden: Tensor,
             g_weight: Tensor, g_bias: Tensor) -> Tensor:
     """Returns ``value``; its gradients w.r.t. hidden / weight / bias are the precomputed ones (times the
-    upstream gradient). An empty precomputed gradient means that input gets none."""
+    upstream gradient), and the upstream gradient passes on to ``value`` itself. An empty precomputed
+    gradient means that input gets none."""
     return value.clone()
 
 
@@ -474,7 +475,8 @@ def _attach_backward(ctx, g):
     if not _scalar_is_one(g):
         grads = [t.mul_(g.to(t.dtype)) for t in grads]  # in place: no second [V, H] buffer
     gh, gw, gb = (t if t.numel() else None for t in grads)
-    return None, gh, gw, gb, None, None, None
+    # ``value``'s own graph (the loss math on detached log-probs) carries the gradients of the O(N) inputs
+    return g, gh, gw, gb, None, None, None
 
 
 _attach.register_autograd(_attach_backward, setup_context=_attach_setup)
@@ -722,18 +724,23 @@ def fused_linear_grpo_loss_with_config(
                                                   **extra)
         return GRPOLossOutput(loss, logp.detach().float(), metrics)
     if any(want) and not config.needs_every_token:
-        # single pass: the gradients are computed now; the loss carries them to backward
+        # single pass: the gradients are computed now; the loss carries them to backward. The loss math on the
+        # detached log-probs runs with autograd when an O(N) input (advantages, old / ref log-probs, ratio,
+        # token weights, ...) requires grad; _attach passes the upstream gradient on to it.
+        small_grad = inputs_need_grad(x)
         adv_k = adv
         if x.importance_sampling_ratio is not None:
             adv_k = logp_loss.ratio_scaled_advantages(adv, x.importance_sampling_ratio, mask)
         bias_d = None if lm_head_bias is None else lm_head_bias.detach()
+        det = lambda t: None if t is None else t.detach()  # noqa: E731
         logp, ent, gh, gw, gb = _fused_linear_op(
-            hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights, adv_k, old, ref, num_items,
-            x.max_completion_length, LossParams.from_config(config).pack(), config.loss_type, config.temperature,
-            int(chunk_size), name, want, head,
+            hidden.detach(), lm_head_weight.detach(), bias_d, ids, x.weights.detach(), adv_k.detach(), det(old),
+            det(ref), det(num_items), x.max_completion_length, LossParams.from_config(config).pack(),
+            config.loss_type, config.temperature, int(chunk_size), name, want, head,
         )
         logp = torch.where(mask, logp, 0.0)
-        with torch.no_grad():
+        ent = torch.where(mask, ent, 0.0)
+        with torch.set_grad_enabled(small_grad):
             loss, metrics = logp_loss.loss_from_logps(logp, config, *loss_args, ent, x.max_completion_length, num_items,
                                                       **extra)
         loss = _attach(loss, hidden, lm_head_weight, lm_head_bias, gh, gw, gb)
@@ -909,9 +916,9 @@ def fused_linear_token_logprobs(
     mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         if lora is not None:
-            A, B, scale = _check_lora(lora, hidden, weight)
-            logp, ent, _ = _LoRAHeadLogprobs.apply(hidden, weight, bias, A, B, ids.long(), mask, tau, int(chunk_size),
-                                                   name, head, scale, return_entropy)
+            lora_a, lora_b, scale = lora
+            logp, ent, _ = _LoRAHeadLogprobs.apply(hidden, weight, bias, lora_a, lora_b, ids.long(), mask, tau,
+                                                   int(chunk_size), name, head, scale, return_entropy)
         else:
             logp, ent, _ = _logprobs_op(hidden, weight, bias, ids.long(), mask, tau, int(chunk_size), name, head,
                                         return_entropy)

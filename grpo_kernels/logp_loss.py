@@ -168,6 +168,8 @@ def entropy_quantile(entropy, mask, q: float, process_group=None):
         dist.all_reduce(counts, group=process_group)
     n, n_nan = counts.unbind()
     ordered = torch.sort(vals).values  # the kept entropies first (NaN ones last, where they only flag n_nan)
+    if ordered.numel() == 0:  # no token on any rank (B = 0 or T = 0): no threshold, so an empty mask, as TRL
+        return torch.full((), math.nan, dtype=torch.float32, device=vals.device)
     rank = torch.tensor(q, dtype=torch.float32, device=vals.device) * (n - 1).float()
     below = rank.long().clamp(0, ordered.numel() - 1)
     above = rank.ceil().long().clamp(0, ordered.numel() - 1)
@@ -273,17 +275,18 @@ def reduction_weights(
 
 
 def reduce_loss(loss_tok, mask, loss_type, max_completion_length=None, num_items_in_batch=None):
-    """The reductions (docs/contract.md#reductions), written as TRL writes them."""
+    """The reductions (docs/contract.md#reductions), written as TRL writes them, except that a batch of no
+    sequences (B = 0) has loss 0 where TRL's mean over sequences (and dr_grpo's 0 / 0) would give NaN."""
     B, T = mask.shape
     normaliser = LOSS_TYPE_TABLE[loss_type].normaliser
     if normaliser == "sequence_tokens":
-        return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).mean()
+        return (_masked_sum(loss_tok, mask, -1) / mask.sum(-1).clamp(min=1)).sum() / max(B, 1)
     if normaliser == "sequences":  # a sum over each sequence's tokens: long sequences weigh more
-        return _masked_sum(loss_tok, mask, -1).mean()
+        return _masked_sum(loss_tok, mask, -1).sum() / max(B, 1)
     if normaliser == "batch_tokens":
         return _masked_sum(loss_tok, mask) / mask.sum().clamp(min=1)
     if normaliser == "max_length":
-        return _masked_sum(loss_tok, mask) / (B * (T if max_completion_length is None else max_completion_length))
+        return _masked_sum(loss_tok, mask) / max(B * (T if max_completion_length is None else max_completion_length), 1)
     if num_items_in_batch is None:
         normaliser = mask.sum().clamp(min=1)
     else:

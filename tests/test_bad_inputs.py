@@ -80,6 +80,12 @@ def mask_at(value, pos=(1, 1)):
     return mask
 
 
+def inplace_sharing(name):
+    """inplace=True with ``name`` a view of the logits' own memory."""
+    logits = X["logits"].clone()
+    return loss(logits=logits, inplace=True, backend=FUSED_CPU or "cpu", **{name: logits[..., 0]})
+
+
 def trl_config(**options):
     """A trl.GRPOConfig (trl is imported only by the rows that need it)."""
     trl = pytest.importorskip("trl")
@@ -210,6 +216,7 @@ CASES = {
     "max_completion_length-float": lambda mp: loss(max_completion_length=3.0),
     "num_items_in_batch-not-positive": lambda mp: loss(num_items_in_batch=0),
     "num_items_in_batch-tensor-size": lambda mp: loss(num_items_in_batch=torch.ones(2)),
+    "num_items_in_batch-meta": lambda mp: loss(num_items_in_batch=torch.tensor(4.0, device="meta")),
     # ---- loss options (grpo_loss, GRPOConfig, GRPOLoss) ----
     "loss_type-unknown": lambda mp: loss(loss_type="ppo"),
     "level-unknown": lambda mp: loss(importance_sampling_level="tokens"),
@@ -228,6 +235,11 @@ CASES = {
     "inplace-on-the-reference": lambda mp: loss(inplace=True),
     "inplace-leaf-requires-grad": lambda mp: loss(logits=X["logits"].clone().requires_grad_(), inplace=True,
                                                   backend=FUSED_CPU or "cpu"),
+    "inplace-view-of-leaf": lambda mp: loss(logits=X["logits"].clone().requires_grad_()[:, :, :], inplace=True,
+                                            backend=FUSED_CPU or "cpu"),
+    "inplace-overlapping-logits": lambda mp: loss(logits=X["logits"][:1].expand(B, T, V), inplace=True,
+                                                  backend=FUSED_CPU or "cpu"),
+    "inplace-logits-shared-with-input": lambda mp: inplace_sharing("old_logps"),
     "epsilon-and-epsilon_low": lambda mp: loss(epsilon=0.3, epsilon_low=0.25),
     # ---- token_logprobs options ----
     "temperature-not-a-number": lambda mp: logprobs(temperature="1"),

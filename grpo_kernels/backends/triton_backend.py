@@ -60,6 +60,8 @@ def _aligned(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     es = t.element_size()
     mis = (t.data_ptr() % 16) // es
+    if t.numel() == 0:  # nothing to address (the launch is skipped), and no extent to view
+        return t, 0
     if t.data_ptr() % es or t.storage_offset() < mis:  # storage itself off the grid: no alignment to gain
         return t, 0
     extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride(), strict=True) if d > 0)

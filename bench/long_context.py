@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
+import io
 import json
+import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,31 +44,17 @@ from pathlib import Path
 
 import torch
 
-from bench import trl_step
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench import harness, trl_step
 IMPLS = ("trl", "grpo_kernels")
 PHASES = ("loss_bwd", "logps", "model_bwd")
 WARMUP_TOKENS = 64
+CONFIG_KEYS = ("impl", "n", "vocab", "hidden", "batch", "completion", "prompt", "backend")
 GIB = 1024.0  # MiB
 
 
 # --------------------------------------------------------------------------------------------------
 # one point, in a fresh process
 # --------------------------------------------------------------------------------------------------
-def _measure(fn) -> dict:
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = trl_step._status_kib("VmRSS")
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    peak = trl_step._status_kib("VmHWM")
-    return {"ms": ms, "peak_extra_mib": (peak - before) / 1024, "rss_before_mib": before / 1024,
-            "peak_rss_mib": peak / 1024}
-
-
 def _slice(x: dict, t: int) -> dict:
     """The batch with its completions cut to their first ``t`` tokens (the warm-up's shapes)."""
     y = dict(x)
@@ -121,7 +107,7 @@ def worker(cfg: dict) -> dict:
         out = {}
         for name, fn in todo:
             if record:
-                out[name] = _measure(fn)
+                out[name] = harness.peak_rss_extra(fn)
             else:
                 fn()
         return out
@@ -147,41 +133,18 @@ def _available_mib() -> float | None:
     return None
 
 
-def _rss_mib(pid: int) -> float:
+def _run_point(cfg: dict, limit_mib: float, log) -> dict:
+    t0 = time.perf_counter()
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _run_point(cfg: dict, budget_mib: float, log) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "bench.long_context", "--worker", json.dumps(cfg)], cwd=ROOT,
-                             env=env, stdout=out, stderr=err, text=True)
-        peak, t0 = 0.0, time.perf_counter()
-        while p.poll() is None:
-            rss = _rss_mib(p.pid)
-            peak = max(peak, rss)
-            if rss > budget_mib:
-                p.kill()
-                p.wait()
-                log(f"  killed: RSS {rss:.0f} MiB passed the budget {budget_mib:.0f} MiB")
-                return {"impl": cfg["impl"], "n": cfg["n"], "vocab": cfg["vocab"], "status": "killed at budget",
-                        "rss_when_killed_mib": rss}
-            time.sleep(0.25)
-        wall = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        if p.returncode != 0:
-            raise RuntimeError(f"worker {cfg['impl']} N={cfg['n']} failed:\n{err.read()[-4000:]}")
-        row = json.loads(out.read().strip().splitlines()[-1])
-    row["process_wall_s"] = wall
-    row["process_peak_rss_sampled_mib"] = peak
+        row = harness.run_fresh("bench.long_context", ["--worker", json.dumps(cfg)],
+                                env={"MALLOC_MMAP_THRESHOLD_": "65536"}, rss_limit_mib=limit_mib, tail_lines=40)
+    except harness.WorkerKilled as e:
+        log(f"  killed: {e}")
+        return {"impl": cfg["impl"], "n": cfg["n"], "vocab": cfg["vocab"], "status": "killed at budget",
+                "rss_when_killed_mib": e.rss_mib}
+    except harness.WorkerFailed as e:
+        raise RuntimeError(f"worker {cfg['impl']} N={cfg['n']} failed:\n{e}") from None
+    row["process_wall_s"] = time.perf_counter() - t0
     return row
 
 
@@ -226,7 +189,9 @@ def _summary(rows: list[dict], ns: list[int], machine_gib: float) -> dict:
     for impl in IMPLS:
         s["longest_in_machine"][impl] = {ph: _longest(rows, impl, ph, machine_gib * GIB) for ph in ("loss_bwd", "logps")}
     for n in ns:
-        r = {impl: next(x for x in rows if x["impl"] == impl and x["n"] == n) for impl in IMPLS}
+        r = {impl: next((x for x in rows if x["impl"] == impl and x["n"] == n), None) for impl in IMPLS}
+        if None in r.values():
+            continue
 
         def val(impl, phase):
             x = r[impl]
@@ -246,18 +211,19 @@ def _summary(rows: list[dict], ns: list[int], machine_gib: float) -> dict:
     return s
 
 
-def _csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["impl", "n", "vocab", "phase", "status", "ms", "peak_extra_mib", "peak_rss_mib"])
-        for r in rows:
-            for ph in PHASES:
-                src = r.get(ph) if r["status"] == "measured" else r.get("extrapolated", {}).get(ph)
-                if src is None:
-                    continue
-                status = r["status"] if r["status"] == "measured" else f"{r['status']} (extrapolated)"
-                w.writerow([r["impl"], r["n"], r["vocab"], ph, status, f"{src.get('ms', float('nan')):.0f}",
-                            f"{src['peak_extra_mib']:.0f}", f"{src.get('peak_rss_mib', float('nan')):.0f}"])
+def _csv(rows: list[dict]) -> str:
+    f = io.StringIO()
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["impl", "n", "vocab", "phase", "status", "ms", "peak_extra_mib", "peak_rss_mib"])
+    for r in rows:
+        for ph in PHASES:
+            src = r.get(ph) if r["status"] == "measured" else r.get("extrapolated", {}).get(ph)
+            if src is None:
+                continue
+            status = r["status"] if r["status"] == "measured" else f"{r['status']} (extrapolated)"
+            w.writerow([r["impl"], r["n"], r["vocab"], ph, status, f"{src.get('ms', float('nan')):.0f}",
+                        f"{src['peak_extra_mib']:.0f}", f"{src.get('peak_rss_mib', float('nan')):.0f}"])
+    return f.getvalue()
 
 
 def _fmt(x, spec=",.0f"):
@@ -344,6 +310,21 @@ def _plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _time_guess_s(rows: list[dict], impl: str, n: int) -> float | None:
+    """The process time of the point, a power law through the two largest measured points (attention is
+    quadratic in N, so a straight line would promise too little)."""
+    pts = sorted((r["n"], r["process_wall_s"]) for r in rows if r["impl"] == impl and r.get("process_wall_s"))
+    if len(pts) < 2:
+        return None
+    (n0, t0), (n1, t1) = pts[-2:]
+    k = max(1.0, math.log(t1 / t0) / math.log(n1 / n0)) if t0 > 0 and t1 > 0 else 1.0
+    return t1 * (n / n1) ** k
+
+
+def _same_point(row: dict, cfg: dict) -> bool:
+    return all(row.get("config", {}).get(k) == cfg[k] for k in CONFIG_KEYS)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", default="1024,2048,4096,8192,16384,32768", help="comma-separated completion tokens N")
@@ -355,71 +336,101 @@ def main(argv=None) -> dict:
     p.add_argument("--backend", default="auto", help="grpo_kernels backend (default auto)")
     p.add_argument("--budget-gib", type=float, default=14.0, help="RSS budget per point (default 14)")
     p.add_argument("--machine-gib", type=float, default=24.0, help="memory for the 'longest N that fits' (default 24)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="minutes from the start after which no point is started that would not finish in time "
+                        "(its time extrapolated from the previous points); such points are reported as not run")
+    p.add_argument("--rows", default=None,
+                   help="JSON-lines file of measured points: each new point is appended, and points already in it "
+                        "(same configuration) are reused instead of measured again (a long run can be resumed)")
+    p.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return {}
-    from bench import runner
-
     ns = sorted(int(n) for n in a.n.split(","))
     for n in ns:
         if a.completion is not None and n % min(a.completion, n):
             p.error(f"--n ({n}) must be a multiple of --completion ({a.completion})")
-    env = runner.environment(torch.device("cpu"))
-    env["trl"], env["transformers"] = runner._version("trl"), runner._version("transformers")
+    start = time.monotonic()
+    env = harness.environment(torch.device("cpu"), "trl", "transformers")
     with open("/proc/meminfo") as f:
         env["mem_total_gib"] = int(f.readline().split()[1]) / 2**20
-    load = runner.LoadMeter()
+    load = harness.LoadMeter()
     out_dir = tempfile.mkdtemp(prefix="long_context_")  # models and trainer output
     budget = a.budget_gib * GIB
+    stored = []
+    if a.rows and Path(a.rows).exists():
+        stored = [json.loads(line) for line in Path(a.rows).read_text().splitlines() if line.strip()]
     rows: list[dict] = []
     log = lambda s: print(s, flush=True)  # noqa: E731
+    layout = "one completion of N tokens (B = 1)" if a.completion is None else f"B = N / {a.completion} sequences"
+
+    def result() -> dict:
+        others = load.others_cpus()
+        return dict(
+            op="long_context",
+            config=dict(n=ns, vocab=a.vocab, hidden=a.hidden, completion=a.completion, prompt=a.prompt,
+                        backend=a.backend, dtype="fp32", layout=layout, budget_gib=a.budget_gib,
+                        machine_gib=a.machine_gib, warmup_tokens=WARMUP_TOKENS,
+                        model="Qwen2ForCausalLM, 2 layers, 4 heads, untied head, sdpa"),
+            environment=env, rows=rows, summary=_summary(rows, ns, a.machine_gib),
+            command="python -m bench.long_context " + " ".join(argv if argv is not None else sys.argv[1:]),
+            note=("Memory: peak RSS (VmHWM, reset before the phase) minus the RSS before it, one measured run "
+                  "per phase after a 64-token warm-up, fresh process per (implementation, N), "
+                  "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs "
+                  + (f"(other processes used {others:.2f} CPUs of {os.cpu_count()} on average while this run "
+                     "measured)" if others is not None else "") + ": indicative only."))
+
     for n in ns:
         T = n if a.completion is None else min(a.completion, n)
         for impl in IMPLS:
             cfg = dict(impl=impl, n=n, vocab=a.vocab, hidden=a.hidden, batch=n // T, completion=T, prompt=a.prompt,
                        backend=a.backend, out_dir=out_dir)
             guess = _extrapolate(rows, impl, n)
+            old = next((r for r in stored if _same_point(r, cfg)), None)
             need = max((v["peak_rss_mib"] for v in guess.values() if "peak_rss_mib" in v), default=0.0)
             avail = _available_mib()
             limit = budget if avail is None else min(budget, avail - 1024)
-            if need > limit:
+            t_guess = _time_guess_s(rows, impl, n)
+            left = None if a.deadline_min is None else a.deadline_min * 60 - (time.monotonic() - start)
+            if old is not None:
+                row = old
+                log(f"N={n} {impl}: reused from {a.rows}")
+            elif need > limit:
                 log(f"N={n} {impl}: not run, extrapolated peak RSS {need:.0f} MiB > {limit:.0f} MiB")
-                rows.append({"impl": impl, "n": n, "vocab": a.vocab, "status": "not run", "extrapolated": guess,
-                             "reason": f"extrapolated peak RSS {need:.0f} MiB over the limit {limit:.0f} MiB"})
-                continue
-            row = _run_point(cfg, limit, log)
-            if row["status"] != "measured":
-                row["extrapolated"] = guess
+                row = {"impl": impl, "n": n, "vocab": a.vocab, "status": "not run", "extrapolated": guess,
+                       "reason": f"extrapolated peak RSS {need:.0f} MiB over the limit {limit:.0f} MiB"}
+            elif left is not None and t_guess is not None and t_guess > left:
+                log(f"N={n} {impl}: not run, extrapolated time {t_guess:.0f} s > {left:.0f} s left")
+                row = {"impl": impl, "n": n, "vocab": a.vocab, "status": "not run (time)", "extrapolated": guess,
+                       "reason": f"extrapolated process time {t_guess:.0f} s, {max(left, 0):.0f} s left of the "
+                                 "run's deadline"}
+            else:
+                row = _run_point(cfg, limit, log)
+                row["config"] = {k: cfg[k] for k in CONFIG_KEYS}
+                if row["status"] != "measured":
+                    row["extrapolated"] = guess
+                if a.rows:
+                    with open(a.rows, "a") as f:
+                        f.write(json.dumps(row) + "\n")
             rows.append(row)
             if row["status"] == "measured":
                 log(f"N={n} {impl}: " + ", ".join(f"{ph} {row[ph]['ms'] / 1e3:.1f} s +{row[ph]['peak_extra_mib']:.0f} "
                                                    f"MiB (RSS {row[ph]['peak_rss_mib']:.0f})"
                                                    for ph in PHASES if ph in row))
-    others = load.others_cpus()
-    layout = "one completion of N tokens (B = 1)" if a.completion is None else f"B = N / {a.completion} sequences"
-    res = dict(op="long_context",
-               config=dict(n=ns, vocab=a.vocab, hidden=a.hidden, completion=a.completion, prompt=a.prompt,
-                           backend=a.backend, dtype="fp32", layout=layout, budget_gib=a.budget_gib,
-                           machine_gib=a.machine_gib, warmup_tokens=WARMUP_TOKENS,
-                           model="Qwen2ForCausalLM, 2 layers, 4 heads, untied head, sdpa"),
-               environment=env, rows=rows, summary=_summary(rows, ns, a.machine_gib),
-               command="python -m bench.long_context " + " ".join(argv if argv is not None else sys.argv[1:]),
-               note=("Memory: peak RSS (VmHWM, reset before the phase) minus the RSS before it, one measured run "
-                     "per phase after a 64-token warm-up, fresh process per (implementation, N), "
-                     "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs "
-                     + (f"(other processes used {others:.2f} CPUs of {os.cpu_count()} on average during the run)"
-                        if others is not None else "") + ": indicative only."))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-long_context-v{a.vocab}-h{a.hidden}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
-    _csv(rows, out / f"{stem}.csv")
-    (out / f"{stem}.md").write_text(_markdown(res))
-    _plot(res, out / f"{stem}.png")
-    return res
+            write(result(), a.out)  # after every point: a run stopped early keeps what it measured
+    return result()
+
+
+def write(res: dict, out_dir) -> list[Path]:
+    """The result files of ``res``: JSON, CSV, Markdown and the plot (also to regenerate them from the JSON)."""
+    c = res["config"]
+    stem = f"cpu-long_context-v{c['vocab']}-h{c['hidden']}"
+    paths = harness.write_results(out_dir, stem, res, _markdown(res), csv=_csv(res["rows"]))
+    paths.append(Path(out_dir) / f"{stem}.png")
+    _plot(res, paths[-1])
+    return paths
 
 
 if __name__ == "__main__":

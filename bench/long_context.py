@@ -334,6 +334,7 @@ def main(argv=None) -> dict:
                    help="tokens per sequence T, B = N / T (default: T = N, one sequence)")
     p.add_argument("--prompt", type=int, default=32, help="prompt length (default 32)")
     p.add_argument("--backend", default="auto", help="grpo_kernels backend (default auto)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}, run in this order per N")
     p.add_argument("--budget-gib", type=float, default=14.0, help="RSS budget per point (default 14)")
     p.add_argument("--machine-gib", type=float, default=24.0, help="memory for the 'longest N that fits' (default 24)")
     p.add_argument("--deadline-min", type=float, default=None,
@@ -349,6 +350,9 @@ def main(argv=None) -> dict:
         print(json.dumps(worker(json.loads(a.worker))))
         return {}
     ns = sorted(int(n) for n in a.n.split(","))
+    impls = [i for i in a.impls.split(",") if i]
+    if not impls or set(impls) - set(IMPLS):
+        p.error(f"--impls must be a comma list of {IMPLS}, got {a.impls!r}")
     for n in ns:
         if a.completion is not None and n % min(a.completion, n):
             p.error(f"--n ({n}) must be a multiple of --completion ({a.completion})")
@@ -384,7 +388,7 @@ def main(argv=None) -> dict:
 
     for n in ns:
         T = n if a.completion is None else min(a.completion, n)
-        for impl in IMPLS:
+        for impl in impls:
             cfg = dict(impl=impl, n=n, vocab=a.vocab, hidden=a.hidden, batch=n // T, completion=T, prompt=a.prompt,
                        backend=a.backend, out_dir=out_dir)
             guess = _extrapolate(rows, impl, n)

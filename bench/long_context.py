@@ -187,7 +187,8 @@ def _longest(rows, impl, phase, limit_mib) -> dict | None:
 def _summary(rows: list[dict], ns: list[int], machine_gib: float) -> dict:
     s = {"longest_in_machine": {}, "ratios": []}
     for impl in IMPLS:
-        s["longest_in_machine"][impl] = {ph: _longest(rows, impl, ph, machine_gib * GIB) for ph in ("loss_bwd", "logps")}
+        s["longest_in_machine"][impl] = {ph: _longest(rows, impl, ph, machine_gib * GIB)
+                                         for ph in ("loss_bwd", "logps")}
     for n in ns:
         r = {impl: next((x for x in rows if x["impl"] == impl and x["n"] == n), None) for impl in IMPLS}
         if None in r.values():
@@ -230,36 +231,51 @@ def _fmt(x, spec=",.0f"):
     return "n/a" if x is None else format(x, spec)
 
 
+ACCEPT_N, ACCEPT_RATIO = 16384, 0.10  # the adapter's loss+backward peak extra memory at most 0.1x TRL's at 16K
+
+
 def _markdown(res: dict) -> str:
     e, c, s = res["environment"], res["config"], res["summary"]
-    lines = [f"# Long completions: TRL 1.16 GRPOTrainer vs GRPOKernelsTrainer (V = {c['vocab']:,}, H = {c['hidden']})",
-             "",
+    lines = [f"# Long completions: TRL 1.16 GRPOTrainer vs GRPOKernelsTrainer (V = {c['vocab']:,}, "
+             f"H = {c['hidden']})", "",
              f"{e['device']}, {e['cpu_count']} CPUs, {e['mem_total_gib']:.0f} GiB, torch {e['torch']}, trl {e['trl']}, "
              f"transformers {e['transformers']}, commit {e['git_commit']}{' (dirty)' if e['git_dirty'] else ''}, "
              f"{e['date_utc']}. Command: `{res['command']}`", "",
-             f"Model: {c['model']}; one point = {c['layout']}; fp32; backend {c['backend']}. "
-             f"Budget per point {c['budget_gib']} GiB of RSS.", "",
-             "| N | phase | implementation | status | s | peak extra MiB | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+             f"Model: {c['model']}; one point = {c['layout']} after a {c['prompt']}-token prompt; fp32; grpo_kernels "
+             f"backend {c['backend']}. Budget per point {c['budget_gib']} GiB of RSS.", ""]
+    acc = next((x for x in s["ratios"] if x["n"] == ACCEPT_N), None)
+    if acc is not None and acc.get("adapter_over_trl") is not None:
+        v = acc["adapter_over_trl"]
+        lines += [f"**N = {ACCEPT_N:,}: the adapter's loss+backward peak extra memory is {v:.3f}x stock TRL's "
+                  f"({_fmt(acc['adapter_mib'])} vs {_fmt(acc['trl_mib'])} MiB, "
+                  f"{'measured' if acc['measured'] else 'partly extrapolated'}); goal <= {ACCEPT_RATIO}: "
+                  f"{'met' if v <= ACCEPT_RATIO else 'missed'}. The loss head alone (minus the model's own "
+                  f"forward+backward): {_fmt(acc.get('head_adapter_over_trl'), '.3f')}x.**", ""]
+    lines += ["| N | phase | implementation | status | s | peak extra MiB | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         for ph in PHASES:
             src = r.get(ph) if r["status"] == "measured" else r.get("extrapolated", {}).get(ph)
             if src is None:
                 continue
             st = "measured" if r["status"] == "measured" else f"{r['status']}: extrapolated"
-            lines.append(f"| {r['n']:,} | {ph} | {r['impl']} | {st} | {_fmt(src.get('ms', None) and src['ms'] / 1e3, '.1f')} "
+            sec = None if src.get("ms") is None else src["ms"] / 1e3
+            lines.append(f"| {r['n']:,} | {ph} | {r['impl']} | {st} | {_fmt(sec, '.1f')} "
                          f"| {_fmt(src['peak_extra_mib'])} | {_fmt(src.get('peak_rss_mib'))} |")
     lines += ["", "Loss + backward, peak extra memory (the model's own forward + backward without a head: "
-              "`model_bwd`; head = total minus that):", "",
+              "`model_bwd`, the embedding's [V, H] gradient included; head = total minus that):", "",
               "| N | TRL MiB | adapter MiB | adapter / TRL | model only MiB | TRL head MiB | adapter head MiB | "
               "head: adapter / TRL | all measured |", "|---|---|---|---|---|---|---|---|---|"]
     for x in s["ratios"]:
         lines.append(f"| {x['n']:,} | {_fmt(x['trl_mib'])} | {_fmt(x['adapter_mib'])} | "
-                     f"{_fmt(x.get('adapter_over_trl'), '.3f')} | {_fmt(x['model_mib'])} | {_fmt(x.get('trl_head_mib'))} "
-                     f"| {_fmt(x.get('adapter_head_mib'))} | {_fmt(x.get('head_adapter_over_trl'), '.3f')} | "
+                     f"{_fmt(x.get('adapter_over_trl'), '.3f')} | {_fmt(x['model_mib'])} | "
+                     f"{_fmt(x.get('trl_head_mib'))} | {_fmt(x.get('adapter_head_mib'))} | "
+                     f"{_fmt(x.get('head_adapter_over_trl'), '.3f')} | "
                      f"{'yes' if x['measured'] else 'no (extrapolated)'} |")
-    lines += ["", f"Longest N within {c['machine_gib']} GiB of process RSS (linear extrapolation through the two "
-              "largest measured points):", "", "| implementation | phase | N | largest measured within | slope MiB / 1K tokens |",
+    lines += ["", f"Longest N whose whole process (model, reference model, optimizer-free trainer, the phase) stays "
+              f"within {c['machine_gib']:g} GiB of RSS, by linear extrapolation of the peak RSS through the two "
+              "largest measured points:", "",
+              "| implementation | phase | N | largest measured N within | slope MiB / 1K tokens |",
               "|---|---|---|---|---|"]
     for impl, d in s["longest_in_machine"].items():
         for ph, x in d.items():

@@ -359,6 +359,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default=None,
                    help="JSON-lines file of measured points: each new point is appended, and points already in it "
                         "(same configuration) are reused instead of measured again (a long run can be resumed)")
+    p.add_argument("--note", default="", help="a sentence added to the result's note (how the run was made)")
     p.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -400,7 +401,7 @@ def main(argv=None) -> dict:
                   "per phase after a 64-token warm-up, fresh process per (implementation, N), "
                   "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs "
                   + (f"(other processes used {others:.2f} CPUs of {os.cpu_count()} on average while this run "
-                     "measured)" if others is not None else "") + ": indicative only."))
+                     "measured)" if others is not None else "") + ": indicative only." + (" " + a.note if a.note else "")))
 
     for n in ns:
         T = n if a.completion is None else min(a.completion, n)

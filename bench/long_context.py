@@ -401,7 +401,8 @@ def main(argv=None) -> dict:
                   "per phase after a 64-token warm-up, fresh process per (implementation, N), "
                   "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs "
                   + (f"(other processes used {others:.2f} CPUs of {os.cpu_count()} on average while this run "
-                     "measured)" if others is not None else "") + ": indicative only." + (" " + a.note if a.note else "")))
+                     "measured)" if others is not None else "") + ": indicative only."
+                  + (" " + a.note if a.note else "")))
 
     for n in ns:
         T = n if a.completion is None else min(a.completion, n)

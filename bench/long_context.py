@@ -384,6 +384,7 @@ def main(argv=None) -> dict:
     if a.rows and Path(a.rows).exists():
         stored = [json.loads(line) for line in Path(a.rows).read_text().splitlines() if line.strip()]
     rows: list[dict] = []
+    measured_here = 0  # points measured by this run, not reused
     log = lambda s: print(s, flush=True)  # noqa: E731
     layout = "one completion of N tokens (B = 1)" if a.completion is None else f"B = N / {a.completion} sequences"
 
@@ -401,7 +402,7 @@ def main(argv=None) -> dict:
                   "per phase after a 64-token warm-up, fresh process per (implementation, N), "
                   "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs "
                   + (f"(other processes used {others:.2f} CPUs of {os.cpu_count()} on average while this run "
-                     "measured)" if others is not None else "") + ": indicative only."
+                     "measured)" if others is not None and measured_here else "") + ": indicative only."
                   + (" " + a.note if a.note else "")))
 
     for n in ns:
@@ -430,6 +431,7 @@ def main(argv=None) -> dict:
                                  "run's deadline"}
             else:
                 row = _run_point(cfg, limit, log)
+                measured_here += 1
                 row["config"] = {k: cfg[k] for k in CONFIG_KEYS}
                 if row["status"] != "measured":
                     row["extrapolated"] = guess

@@ -165,7 +165,7 @@ def _fit(rows: list[dict], impl: str, phase: str, key: str) -> tuple[float, floa
 def _extrapolate(rows, impl, n) -> dict:
     out = {}
     for phase in PHASES:
-        for key in ("peak_extra_mib", "peak_rss_mib", "ms"):
+        for key in ("peak_extra_mib", "peak_rss_mib"):  # times under a varying load extrapolate to nonsense
             f = _fit(rows, impl, phase, key)
             if f is not None:
                 out.setdefault(phase, {})[key] = f[0] + f[1] * n
@@ -400,8 +400,8 @@ def main(argv=None) -> dict:
             command="python -m bench.long_context " + " ".join(argv if argv is not None else sys.argv[1:]),
             note=("Memory: peak RSS (VmHWM, reset before the phase) minus the RSS before it, one measured run "
                   "per phase after a 64-token warm-up, fresh process per (implementation, N), "
-                  "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs "
-                  + (f"(other processes used {others:.2f} CPUs of {os.cpu_count()} on average while this run "
+                  "MALLOC_MMAP_THRESHOLD_=65536. Times: one run each, on a machine shared with other jobs"
+                  + (f" (other processes used {others:.2f} CPUs of {os.cpu_count()} on average while this run "
                      "measured)" if others is not None and measured_here else "") + ": indicative only."
                   + (" " + a.note if a.note else "")))
 

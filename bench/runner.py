@@ -1,4 +1,8 @@
-"""The shared benchmark runner: timing, memory, saved-for-backward bytes, the copy / exp floor, result files.
+"""The runner of the op benchmarks (loss, logprobs, train_step): every implementation of an op side by side.
+
+The environment record, timers, peak-RSS measurement, fresh worker processes and file writing it uses are
+:mod:`bench.harness`'s, shared with every other bench script; what is here is the op-level part: the op
+interface, per-phase timing, saved-for-backward bytes, the copy / exp floor, targets and the op Markdown.
 
 An op script (``bench/loss.py``, ``bench/logprobs.py``, ``bench/train_step.py``) is a module that provides
 

@@ -1,12 +1,15 @@
 """Benchmarks of grpo_kernels against eager PyTorch, torch.compile and Liger-Kernel.
 
-One shared runner (:mod:`bench.runner`) and one script per op:
+One small harness (:mod:`bench.harness`: environment record, timing, peak memory, fresh processes, result
+files) used by every script, one runner for the op benchmarks (:mod:`bench.runner`) and one script per op:
 
     python -m bench.loss --n 2048 --v 32000 --dtype bf16      # grpo_loss fwd / bwd / fwd+bwd
     python -m bench.logprobs --n 2048 --v 32000 --dtype fp32  # token_logprobs (+ entropy)
     python -m bench.train_step --n 2048 --v 32000             # tiny model: forward + loss + backward
     python -m bench.latency                                   # 30 calls of the fused cpu loss, first / steady
     python -m bench.grpo_vs_ppo                               # one GRPO step against one PPO step
+    python -m bench.trl_step                                  # stock TRL GRPOTrainer vs GRPOKernelsTrainer
+    python -m bench.long_context                              # the same, completions of 1K .. 32K tokens
     python -m bench.gpu                                       # the whole GPU suite, one command
     python -m bench.report --readme                           # results/*.md, the plot, docs/benchmarks.md table
 

@@ -20,7 +20,7 @@ from grpo_kernels.backends.base import LossParams
 from grpo_kernels.backends.cpu_backend import LAUNCHERS
 from grpo_kernels.config import GRPOConfig
 
-from .runner import DTYPES, _median_ms
+from .harness import DTYPES, median_ms
 
 
 def main(argv=None) -> None:
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=9)
     args = p.parse_args(argv)
     cpu, n, v = torch.device("cpu"), args.n, args.v
-    time = lambda fn: _median_ms(fn, cpu, 2, args.repeats)  # noqa: E731
+    time = lambda fn: median_ms(fn, cpu, 2, args.repeats)  # noqa: E731
 
     x32, y = torch.randn(n, v), torch.empty(n, v)
     exp_ms = time(lambda: torch.exp(x32, out=y))

@@ -34,6 +34,7 @@ is there and how to provide it offline (e.g. a wheel carried in ``bench/wheels/`
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -130,7 +131,7 @@ def time_fused_kernels(n: int, vocabs, repeats: int = 10, warmup: int = 3, modul
 
     import torch
 
-    from bench import roofline
+    from bench import harness, roofline
     from grpo_kernels.backends.base import LossParams
     from grpo_kernels.backends.cuda_backend import _DTYPE_CODE, CudaLaunchers
     from grpo_kernels.config import GRPOConfig
@@ -155,21 +156,8 @@ def time_fused_kernels(n: int, vocabs, repeats: int = 10, warmup: int = 3, modul
             L = CudaLaunchers(module, device, cluster=cluster)
             kernel = "fused_cluster_kernel" if cluster == 0 and chosen else "fused_kernel"
             nbytes = roofline.traffic("fused2" if kernel == "fused_cluster_kernel" else "fused", n, V, es)["bytes"]
-            times = []
-            for i in range(warmup + repeats):
-                if device == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    L.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, params, out)
-                    end.record()
-                    end.synchronize()
-                    ms = start.elapsed_time(end)
-                else:
-                    t0 = time.perf_counter()
-                    L.fused_fwd_bwd(x, ids, 1.0, old, ref, adv, coef, params, out)
-                    ms = (time.perf_counter() - t0) * 1e3
-                if i >= warmup:
-                    times.append(ms)
+            call = functools.partial(L.fused_fwd_bwd, x, ids, 1.0, old, ref, adv, coef, params, out)
+            times = harness.times_ms(call, torch.device(device), warmup, repeats)
             med = statistics.median(times)
             rows.append({"V": V, "n": n, "dtype": str(dtype).replace("torch.", ""), "kernel": kernel,
                          "cluster": chosen if kernel == "fused_cluster_kernel" else 1,
@@ -194,10 +182,10 @@ def fused_kernels_markdown(rows: list[dict], device_name: str) -> str:
 def _run_fused_kernels(args) -> int:
     import torch
 
-    from bench import runner
+    from bench import harness
 
     rows = time_fused_kernels(args.n, [int(v) for v in args.v.split(",") if v], args.repeats, args.warmup,
-                              dtype=runner.DTYPES[args.dtype])
+                              dtype=harness.DTYPES[args.dtype])
     md = fused_kernels_markdown(rows, torch.cuda.get_device_name(0))
     out = ROOT / "bench" / "results" / "gpu-fused-kernels.md"
     out.write_text(md)

@@ -37,18 +37,15 @@ import argparse
 import copy
 import gc
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import runner
+from . import harness
 
 NAME = "grpo_vs_ppo"
 # hidden, layers, attention heads, key-value heads, MLP width; the vocabulary is --vocab for every size
@@ -138,7 +135,7 @@ def state_bytes(trained: list[nn.Module], frozen: list[nn.Module], opt: torch.op
 def build(algo: str, args, device):
     from transformers import Qwen2ForCausalLM
 
-    dtype = runner.DTYPES[args.dtype]
+    dtype = harness.DTYPES[args.dtype]
     cfg = qwen2_config(args.size, args.vocab, args.prompt + args.completion)
     torch.manual_seed(args.seed)
     policy = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
@@ -196,7 +193,7 @@ def run_one(algo: str, args) -> dict:
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401  (its import is not the step's memory)
 
     gc.collect()
-    base_rss = runner.proc_status_kib("VmRSS") * 1024 if device.type == "cpu" else None
+    base_rss = harness.proc_status_kib("VmRSS") * 1024 if device.type == "cpu" else None
     policy, ref, critic, trained, opt = build(algo, args, device)
     batch = make_batch(args, device)
     step(algo, args, batch, policy, ref, critic, opt, backend)  # warm-up: optimizer state, thread pools
@@ -204,18 +201,18 @@ def run_one(algo: str, args) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
-    reset = device.type == "cpu" and runner.reset_peak_rss()
+    reset = device.type == "cpu" and harness.reset_peak_rss()
     times, losses = [], []
     for _ in range(args.steps):
-        runner.synchronize(device)
+        harness.synchronize(device)
         t0 = time.perf_counter()
         losses.append(float(step(algo, args, batch, policy, ref, critic, opt, backend)))
-        runner.synchronize(device)
+        harness.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     out = {"algo": algo, "size": args.size, "step_ms": statistics.median(times), "times_ms": times,
            "loss": losses[-1]}
     if device.type == "cpu":
-        peak = runner.proc_status_kib("VmHWM") * 1024 if reset else \
+        peak = harness.proc_status_kib("VmHWM") * 1024 if reset else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out["peak_bytes"] = peak - base_rss
         out["peak_method"] = ("peak RSS (VmHWM, reset after the warm-up step) during the timed steps minus the RSS "
@@ -238,11 +235,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--completion", type=int, default=64, help="completion tokens")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: the reference model runs)")
     p.add_argument("--loss-type", default="dapo")
-    p.add_argument("--dtype", choices=runner.DTYPES, default="fp32")
+    p.add_argument("--dtype", choices=harness.DTYPES, default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(runner.RESULTS_DIR))
+    p.add_argument("--out", default=str(harness.RESULTS_DIR))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one (algo, size) and print its JSON
 
@@ -250,13 +247,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _child(algo: str, size: str, args) -> dict:
     spec = dict(vars(args), size=size, algo=algo)
     spec.pop("one", None)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(runner.ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "bench.grpo_vs_ppo", "--one", json.dumps(spec)], cwd=runner.ROOT,
-                          env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{algo} {size} failed: " + " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:]))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return harness.run_fresh("bench.grpo_vs_ppo", ["--one", json.dumps(spec)])
+    except harness.WorkerFailed as e:
+        raise RuntimeError(f"{algo} {size} failed: {e}") from None
 
 
 def main(argv=None) -> dict:
@@ -274,10 +268,9 @@ def main(argv=None) -> dict:
         p.error(f"--sizes must be a comma list of {list(SIZES)}, got {args.sizes!r}")
     if args.prompts < 1 or args.group < 2 or args.completion < 2 or args.prompt < 1 or args.steps < 1:
         p.error("--prompts >= 1, --group >= 2, --prompt >= 1, --completion >= 2 and --steps >= 1 are needed")
-    meter = runner.LoadMeter()
+    meter = harness.LoadMeter()
     device = torch.device(args.device)
-    env = runner.environment(device)
-    env["transformers"] = runner._version("transformers")
+    env = harness.environment(device, "transformers")
     rows = []
     for size in sizes:
         pair = {}
@@ -297,10 +290,8 @@ def main(argv=None) -> dict:
                        for s in sizes}
     result = {"kind": NAME, "config": config, "env": env, "rows": rows}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{device.type}-{NAME}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result, stem))
+    harness.write_results(out, stem, result, markdown(result, stem))
     if not args.no_plot:
         plot(result, out / f"{NAME}.png")
     print(f"  wrote {out / stem}.json, .md" + ("" if args.no_plot else f", {out / NAME}.png"))
@@ -317,7 +308,7 @@ def markdown(result: dict, stem: str) -> str:
         f"- versions: python {e['python']}, torch {e['torch']}, transformers {e.get('transformers')}, grpo_kernels "
         f"{e['grpo_kernels']}",
         f"- commit {e['git_commit']}{' (uncommitted changes present)' if e.get('git_dirty') else ''}, {e['date_utc']}",
-        f"- load: other processes used {runner._fmt(e.get('other_processes_cpus'), '.2f')} CPUs on average during "
+        f"- load: other processes used {harness.fmt(e.get('other_processes_cpus'), '.2f')} CPUs on average during "
         "the run",
         f"- batch: {c['prompts']} prompts x G={c['group']} completions, {c['prompt']} prompt + {c['completion']} "
         f"completion tokens, vocabulary {c['vocab']}; beta {c['beta']} (the reference model's forward is in both "
@@ -331,7 +322,7 @@ def markdown(result: dict, stem: str) -> str:
             f"{m['intermediate']}" for s, m in c["model"].items()),
         "",
     ]
-    if c["device"] == "cpu" and (e.get("other_processes_cpus") or 0) > runner.BUSY_CPUS:
+    if c["device"] == "cpu" and (e.get("other_processes_cpus") or 0) > harness.BUSY_CPUS:
         lines += [f"**Warning: other processes used {e['other_processes_cpus']:.2f} CPUs on average during this run: "
                   "the times are not representative (the memory numbers are).**", ""]
     lines += ["| size | algorithm | trained params | step ms (median) | PPO / GRPO time | peak memory MiB | "
@@ -340,9 +331,9 @@ def markdown(result: dict, stem: str) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['size']} | {r['algo'].upper()} | {r['trained_params'] / 1e6:.1f} M | {r['step_ms']:.1f} | "
-            f"{runner._fmt(r.get('step_ms_vs_grpo'), '.2f', '')} | {r['peak_bytes'] / 2**20:.1f} | "
-            f"{runner._fmt(r.get('peak_bytes_vs_grpo'), '.2f', '')} | {r['state_bytes'] / 2**20:.1f} | "
-            f"{runner._fmt(r.get('state_bytes_vs_grpo'), '.2f', '')} |")
+            f"{harness.fmt(r.get('step_ms_vs_grpo'), '.2f', '')} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"{harness.fmt(r.get('peak_bytes_vs_grpo'), '.2f', '')} | {r['state_bytes'] / 2**20:.1f} | "
+            f"{harness.fmt(r.get('state_bytes_vs_grpo'), '.2f', '')} |")
     lines += ["", f"Peak memory: {result['rows'][0].get('peak_method')}.", ""]
     return "\n".join(lines)
 

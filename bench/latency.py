@@ -16,26 +16,17 @@ Run it on a quiet machine: another process taking the CPU shows up as a slow cal
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import grpo_kernels
 
-from . import runner
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of a non-empty list: a value that was measured."""
-    s = sorted(xs)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+from .harness import BUSY_CPUS, DTYPES, LoadMeter, environment, fmt, percentile, thp_settings, write_results
 
 
 def summarize(ms: list[float]) -> dict:
@@ -93,7 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--v", type=int, default=32000)
     p.add_argument("--t", type=int, default=256)
-    p.add_argument("--dtype", choices=runner.DTYPES, default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--backend", default="cpu")
     p.add_argument("--inplace", action="store_true")
@@ -102,11 +93,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.calls < 2:
         p.error(f"--calls must be >= 2 (the first call and at least one steady call), got {args.calls}")
-    meter = runner.LoadMeter()
-    r = measure(args.n, args.v, runner.DTYPES[args.dtype], args.calls, args.backend, args.inplace, args.t)
+    meter = LoadMeter()
+    r = measure(args.n, args.v, DTYPES[args.dtype], args.calls, args.backend, args.inplace, args.t)
     others = meter.others_cpus()
     r["config"] = {k: v for k, v in vars(args).items() if k != "json"}
-    r["env"] = runner.environment(torch.device("cpu"))
+    r["env"] = environment(torch.device("cpu"))
     r["env"]["other_processes_cpus"] = None if others is None else round(others, 3)
     r["env"]["thp"] = thp_settings()
     print(f"bench.latency: {args.backend}{' inplace' if args.inplace else ''} N={args.n} V={args.v} {args.dtype}, "
@@ -117,15 +108,11 @@ def main(argv=None) -> dict:
     print(f"  CPU time of the process per call (all threads; less sensitive to other processes): first "
           f"{r['cpu_times_ms'][0]:.0f} ms, steady median {r['steady_cpu_median_ms']:.1f} ms, max {r['steady_cpu_max_ms']:.1f} ms")
     print("  calls ms: " + " ".join(f"{x:.0f}" for x in r["times_ms"]))
-    if others is not None and others > runner.BUSY_CPUS:
+    if others is not None and others > BUSY_CPUS:
         print(f"  warning: other processes used {others:.2f} CPUs during the run: not representative")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         stem = f"cpu-latency-n{args.n}-v{args.v}-{args.dtype}" + ("-inplace" if args.inplace else "")
-        (out / f"{stem}.json").write_text(json.dumps(r, indent=1) + "\n")
-        (out / f"{stem}.md").write_text(markdown(r, stem))
-        r["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
+        r["files"] = [str(p) for p in write_results(args.out, stem, r, markdown(r, stem))]
     return r
 
 
@@ -141,13 +128,13 @@ def markdown(r: dict, stem: str) -> str:
         f"{e['torch']}, grpo_kernels {e['grpo_kernels']}; commit {e['git_commit']}"
         f"{' (uncommitted changes present)' if e.get('git_dirty') else ''}, {e['date_utc']}",
         f"- transparent huge pages: enabled `{e['thp'].get('enabled')}`, defrag `{e['thp'].get('defrag')}`",
-        f"- load: other processes used {runner._fmt(e.get('other_processes_cpus'), '.2f')} CPUs on average during the "
+        f"- load: other processes used {fmt(e.get('other_processes_cpus'), '.2f')} CPUs on average during the "
         "run",
         f"- {c['calls']} calls in a fresh process, nothing warmed up: `grpo_loss` + `loss.backward()` on the same "
         "logits, `.grad` cleared before each call; steady = every call after the first; p50 / p90 nearest-rank",
         "",
     ]
-    if (e.get("other_processes_cpus") or 0) > runner.BUSY_CPUS:
+    if (e.get("other_processes_cpus") or 0) > BUSY_CPUS:
         lines += [f"**Warning: other processes used {e['other_processes_cpus']:.2f} CPUs on average during this run: "
                   "not representative; rerun on an idle machine.**", ""]
     lines += [
@@ -161,17 +148,6 @@ def markdown(r: dict, stem: str) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def thp_settings() -> dict:
-    out = {}
-    for k in ("enabled", "defrag"):
-        try:
-            with open(f"/sys/kernel/mm/transparent_hugepage/{k}") as f:
-                out[k] = f.read().strip()
-        except OSError:
-            out[k] = None
-    return out
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import runner
+from . import harness, runner
 
 BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 OP_ORDER = {"loss": 0, "logprobs": 1, "train_step": 2}
@@ -148,8 +148,8 @@ def replace_between_markers(text: str, table: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default=str(runner.RESULTS_DIR), help="directory of the result JSON files")
-    p.add_argument("--readme", nargs="?", const=str(runner.ROOT / "docs" / "benchmarks.md"), default=None,
+    p.add_argument("--results", default=str(harness.RESULTS_DIR), help="directory of the result JSON files")
+    p.add_argument("--readme", nargs="?", const=str(harness.ROOT / "docs" / "benchmarks.md"), default=None,
                    help="also rewrite the table between the markers of this Markdown file (default: the "
                         "documentation's benchmarks page, docs/benchmarks.md)")
     p.add_argument("--no-plot", action="store_true")

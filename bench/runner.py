@@ -1,4 +1,8 @@
-"""The shared benchmark runner: timing, memory, saved-for-backward bytes, the copy / exp floor, result files.
+"""The runner of the op benchmarks (loss, logprobs, train_step): every implementation of an op side by side.
+
+The environment record, timers, peak-RSS measurement, fresh worker processes and file writing it uses are
+:mod:`bench.harness`'s, shared with every other bench script; what is here is the op-level part: the op
+interface, per-phase timing, saved-for-backward bytes, the copy / exp floor, targets and the op Markdown.
 
 An op script (``bench/loss.py``, ``bench/logprobs.py``, ``bench/train_step.py``) is a module that provides
 
@@ -19,7 +23,7 @@ Measurement (timing in this process; CPU memory in one fresh subprocess per impl
   calls), and the first warm-up call (``first_ms``: one-off costs such as lazy imports, compilation, the first
   page faults) where there is a warm-up.
 - memory, CUDA: ``max_memory_allocated`` during one forward+backward minus what was allocated before it
-  (inputs and warm state excluded). CPU: a fresh ``python -m bench._one`` subprocess per implementation
+  (inputs and warm state excluded). CPU: a fresh ``python -m bench.peak_rss_worker`` subprocess per implementation
   builds the inputs, warms up, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), records
   the RSS, runs one forward+backward and reports the peak RSS (VmHWM) minus that RSS. Where the counter cannot
   be reset, it measures one cold forward+backward instead (one-off allocations such as compilation included;
@@ -40,18 +44,11 @@ Measurement (timing in this process; CPU memory in one fresh subprocess per impl
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import importlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,9 +57,22 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .harness import (
+    BUSY_CPUS,
+    DTYPES,
+    MALLOC_RETURN,
+    RESULTS_DIR,
+    LoadMeter,
+    WorkerFailed,
+    environment,
+    fmt,
+    median_ms,
+    run_fresh,
+    stats,
+    synchronize,
+    write_results,
+)
+
 SCHEMA = 1
 
 
@@ -114,121 +124,8 @@ class Work:
 
 
 # --------------------------------------------------------------------------------------------------
-# environment
-# --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    # the code's state: result files and the results table of docs/benchmarks.md, which a regeneration
-    # rewrites as it goes, are not uncommitted code
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results",
-                 ":(exclude)docs/benchmarks.md")
-    env = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_threads_note": "torch.set_num_threads left at the machine's default for every implementation",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "liger_kernel": _version("liger-kernel"),
-        "grpo_kernels": _version("grpo_kernels"),
-        "cuda": torch.version.cuda,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(dirty) if dirty is not None else None,
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "platform": platform.platform(),
-        # torch's CPU allocator asks for transparent huge pages when this is 1: first-touch page faults of a
-        # fresh N x V buffer then cost several times less (measured: 84 -> 18 ms for 250 MiB here)
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-    }
-    if hasattr(os, "getloadavg"):
-        env["load_avg_start"] = [round(x, 2) for x in os.getloadavg()]
-    return env
-
-
-class LoadMeter:
-    """CPU time used by OTHER processes during a run: the machine's busy time (/proc/stat, steal included)
-    minus this process's and its reaped children's (getrusage). Divided by the wall time it is the average
-    number of CPUs others took from the benchmark, the honest measure of a shared machine's noise."""
-
-    def __init__(self):
-        self.t0, self.machine0, self.own0 = time.time(), self._machine(), self._own()
-
-    @staticmethod
-    def _machine() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-    def others_cpus(self) -> float | None:
-        m = self._machine()
-        wall = time.time() - self.t0
-        if m is None or self.machine0 is None or wall <= 0:
-            return None
-        return max(0.0, (m - self.machine0) - (self._own() - self.own0)) / wall
-
-
-# --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def percentile(ms: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]): always one of the measured values."""
-    s = sorted(ms)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-def _stats(ms: list[float]) -> dict:
-    return {"median_ms": statistics.median(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
-            "min_ms": min(ms), "max_ms": max(ms), "times_ms": ms}
-
-
 def time_case(case: Case, device: torch.device, warmup: int, repeats: int) -> dict:
     """-> {"fwd": stats, "bwd": stats, "fwd_bwd": stats}; forward and backward timed in the same repeat."""
     fwd, bwd, first = [], [], None
@@ -263,48 +160,28 @@ def time_case(case: Case, device: torch.device, warmup: int, repeats: int) -> di
             bwd.append(b_ms)
     for t in case.leaves:
         t.grad = None
-    out = {"fwd": _stats(fwd), "bwd": _stats(bwd), "fwd_bwd": _stats([f + b for f, b in zip(fwd, bwd, strict=False)])}
+    out = {"fwd": stats(fwd), "bwd": stats(bwd), "fwd_bwd": stats([f + b for f, b in zip(fwd, bwd, strict=False)])}
     out["fwd_bwd"]["first_ms"] = first if warmup else None
     return out
-
-
-def _median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
-    ms = []
-    for i in range(warmup + repeats):
-        synchronize(device)
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize(device)
-            dt = e0.elapsed_time(e1)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            dt = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            ms.append(dt)
-    return statistics.median(ms)
 
 
 def _copy_ms(n, v, dtype, device, warmup, repeats) -> float:
     src = torch.randn(n, v, device=device).to(dtype)
     dst = torch.empty_like(src)
-    return _median_ms(lambda: dst.copy_(src), device, warmup, repeats)
+    return median_ms(lambda: dst.copy_(src), device, warmup, repeats)
 
 
 def _exp_ms(n, v, device, warmup, repeats) -> float:
     x = torch.randn(n, v, device=device)
     y = torch.empty_like(x)
-    return _median_ms(lambda: torch.exp(x, out=y), device, warmup, repeats)
+    return median_ms(lambda: torch.exp(x, out=y), device, warmup, repeats)
 
 
 def _fill_ms(n, v, dtype, device, warmup, repeats, fresh: bool) -> float:
     if fresh:
-        return _median_ms(lambda: torch.empty(n, v, dtype=dtype, device=device).fill_(1.0), device, warmup, repeats)
+        return median_ms(lambda: torch.empty(n, v, dtype=dtype, device=device).fill_(1.0), device, warmup, repeats)
     buf = torch.empty(n, v, dtype=dtype, device=device)
-    return _median_ms(lambda: buf.fill_(1.0), device, warmup, repeats)
+    return median_ms(lambda: buf.fill_(1.0), device, warmup, repeats)
 
 
 def measure_rates(n: int, v: int, dtype: torch.dtype, device: torch.device, warmup: int = 2, repeats: int = 7) -> dict:
@@ -367,29 +244,6 @@ def saved_bytes(case: Case) -> dict:
 # --------------------------------------------------------------------------------------------------
 # peak memory
 # --------------------------------------------------------------------------------------------------
-def proc_status_kib(key: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS.
-
-    ``ru_maxrss`` is the same counter, except that it also keeps the peak of threads that have exited
-    (e.g. a compile worker thread), which no reset clears; so the reset peak is read from VmHWM.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return proc_status_kib("VmHWM") <= proc_status_kib("VmRSS") + 1024
-    except (OSError, RuntimeError):
-        return False
-
-
 def cuda_peak_extra(case: Case, device: torch.device) -> dict:
     for t in case.leaves:
         t.grad = None
@@ -410,20 +264,13 @@ def cuda_peak_extra(case: Case, device: torch.device) -> dict:
 
 
 def cpu_peak_extra(op: str, impl: str, args: argparse.Namespace) -> dict:
-    """Peak RSS of one forward+backward in a fresh subprocess (see :mod:`bench._one`)."""
+    """Peak RSS of one forward+backward in a fresh subprocess (see :mod:`bench.peak_rss_worker`)."""
     spec = json.dumps({"op": op, "impl": impl, "args": vars(args)})
-    cmd = [sys.executable, "-m", "bench._one", spec]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    # glibc: serve every block >= 64 KiB by mmap and unmap it on free, so that RSS follows what is live;
-    # otherwise a buffer freed in the warm-up stays resident, is reused, and the peak is under-counted.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"peak_extra_bytes": None, "memory_error": " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {k: os.environ.get(k, v) for k, v in MALLOC_RETURN.items()}
+    try:
+        return run_fresh("bench.peak_rss_worker", [spec], env=env)
+    except WorkerFailed as e:
+        return {"peak_extra_bytes": None, "memory_error": str(e)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -627,14 +474,9 @@ def result_stem(result: dict, tag: str | None = None) -> str:
 
 
 def write_result(result: dict, out_dir, tag: str | None = None) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = result_stem(result, tag)
     result["file"] = stem
-    js, md = out / f"{stem}.json", out / f"{stem}.md"
-    js.write_text(json.dumps(result, indent=1) + "\n")
-    md.write_text(markdown(result))
-    return [js, md]
+    return write_results(out_dir, stem, result, markdown(result))
 
 
 def _ms(s: dict) -> str:
@@ -647,8 +489,6 @@ def _tail(s: dict) -> str:
     return f"{s['p50_ms']:.2f} / {s['p90_ms']:.2f} / {s['max_ms']:.2f}"
 
 
-def _fmt(x, spec=".2f", none="n/a") -> str:
-    return none if x is None else format(x, spec)
 
 
 def markdown(result: dict) -> str:
@@ -667,7 +507,7 @@ def markdown(result: dict) -> str:
         "uses transparent huge pages for large buffers)",
         f"- commit {e['git_commit']}{' (uncommitted changes present)' if e.get('git_dirty') else ''}, "
         f"{e['date_utc']}",
-        f"- load: other processes used {_fmt(e.get('other_processes_cpus'), '.2f')} CPUs on average during the run "
+        f"- load: other processes used {fmt(e.get('other_processes_cpus'), '.2f')} CPUs on average during the run "
         f"(machine busy time minus this benchmark's own); load average (1/5/15 min, this run included) at start "
         f"{e.get('load_avg_start')}, at end {e.get('load_avg_end')}",
         f"- timing: median (min-max) over {c['repeats']} repeats after {c['warmup']} warm-up repeats "
@@ -711,14 +551,14 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         fb = r["fwd_bwd"]
-        cells = [f"`{r['impl']}`", _ms(r["fwd"]), _ms(r["bwd"]), _ms(fb), _tail(fb), _fmt(fb.get("first_ms"), ".1f"),
-                 _fmt(fb.get("speedup_vs_trl"), ".2f", "-") + ("x" if fb.get("speedup_vs_trl") else ""),
-                 _fmt(fb.get("speedup_vs_compile"), ".2f", "-") + ("x" if fb.get("speedup_vs_compile") else "")]
+        cells = [f"`{r['impl']}`", _ms(r["fwd"]), _ms(r["bwd"]), _ms(fb), _tail(fb), fmt(fb.get("first_ms"), ".1f"),
+                 fmt(fb.get("speedup_vs_trl"), ".2f", "-") + ("x" if fb.get("speedup_vs_trl") else ""),
+                 fmt(fb.get("speedup_vs_compile"), ".2f", "-") + ("x" if fb.get("speedup_vs_compile") else "")]
         if has_floor:
-            cells += [_fmt(r["fwd_bwd"].get("GBps"), ".1f"), _fmt(r["fwd_bwd"].get("x_floor"), ".2f")]
+            cells += [fmt(r["fwd_bwd"].get("GBps"), ".1f"), fmt(r["fwd_bwd"].get("x_floor"), ".2f")]
         pe = r.get("peak_extra_bytes")
-        cells += [_fmt(None if pe is None else pe / 2**20, ".1f"), _fmt(r.get("peak_extra_x_grad"), ".2f"),
-                  _fmt(r.get("saved_bytes_per_token"), ",.0f")]
+        cells += [fmt(None if pe is None else pe / 2**20, ".1f"), fmt(r.get("peak_extra_x_grad"), ".2f"),
+                  fmt(r.get("saved_bytes_per_token"), ",.0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     values = [(r["impl"], r.get("value")) for r in result["rows"] if r.get("value") is not None]
@@ -743,9 +583,6 @@ def markdown(result: dict) -> str:
             lines.append(f"| {t['target']} | {t['goal']} | {t['status']} | {t['detail']} |")
         lines.append("")
     return "\n".join(lines)
-
-
-BUSY_CPUS = 0.25  # other processes taking more than a quarter of a CPU on average make CPU timings noisy
 
 
 def busy_warning(result: dict) -> str | None:

@@ -24,11 +24,8 @@ glibc's heap. Results: ``bench/results/cpu-trl_step-n{N}-h{H}.json`` and ``.md``
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import harness
+
+ROOT = harness.ROOT
 IMPLS = ("trl", "grpo_kernels")
 
 
@@ -84,23 +83,6 @@ def _inputs(cfg: dict) -> dict:
                 ref_per_token_logps=-torch.rand(B, T, generator=g) * 8 - 8)
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(key)
-
-
-def _peak_extra_mib(fn) -> float:
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
-
-
 def worker(cfg: dict) -> dict:
     trainer = _build(cfg["impl"], cfg)
     model = trainer.model
@@ -135,18 +117,17 @@ def worker(cfg: dict) -> dict:
             fn()
             ms.append((time.perf_counter() - t0) * 1e3)
         out[name] = {"median_ms": statistics.median(ms), "worst_ms": max(ms), "runs_ms": ms,
-                     "peak_extra_mib": _peak_extra_mib(fn)}
+                     "peak_extra_mib": harness.peak_rss_extra(fn)["peak_extra_mib"]}
     out.update(values)  # the two implementations must compute the same numbers
     return out
 
 
 def _run_one(cfg: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "bench.trl_step", "--worker", json.dumps(cfg)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=3600)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {cfg['impl']} V={cfg['vocab']} failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    try:
+        return harness.run_fresh("bench.trl_step", ["--worker", json.dumps(cfg)],
+                                 env={"MALLOC_MMAP_THRESHOLD_": "65536"}, tail_lines=40)
+    except harness.WorkerFailed as e:
+        raise RuntimeError(f"worker {cfg['impl']} V={cfg['vocab']} failed:\n{e}") from None
 
 
 def _targets(rows: dict, vocabs: list[int]) -> list[dict]:
@@ -198,23 +179,20 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", type=int, default=32, help="prompt length (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default 3)")
     p.add_argument("--backend", default="auto", help="grpo_kernels backend (default auto)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
+    p.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return {}
-    from bench import runner
-
     T = min(a.completion, a.n)
     if a.n % T:
         p.error(f"--n ({a.n}) must be a multiple of --completion ({T})")
     vocabs = [int(v) for v in a.vocab.split(",")]
     base = dict(batch=a.n // T, completion=T, prompt=a.prompt, hidden=a.hidden, repeats=a.repeats,
                 backend=a.backend, out_dir=tempfile.mkdtemp(prefix="trl_step_"))  # models and trainer output
-    env = runner.environment(torch.device("cpu"))
-    env["trl"], env["transformers"] = runner._version("trl"), runner._version("transformers")
-    load = runner.LoadMeter()
+    env = harness.environment(torch.device("cpu"), "trl", "transformers")
+    load = harness.LoadMeter()
     rows = {}
     for V in vocabs:  # side by side: the two implementations alternate within one run
         for impl in IMPLS:
@@ -232,11 +210,7 @@ def main(argv=None) -> dict:
                      "are noisy; the two implementations alternate per V so they see similar load). Memory: peak "
                      "RSS minus RSS before the measured run, fresh process per row, MALLOC_MMAP_THRESHOLD_=65536.")
                if others is not None else "")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-trl_step-n{a.n}-h{a.hidden}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(res))
+    harness.write_results(a.out, f"cpu-trl_step-n{a.n}-h{a.hidden}", res, _markdown(res))
     return res
 
 

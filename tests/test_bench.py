@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import grpo_kernels
-from bench import _trl, cpu_isa, gpu, grpo_vs_ppo, latency, logprobs, loss, report, runner, train_step
+from bench import _trl, cpu_isa, gpu, grpo_vs_ppo, harness, latency, logprobs, loss, report, runner, train_step
 
 N, V = 128, 4000  # N x V fp32 = 2 MB: large enough for RSS accounting (pages, mmap) to see it
 TINY = ["--n", str(N), "--v", str(V), "--device", "cpu", "--repeats", "2", "--warmup", "1", "--t", "64"]
@@ -278,8 +278,24 @@ def test_inplace_row_restores_its_logits_and_keeps_the_shared_leaf(layout):
 
 def test_percentile_is_nearest_rank():
     xs = [5.0, 1.0, 4.0, 2.0, 3.0]
-    assert runner.percentile(xs, 50) == 3.0 and runner.percentile(xs, 90) == 5.0 and runner.percentile(xs, 0) == 1.0
-    assert latency.percentile(xs, 50) == 3.0
+    assert harness.percentile(xs, 50) == 3.0 and harness.percentile(xs, 90) == 5.0 and harness.percentile(xs, 0) == 1.0
+
+
+def test_peak_rss_extra_sees_a_torch_allocation():
+    """64 MiB of torch memory, allocated and freed inside the measured call: tracemalloc would see none of it."""
+    m = harness.peak_rss_extra(lambda: torch.ones(16 * 2**20).sum())
+    assert m["peak_extra_mib"] >= 60 and m["peak_rss_mib"] >= m["rss_before_mib"] + 60 and m["ms"] > 0
+
+
+def test_run_fresh_returns_json_reports_failures_and_kills_at_the_rss_limit(tmp_path):
+    (tmp_path / "x.json").write_text('{"a": [1, 2]}')
+    assert harness.run_fresh("json.tool", ["--compact", str(tmp_path / "x.json")]) == {"a": [1, 2]}
+    with pytest.raises(harness.WorkerFailed, match="No module named"):
+        harness.run_fresh("bench.no_such_module", [])
+    with pytest.raises(harness.WorkerKilled) as e:  # 200 MB touched, then 5 s asleep: killed long before
+        harness.run_fresh("timeit", ["-n", "1", "-r", "1", "x = bytearray(200_000_000); import time; time.sleep(5)"],
+                          rss_limit_mib=100, timeout=60)
+    assert e.value.rss_mib > 100
 
 
 @pytest.mark.skipif("cpu" not in grpo_kernels.available_backends("cpu"), reason="the C++ CPU module is not built")
@@ -361,3 +377,39 @@ def test_trl_step_smoke(tmp_path):
     assert len(res["targets"]) == 9
     md = (tmp_path / "cpu-trl_step-n128-h32.md").read_text()
     assert "| 300 | loss_bwd | trl |" in md and res["environment"]["trl"]
+
+
+def test_long_context_smoke(tmp_path, monkeypatch):
+    """bench.long_context at a tiny size: both trainers agree, the model-only phase runs, the files are written;
+    a second run reuses the stored points and marks a point over the RSS budget as not run, extrapolated."""
+    pytest.importorskip("trl")
+    from bench import long_context
+
+    rows_file = tmp_path / "rows.jsonl"
+    common = ["--vocab", "300", "--hidden", "32", "--prompt", "8", "--backend", "torch", "--rows", str(rows_file)]
+    res = long_context.main(["--n", "64,128", "--out", str(tmp_path), *common])
+    by = {(r["impl"], r["n"]): r for r in res["rows"]}
+    assert set(by) == {(i, n) for i in long_context.IMPLS for n in (64, 128)}
+    for n in (64, 128):
+        ours, theirs = by[("grpo_kernels", n)], by[("trl", n)]
+        assert ours["status"] == theirs["status"] == "measured"
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)
+        assert ours["logps_sum"] == pytest.approx(theirs["logps_sum"], rel=1e-4)
+        assert "model_bwd" in ours and "model_bwd" not in theirs
+        for r in (ours, theirs):
+            assert r["loss_bwd"]["ms"] > 0 and r["loss_bwd"]["peak_rss_mib"] >= r["loss_bwd"]["rss_before_mib"]
+    assert [x["n"] for x in res["summary"]["ratios"]] == [64, 128]
+    for ext in ("json", "csv", "md", "png"):
+        assert (tmp_path / f"cpu-long_context-v300-h32.{ext}").stat().st_size > 0
+    assert len(rows_file.read_text().splitlines()) == 4
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a stored point was measured again")
+
+    monkeypatch.setattr(long_context, "_run_point", no_measuring)
+    res = long_context.main(["--n", "64,128,1024", "--budget-gib", "0.01", "--out", str(tmp_path), *common])
+    new = [r for r in res["rows"] if r["n"] == 1024]
+    assert [r["status"] for r in new] == ["not run", "not run"]
+    for r in new:
+        assert r["extrapolated"]["loss_bwd"]["peak_extra_mib"] > 0 and "over the limit" in r["reason"]
+    assert "not run: extrapolated" in (tmp_path / "cpu-long_context-v300-h32.md").read_text()

@@ -1,6 +1,6 @@
 """Peak CPU memory of one forward+backward of one implementation, in this fresh process.
 
-    python -m bench._one '{"op": "loss", "impl": "reference", "args": {...}}'
+    python -m bench.peak_rss_worker '{"op": "loss", "impl": "reference", "args": {...}}'
 
 Prints one JSON line: ``peak_extra_bytes`` = peak RSS during the measured forward+backward minus the RSS
 just before it, with the inputs allocated and the implementation warmed up (compiled, thread pools
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from bench import runner
+from bench import harness
 from grpo_kernels import _memory
 
 
@@ -38,7 +38,7 @@ def main(spec_json: str) -> dict:
     inputs = module.make_inputs(args, device)
     case = module.build(spec["impl"], inputs, args)
 
-    if not runner.reset_peak_rss():
+    if not harness.reset_peak_rss():
         if case.setup is not None:
             case.setup()
         return cold_run(case)
@@ -54,11 +54,11 @@ def main(spec_json: str) -> dict:
     # call allocates its buffer and the peak counts it (it is memory the op needs, cached or not)
     _memory.release_cached()
     gc.collect()
-    runner.reset_peak_rss()
-    base = runner.proc_status_kib("VmRSS") * 1024
+    harness.reset_peak_rss()
+    base = harness.proc_status_kib("VmRSS") * 1024
     state = case.forward()
     case.backward(state)
-    peak = runner.proc_status_kib("VmHWM") * 1024
+    peak = harness.proc_status_kib("VmHWM") * 1024
     return {"peak_extra_bytes": peak - base, "memory_method":
             "CPU peak RSS (VmHWM) of a fresh process per implementation during one fwd+bwd, minus its RSS just "
             "before (inputs allocated, warmed up, grpo_kernels' cached gradient buffer released; peak reset via "
@@ -69,7 +69,7 @@ def cold_run(case) -> dict:
     """Without a resettable peak: ru_maxrss after one cold fwd+bwd minus the RSS before it. Building the
     inputs may have peaked higher than the fwd+bwd; then the number is only a lower bound, and says so."""
     try:
-        base = runner.proc_status_kib("VmRSS") * 1024
+        base = harness.proc_status_kib("VmRSS") * 1024
     except (OSError, RuntimeError):
         return {"peak_extra_bytes": None, "memory_error": "peak RSS needs Linux /proc/self/status"}
     before = _maxrss_bytes()

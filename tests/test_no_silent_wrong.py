@@ -662,6 +662,8 @@ def test_empty_batches_match_trl(shape_name, opts):
     assert out.loss.item() == t_loss.item() == 0.0
     assert torch.equal(logits.grad, t_grad) and not t_grad.any()
     for k, v in out.metrics.items():
+        if k.startswith("top_entropy/"):  # the entropy controller's inputs: the loss returns them, TRL logs none
+            continue
         assert v.item() == pytest.approx(t_metrics[k], nan_ok=True), k
 
 

@@ -358,7 +358,7 @@ def _head_chunked(h, w, b, scale, cap, chunk, keep):
     step = max(1, chunk or N)
     parts = [_head(rows[n0:n0 + step], w, b, scale, cap) for n0 in range(0, N, step)]
     x = torch.cat(parts) if parts else _head(rows, w, b, scale, cap)
-    return x.view(B, T, -1)
+    return x.view(B, T, w.shape[0])
 
 
 def build_case(c: dict) -> Case:

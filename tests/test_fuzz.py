@@ -828,6 +828,11 @@ def _check_grads(k: Outcome, r: Outcome, s: Outcome, at: Optional[Outcome], what
         assert kg is not None, f"gradient of {name}: None on the backend, a tensor on the oracle\n{what}"
         assert s.grads[name] is not None, f"gradient of {name}: None on the same-dtype reference\n{what}"
         kg, rg, sg = kg.cpu(), rg.cpu(), s.grads[name].cpu()
+        assert kg.shape == rg.shape and kg.dtype == sg.dtype, f"gradient of {name}: {kg.shape} {kg.dtype}\n{what}"
+        if kg.dtype in (torch.float16, torch.bfloat16) and bool((rg.abs() > torch.finfo(kg.dtype).max).any()):
+            # the true gradient is beyond the dtype's range: rounded, it is inf, and the inf - inf of the chain
+            # rule makes NaN of its neighbours (torch's own fp16 gradient as well); no value to compare
+            continue
         if at is None:  # token_logprobs: the gradient's weights do not depend on the log-probs
             assert_rule(kg, rg, sg, f"gradient of {name} {what}")
         else:

@@ -22,6 +22,8 @@ pass it runs with autograd on the detached log-probs when one of them requires g
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -168,7 +170,8 @@ def layout_3d(logits: Tensor) -> Tensor:
         return logits
     if logits.dim() < 3:
         return logits.reshape((1,) * (3 - logits.dim()) + tuple(logits.shape))
-    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])  # copies only if not viewable
+    lead = math.prod(logits.shape[:-2])  # explicit, not -1: -1 is ambiguous for a tensor of 0 elements
+    return logits.reshape(lead, logits.shape[-2], logits.shape[-1])  # copies only if not viewable
 
 
 def token_logprobs_fused(name: str, logits: Tensor, ids: Tensor, tau: float, return_entropy: bool):

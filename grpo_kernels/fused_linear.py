@@ -461,6 +461,7 @@ _attach.register_fake(lambda value, *rest: torch.empty_like(value))
 
 def _attach_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[4:7])
+    ctx.shapes = [None if t is None else t.shape for t in inputs[1:4]]
     ctx.used = False
 
 
@@ -474,7 +475,9 @@ def _attach_backward(ctx, g):
     grads = list(ctx.saved_tensors)
     if not _scalar_is_one(g):
         grads = [t.mul_(g.to(t.dtype)) for t in grads]  # in place: no second [V, H] buffer
-    gh, gw, gb = (t if t.numel() else None for t in grads)
+    # a wanted gradient of an empty input (B = 0 or T = 0) is itself empty: given its shape, not taken for "none"
+    gh, gw, gb = (None if not need or shape is None else t.view(shape) if t.numel() else t.new_zeros(shape)
+                  for t, need, shape in zip(grads, ctx.needs_input_grad[1:4], ctx.shapes))
     # ``value``'s own graph (the loss math on detached log-probs) carries the gradients of the O(N) inputs
     return g, gh, gw, gb, None, None, None
 
@@ -914,13 +917,14 @@ def fused_linear_token_logprobs(
     if chunk_size is None:
         chunk_size = default_chunk_size(B * T, V, hidden.dtype, hidden.device, name, head != [1.0, 0.0])
     mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+    ids = ids.long().contiguous()  # the kernels read ids as one contiguous int64 row per token
     with torch.autocast(hidden.device.type, enabled=False):
         if lora is not None:
             lora_a, lora_b, scale = lora
-            logp, ent, _ = _LoRAHeadLogprobs.apply(hidden, weight, bias, lora_a, lora_b, ids.long(), mask, tau,
+            logp, ent, _ = _LoRAHeadLogprobs.apply(hidden, weight, bias, lora_a, lora_b, ids, mask, tau,
                                                    int(chunk_size), name, head, scale, return_entropy)
         else:
-            logp, ent, _ = _logprobs_op(hidden, weight, bias, ids.long(), mask, tau, int(chunk_size), name, head,
+            logp, ent, _ = _logprobs_op(hidden, weight, bias, ids, mask, tau, int(chunk_size), name, head,
                                         return_entropy)
     return (logp, ent) if return_entropy else logp
 

@@ -68,7 +68,7 @@ from hypothesis import strategies as st
 from kernel_checks import assert_rule, assert_via_logps, backend_for_test, one_process_group, one_thread
 
 import grpo_kernels as gk
-from grpo_kernels import _validate, fused_linear, reference, vocab_parallel
+from grpo_kernels import _validate, fused_linear, logp_loss, reference, vocab_parallel
 from grpo_kernels.config import CLIP_LOSS_TYPES, LEVELS, LOSS_TYPES, GRPOConfig
 
 pytestmark = [  # numpy warnings of the Triton interpreter on the NaN / inf garbage of dropped rows
@@ -307,14 +307,14 @@ def _steer_known_bugs(c: dict, backend: str) -> None:
 def _avoid_bounds(lp64, old, weights, cfg: GRPOConfig):
     """old log-probs moved so that no (token or sequence) log-ratio lies within MARGIN of a clip bound."""
     if cfg.loss_type == "cispo":
-        bounds = [cfg.eps_high]
+        bounds = [cfg.resolved_epsilon_high]
     elif cfg.loss_type in ("sapo", "vespo"):
         bounds = []
     else:
-        bounds = [b for b in (1 - cfg.epsilon_low, 1 + cfg.eps_high, cfg.delta) if b is not None and b > 0]
+        bounds = [b for b in (1 - cfg.epsilon_low, 1 + cfg.resolved_epsilon_high, cfg.delta) if b is not None and b > 0]
     old = old.double()
     for _ in range(20):
-        w = reference.log_importance_weights(lp64, old, weights, cfg.importance_sampling_level)
+        w = logp_loss.log_importance_weights(lp64, old, weights, cfg.importance_sampling_level)
         near = torch.zeros(w.shape, dtype=torch.bool)
         for b in bounds:
             near |= (w - math.log(b)).abs() < MARGIN
@@ -327,7 +327,7 @@ def _avoid_bounds(lp64, old, weights, cfg: GRPOConfig):
 def _off_policy_threshold(thr, lp64, sampling, weights):
     """The threshold moved MARGIN away from every sequence's mean ``sampling - logp`` over its kept tokens."""
     d = torch.nan_to_num(sampling.double() - lp64, nan=0.0)
-    mean = reference._masked_sum(d, weights, -1) / weights.sum(-1).clamp(min=1)
+    mean = logp_loss._masked_sum(d, weights, -1) / weights.sum(-1).clamp(min=1)
     for _ in range(50):
         near = (mean - thr).abs() < MARGIN
         if not near.any():
@@ -342,7 +342,7 @@ def _head(h, w, b, scale, cap):
     x = F.linear(h, w, b)
     if scale == 1.0 and cap is None:
         return x
-    y = x.to(reference.compute_dtype(x)) * scale
+    y = x.to(logp_loss.compute_dtype(x)) * scale
     return y if cap is None else cap * torch.tanh(y / cap)
 
 
@@ -655,7 +655,7 @@ def _run(case: Case, backend: str, t: dict, out: Outcome, unfused: bool, inplace
         logp, ent = res if kw["return_entropy"] else (res, None)
         out.logps, out.entropy = logp.detach().cpu(), None if ent is None else ent.detach().cpu()
         out.requires_grad = logp.requires_grad or (ent is not None and ent.requires_grad)
-        if entry == "fused_linear_logprobs" or not out.requires_grad:
+        if not out.requires_grad:
             return
         w_lp, w_ent = (w.to(logp.device).reshape(logp.shape) if w.numel() == logp.numel() else
                        w[: 1].to(logp.device).reshape(logp.shape) for w in case.w)
@@ -729,7 +729,7 @@ def at_kernel_logps(case: Case, logps: torch.Tensor, entropy: torch.Tensor) -> O
     keep = li.mask
     lp = torch.where(keep, logps.double(), 0.0).requires_grad_()
     ent = torch.where(keep, entropy.double(), 0.0).requires_grad_(cfg.entropy_coef != 0.0)
-    loss, metrics = reference.loss_from_logps(lp, cfg, entropy=ent, **li.loss_kwargs())
+    loss, metrics = logp_loss.loss_from_logps(lp, cfg, entropy=ent, **li.loss_kwargs())
     out = Outcome(loss=loss.detach(), metrics=metrics)
     aux = [name for name in case.grad if name in LOSS_INPUT_NAMES]
     wrt = [lp, ent] + [leaves[name] for name in aux]
@@ -800,9 +800,6 @@ def check_case(case: Case, backend: str, device: str) -> str:
         assert (k.entropy is None) == (r.entropy is None), what
         if k.entropy is not None:
             assert_rule(k.entropy, r.entropy, s.entropy, f"entropy {what}")
-        if entry == "fused_linear_logprobs":
-            assert not k.requires_grad, f"fused_linear_token_logprobs returned a graph\n{what}"
-            return entry
         _check_grads(k, r, s, None, what)
         return entry
 

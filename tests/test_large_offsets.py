@@ -35,6 +35,24 @@ from grpo_kernels.config import GRPOConfig
 GiB = 2**30
 
 
+
+class _Over(torch.autograd.Function):
+    """An output that requires grad over memory made by ``make`` (no copy), as a model's logits are: not a
+    leaf and not a view of one (inplace=True refuses both, since it would overwrite their values)."""
+
+    @staticmethod
+    def forward(ctx, anchor, make):
+        v = make()  # a view; returned from a Function it could not be written in place, so an alias that is not one
+        return torch.empty(0, dtype=v.dtype).set_(v.untyped_storage(), v.storage_offset(), v.shape, v.stride())
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, None
+
+
+def non_leaf_over(make):
+    return _Over.apply(torch.zeros((), requires_grad=True), make)
+
 def status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -139,8 +157,7 @@ def test_cpu_backend_more_than_2_31_elements():
             saved = x2d[rows_t].clone()
         cfg = GRPOConfig(loss_type="grpo" if level == "sequence" else "dapo", importance_sampling_level=level,
                          temperature=tau)
-        leaf = x.detach().requires_grad_()
-        inp = leaf[:]  # a non-leaf alias of the buffer: inplace may overwrite it
+        inp = non_leaf_over(lambda: x.detach()[:])  # inplace may overwrite the buffer
         out = gk.grpo_loss_with_config(inp, ids, cfg, inplace=True, backend="cpu", **inputs)
         (grad,) = torch.autograd.grad(out.loss, inp)
         assert grad.data_ptr() == x.data_ptr(), "inplace: the gradient lives in the logits' buffer"
@@ -199,8 +216,7 @@ def test_row_offsets_past_2_32_without_the_memory(name, dtype, B, T, strides, re
         cfg = GRPOConfig(loss_type="grpo", importance_sampling_level=level, beta=0.04, temperature=0.8)
         with torch.no_grad():
             x.copy_(small)
-        leaf = big.detach().requires_grad_()
-        inp = leaf.as_strided((B, T, V), (sb, st, 1))
+        inp = non_leaf_over(lambda: big.detach().as_strided((B, T, V), (sb, st, 1)))
         out = gk.grpo_loss_with_config(inp, ids, cfg, inplace=True, backend=backend, **inputs)
         (grad,) = torch.autograd.grad(out.loss, inp)
         assert grad.data_ptr() == big.data_ptr() and grad.stride() == (sb, st, 1), "written in place, far rows"

@@ -332,7 +332,7 @@ def test_shift_labels_are_scored_as_trls_head_scores_them(trainers):
     """Pre-shifted labels (context / sequence parallelism): the streamed head pairs each label with the hidden
     state at its own position, as TRL's fused head does (its log-probs, entropies and loss over the scored
     positions)."""
-    from grpo_kernels.integrations.trl import _Pass
+    from grpo_kernels.integrations.trl import _HeadJob
 
     ours, theirs = trainers[BACKENDS[-1]], trainers["trl"]
     inputs = make_inputs(theirs)
@@ -345,11 +345,11 @@ def test_shift_labels_are_scored_as_trls_head_scores_them(trainers):
     shift[:, :-T] = -100  # the streamed head scores the last T positions (all TRL's caller reads): the loss too
     with torch.no_grad():
         want = theirs.model(input_ids=ids, attention_mask=attention, shift_labels=shift, fused_lm_head=True)
-        ours._gk_pass = _Pass(T, True)
+        ours._gk_head_job = _HeadJob(T, True)
         try:
             got = ours.model(input_ids=ids, attention_mask=attention, shift_labels=shift, fused_lm_head=True)
         finally:
-            ours._gk_pass = None
+            ours._gk_head_job = None
     assert got.log_probs.shape == (ids.shape[0], T) and (got.log_probs != 0).any()
     torch.testing.assert_close(got.log_probs, want.log_probs[:, -T:], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.entropy, want.entropy[:, -T:], rtol=1e-5, atol=1e-6)

@@ -360,6 +360,23 @@ def check_inplace_target(name: str, target: torch.Tensor, **others) -> None:
         if isinstance(t, torch.Tensor) and shares_memory(target, t):
             raise ValueError(f"inplace=True writes the gradient into {name}, but {other} shares memory with it; "
                              f"pass {other}.clone() or inplace=False")
+    if not torch.is_grad_enabled():
+        return
+    # the write replaces the values of a leaf that requires grad, directly or through a view of it (torch refuses
+    # in-place writes into both); a traced graph has no view bases, so under torch.compile only the leaf itself
+    if target.is_leaf and target.requires_grad:
+        raise ValueError(
+            f"inplace=True overwrites {name} with their gradient, but {name} is a leaf tensor that requires grad "
+            "(a parameter or an input of your own): its values would be lost and its .grad would share their "
+            f"storage; pass the model's output {name} (a non-leaf) or inplace=False"
+        )
+    base = None if torch.compiler.is_compiling() else target._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise ValueError(
+            f"inplace=True overwrites {name} with their gradient, but {name} is a view of a leaf tensor that "
+            "requires grad (torch refuses in-place writes into such views): the leaf's values would be lost; pass "
+            f"the model's output {name} (a non-leaf) or inplace=False"
+        )
 
 
 def check_nonnegative_ratio(rho: torch.Tensor, mask: torch.Tensor) -> None:

@@ -172,19 +172,6 @@ def grpo_loss_with_config(
             rewards=rewards, old_logps=old_logps, ref_logps=ref_logps, num_items_in_batch=num_items_in_batch,
             importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
         )
-    if inplace and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "inplace=True overwrites logits with their gradient, but logits is a leaf tensor that requires grad "
-            "(a parameter or an input of your own): its values would be lost and its .grad would share their "
-            "storage; pass the model's output logits (a non-leaf) or inplace=False"
-        )
-    base = logits._base if inplace and not torch.compiler.is_compiling() else None  # a traced graph has no view bases
-    if base is not None and base.is_leaf and base.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "inplace=True overwrites logits with their gradient, but logits is a view of a leaf tensor that "
-            "requires grad (torch refuses in-place writes into such views): the leaf's values would be lost; pass "
-            "the model's output logits (a non-leaf) or inplace=False"
-        )
     name = resolve_backend(backend, logits.device)
     _kernel_dtype_check(name, logits)
     if name == "torch":
